@@ -183,8 +183,11 @@ def test_glow_log_prob_matches_brute_force_jacobian() -> None:
 
     logdet = full_jacobian_logdet(all_latents, x)
     prior = sum(
-        (-0.5 * (((z - s.prior.loc.view(1, -1, 1, 1)) / s.prior.log_scale.exp().view(1, -1, 1, 1)) ** 2)
-         - 0.5 * math.log(2 * math.pi) - s.prior.log_scale.view(1, -1, 1, 1)).sum()
+        (
+            -0.5 * (((z - s.prior.loc.view(1, -1, 1, 1)) / s.prior.log_scale.exp().view(1, -1, 1, 1)) ** 2)
+            - 0.5 * math.log(2 * math.pi)
+            - s.prior.log_scale.view(1, -1, 1, 1)
+        ).sum()
         for z, s in zip(out.latents, glow.scales, strict=True)
     )
     assert torch.allclose(out.log_prob(discrete=False)[0], prior + logdet, atol=1e-8)

@@ -87,9 +87,7 @@ class ActNorm(FlowLayer):
 
     def inverse(self, y: Tensor) -> Tensor:
         shape = (1, -1, 1, 1)
-        return y * torch.exp(-self.log_scale).view(shape).to(y.dtype) - self.bias.view(shape).to(
-            y.dtype
-        )
+        return y * torch.exp(-self.log_scale).view(shape).to(y.dtype) - self.bias.view(shape).to(y.dtype)
 
 
 class InvConv1x1(FlowLayer):

@@ -1,0 +1,319 @@
+"""Configs: frozen dataclasses mirrored field by field by YAML files.
+
+Unknown or mistyped keys are errors that name the key and the file. The
+resolved config (every field, defaults filled in) is saved next to every
+checkpoint, so a run can always be rebuilt from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from densead.io import atomic_write_text
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OutlierConfig",
+    "TrainConfig",
+    "TrainRunConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match its dataclass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A multi-scale Glow (see :class:`densead.flows.Glow`); paper defaults."""
+
+    in_channels: int = 3
+    n_scales: int = 3
+    n_steps: int = 32
+    hidden: int = 512
+    kernel_size: int = 3
+    n_bins: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """An image set, reduced to uint8 images of ``channels × size × size``.
+
+    Attributes:
+        source: ``npz`` (``images`` uint8 N×H×W[×C], optional ``labels``),
+            ``folder`` (image files, optionally one sub-folder per class),
+            torchvision ``cifar10`` / ``cifar100`` / ``svhn`` / ``mnist`` /
+            ``fashion_mnist``, or the scikit-learn sets ``sklearn_digits`` and
+            ``sklearn_photo_patches`` (ship with scikit-learn, offline).
+        path: the npz file, folder, or torchvision root.
+        split: ``train`` or ``test`` for torchvision sets.
+        download: let torchvision download the set into ``path``.
+        classes: keep only these labels (empty: keep all).
+        exclude_classes: drop these labels.
+        start, stop: keep items ``[start:stop]`` of the set, before class
+            filtering (``stop`` 0: to the end).
+        channels: 1 converts RGB to greyscale (0.2989 R + 0.5870 G + 0.1140 B);
+            3 repeats greyscale to RGB.
+        size: output height and width; 0 keeps the images' own size.
+        resize: ``pad`` (zero-pad centred, e.g. 28 → 32), ``resize`` (area or
+            bilinear interpolation) or ``none`` (sizes must already match).
+        augment: ``none``, ``flip_translate`` (CIFAR-like: horizontal flip and
+            translation ≤ 10%) or ``translate`` (digits, SVHN).
+        n_patches, patch_size: for ``sklearn_photo_patches``: how many random
+            patches of ``patch_size`` pixels (before resizing to ``size``).
+        seed: for random patches.
+        rotations: also add the 90°/180°/270° rotations and their mirror
+            images of every image (8× the set); used to make a broader
+            "general" set out of a small one.
+    """
+
+    source: str = "npz"
+    path: str = ""
+    split: str = "train"
+    download: bool = False
+    classes: tuple[int, ...] = ()
+    exclude_classes: tuple[int, ...] = ()
+    start: int = 0
+    stop: int = 0
+    channels: int = 3
+    size: int = 32
+    resize: str = "pad"
+    augment: str = "none"
+    n_patches: int = 0
+    patch_size: int = 0
+    seed: int = 0
+    rotations: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierConfig:
+    """Outlier loss ``−λ·log σ((log p_ref(x_o) − log p(x_o)) / T)`` (paper S4.3).
+
+    The model being trained is pushed to give the outlier samples ``x_o`` a
+    lower likelihood than the frozen reference model does.
+
+    Attributes:
+        data: the outlier samples (general-distribution images when training
+            the in-distribution model; in-distribution images for Diff†'s
+            general model).
+        reference: checkpoint of the frozen reference model.
+        weight: λ.
+        temperature: T.
+        batch_size: outlier samples per step (0: the training batch size).
+    """
+
+    data: DataConfig
+    reference: str
+    weight: float = 6000.0
+    temperature: float = 1000.0
+    batch_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimization. Defaults are the paper's (Adamax, lr 5e-4, weight decay 5e-5)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 5e-5
+    warmup_steps: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 10
+    max_grad_norm: float = 0.0
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRunConfig:
+    """Everything ``tools/train_flow.py`` needs to train one Glow."""
+
+    output_dir: str
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    outlier: OutlierConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """An image-level experiment: general, in-distribution and Diff† models, then evaluation.
+
+    Attributes:
+        output_dir: models, scores and the report go here.
+        model: the architecture shared by every Glow of the experiment.
+        general: training data of the general-distribution model.
+        in_dist: training data of the in-distribution model.
+        in_dist_test: held-out in-distribution images (the negatives).
+        anomalies: named anomaly sets (the positives), evaluated one by one.
+        general_train: optimization of the general model.
+        in_dist_train: optimization of the in-distribution model (finetuned
+            from the general model, as in the paper).
+        outlier_train: optimization of the two Diff† models (each finetuned
+            from its plain counterpart with the outlier loss); ``steps: 0``
+            skips Diff†.
+        outlier_weight, outlier_temperature: λ and T of the outlier loss.
+        general_test: held-out general-distribution images, for the general
+            model's bits/dim and the likelihood correlations (optional).
+        n_heatmaps: pixel-map overlays written per test set.
+        eval_batch_size: batch size of scoring.
+    """
+
+    output_dir: str
+    model: ModelConfig
+    general: DataConfig
+    in_dist: DataConfig
+    in_dist_test: DataConfig
+    anomalies: dict[str, DataConfig]
+    general_train: TrainConfig = TrainConfig()
+    in_dist_train: TrainConfig = TrainConfig()
+    outlier_train: TrainConfig = TrainConfig(steps=0)
+    outlier_weight: float = 6000.0
+    outlier_temperature: float = 1000.0
+    general_test: DataConfig | None = None
+    n_heatmaps: int = 8
+    eval_batch_size: int = 256
+
+
+# --------------------------------------------------------------------------- (de)serialization
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (lists → tuples, dicts → dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _from_mapping(tp, value, where)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_convert(k, key_tp, where): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} for {cls.__name__} (valid keys: {', '.join(fields)})"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where or cls.__name__}: missing required key {name!r}")
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> T:
+    """Build the dataclass ``cls`` from plain data; errors name ``source`` and the key."""
+    try:
+        return _from_mapping(cls, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain data (dicts, lists, scalars) of a config dataclass, for YAML and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to nested plain data."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
+    """Read a YAML file into ``cls``, after ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_dict(cls, apply_overrides(data, overrides), str(path))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Datasets: image sets for image-level detection, road scenes for dense maps."""

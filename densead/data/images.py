@@ -1,0 +1,254 @@
+"""Image sets for image-level detection, reduced to one uint8 tensor.
+
+Every source — ``.npz`` arrays, image folders, torchvision's CIFAR-10/100,
+SVHN, MNIST and Fashion-MNIST (``download`` for real users), and the real
+datasets that ship with scikit-learn (digits, two photographs) — becomes an
+:class:`ImageSet`: uint8 images ``(N, C, H, W)`` with levels ``0 … n_bins−1``
+and int64 labels (−1 where unknown). Sets of 32×32 images fit in memory (and on
+the GPU) whole, which keeps the training input pipeline trivial and fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from densead.config import DataConfig
+from densead.data.transforms import AUGMENTATIONS
+
+__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "ImageSet", "load_image_set", "to_greyscale"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+# ITU-R 601 luma, as the paper made its greyscale Tiny Images.
+GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """uint8 images ``(N, C, H, W)`` with levels ``0 … n_bins−1`` and int64 labels ``(N,)``."""
+
+    images: Tensor
+    labels: Tensor
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class _Raw:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64 (N,)
+    levels: int  # quantization levels of the source (256 for 8-bit images)
+
+
+def _nhwc(images: np.ndarray, where: str) -> np.ndarray:
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: expected images (N, H, W) or (N, H, W, 1|3), got shape {images.shape}")
+    return images
+
+
+def _load_npz(cfg: DataConfig) -> _Raw:
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"npz image set not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f:
+                raise KeyError(f"{path}: no 'images' array (found: {', '.join(f.files)})")
+            images = f["images"]
+            labels = f["labels"] if "labels" in f else np.full(len(images), -1)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}: 'images' must be uint8, got {images.dtype}")
+    if len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return _Raw(_nhwc(images, str(path)), labels.astype(np.int64), 256)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"cannot read image file {path} (corrupt or unsupported format)")
+    if img.dtype != np.uint8:
+        raise ValueError(f"{path}: expected an 8-bit image, got {img.dtype}")
+    if img.ndim == 2:
+        return img[..., None]
+    if img.shape[2] == 4:
+        img = img[..., :3]
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _load_folder(cfg: DataConfig) -> _Raw:
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    class_dirs = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
+    use_classes = bool(class_dirs) and all(p.parent != root for p in files)
+    labels = [class_dirs.index(p.relative_to(root).parts[0]) if use_classes else -1 for p in files]
+    images = [_read_image(p) for p in files]
+    images = [_fit(img, cfg, str(p)) for img, p in zip(images, files, strict=True)]
+    first = images[0].shape
+    for img, p in zip(images, files, strict=True):
+        if img.shape != first:
+            raise ValueError(
+                f"{p}: image of shape {img.shape} differs from {first} ({files[0]}); set size and resize"
+            )
+    return _Raw(np.stack(images), np.asarray(labels, dtype=np.int64), 256)
+
+
+def _load_torchvision(cfg: DataConfig) -> _Raw:
+    import torchvision.datasets as tvd
+
+    train = cfg.split == "train"
+    if cfg.split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test' for {cfg.source}, got {cfg.split!r}")
+    try:
+        if cfg.source in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if cfg.source == "cifar10" else tvd.CIFAR100
+            ds = cls(cfg.path, train=train, download=cfg.download)
+            return _Raw(np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64), 256)
+        if cfg.source == "svhn":
+            ds = tvd.SVHN(cfg.path, split=cfg.split, download=cfg.download)
+            return _Raw(np.asarray(ds.data).transpose(0, 2, 3, 1), np.asarray(ds.labels, dtype=np.int64), 256)
+        cls = tvd.MNIST if cfg.source == "mnist" else tvd.FashionMNIST
+        ds = cls(cfg.path, train=train, download=cfg.download)
+        return _Raw(ds.data.numpy()[..., None], ds.targets.numpy().astype(np.int64), 256)
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"torchvision {cfg.source} ({cfg.split}) not found under {cfg.path!r}: {err} "
+            "Set download: true to fetch it."
+        ) from None
+
+
+def _load_sklearn_digits(cfg: DataConfig) -> _Raw:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8×8 images with 17 grey levels 0…16 (bright ink on dark ground).
+    return _Raw(digits.images.astype(np.uint8)[..., None], digits.target.astype(np.int64), 17)
+
+
+def _load_sklearn_photo_patches(cfg: DataConfig) -> _Raw:
+    from sklearn.datasets import load_sample_images
+
+    if cfg.n_patches <= 0 or cfg.patch_size <= 0:
+        raise ValueError("sklearn_photo_patches needs n_patches > 0 and patch_size > 0")
+    photos = load_sample_images().images
+    rng = np.random.default_rng(cfg.seed)
+    which = rng.integers(0, len(photos), cfg.n_patches)
+    patches = []
+    for i in which:
+        h, w, _ = photos[i].shape
+        y, x = rng.integers(0, h - cfg.patch_size + 1), rng.integers(0, w - cfg.patch_size + 1)
+        patches.append(photos[i][y : y + cfg.patch_size, x : x + cfg.patch_size])
+    return _Raw(np.stack(patches), which.astype(np.int64), 256)
+
+
+SOURCES = {
+    "npz": _load_npz,
+    "folder": _load_folder,
+    "cifar10": _load_torchvision,
+    "cifar100": _load_torchvision,
+    "svhn": _load_torchvision,
+    "mnist": _load_torchvision,
+    "fashion_mnist": _load_torchvision,
+    "sklearn_digits": _load_sklearn_digits,
+    "sklearn_photo_patches": _load_sklearn_photo_patches,
+}
+
+
+def to_greyscale(images: np.ndarray) -> np.ndarray:
+    """``(…, 3)`` uint8 RGB → ``(…, 1)`` uint8 luma, rounded (paper's formula)."""
+    grey = images.astype(np.float64) @ np.asarray(GREY_WEIGHTS)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
+
+
+def _fit(img: np.ndarray, cfg: DataConfig, where: str) -> np.ndarray:
+    """One ``(H, W, C)`` image to ``size × size`` by padding or resizing."""
+    h, w, c = img.shape
+    size = cfg.size
+    if size == 0 or (h, w) == (size, size):
+        return img
+    if cfg.resize == "none":
+        raise ValueError(f"{where}: image is {h}×{w}, expected {size}×{size} (resize: none)")
+    if cfg.resize == "pad":
+        if h > size or w > size:
+            raise ValueError(f"{where}: image {h}×{w} is larger than size {size}; use resize: resize")
+        top, left = (size - h) // 2, (size - w) // 2
+        out = np.zeros((size, size, c), dtype=img.dtype)
+        out[top : top + h, left : left + w] = img
+        return out
+    if cfg.resize == "resize":
+        interp = cv2.INTER_AREA if h >= size and w >= size else cv2.INTER_LINEAR
+        out = cv2.resize(img, (size, size), interpolation=interp)
+        return out.reshape(size, size, c)
+    raise ValueError(f"{where}: unknown resize mode {cfg.resize!r} (pad, resize, none)")
+
+
+def _all_rotations(images: np.ndarray) -> np.ndarray:
+    """The 8 symmetries of the square (rotations and mirror images) of each image."""
+    out = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    out += [np.flip(o, axis=2) for o in out]
+    return np.concatenate(out)
+
+
+def _quantize(images: np.ndarray, levels: int, n_bins: int) -> np.ndarray:
+    if levels == n_bins:
+        return images
+    scaled = np.rint(images.astype(np.float64) * (n_bins - 1) / (levels - 1))
+    return scaled.astype(np.uint8)
+
+
+def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageSet:
+    """Load, slice, filter and shape the images that ``cfg`` describes.
+
+    Args:
+        cfg: what to load (see :class:`densead.config.DataConfig`).
+        n_bins: quantization levels the model uses; 8-bit sources with
+            ``n_bins < 256`` are requantized (and 17-level digits likewise).
+        name: a name for messages and reports (default: the source).
+    """
+    if cfg.source not in SOURCES:
+        raise ValueError(f"unknown data source {cfg.source!r}; valid: {', '.join(SOURCES)}")
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {cfg.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if cfg.channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {cfg.channels}")
+    raw = SOURCES[cfg.source](cfg)
+    images, labels = raw.images, raw.labels
+    stop = cfg.stop or len(images)
+    images, labels = images[cfg.start : stop], labels[cfg.start : stop]
+    keep = np.ones(len(labels), dtype=bool)
+    if cfg.classes:
+        keep &= np.isin(labels, cfg.classes)
+    if cfg.exclude_classes:
+        keep &= ~np.isin(labels, cfg.exclude_classes)
+    images, labels = images[keep], labels[keep]
+    if len(images) == 0:
+        raise ValueError(
+            f"{name or cfg.source} ({cfg.path or cfg.source}): no images left after slicing/filtering"
+        )
+    if cfg.rotations:
+        images, labels = _all_rotations(images), np.tile(labels, 8)
+    if cfg.channels == 1 and images.shape[-1] == 3:
+        images = to_greyscale(images)
+    elif cfg.channels == 3 and images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    where = name or cfg.path or cfg.source
+    images = np.stack([_fit(img, cfg, where) for img in images])
+    images = _quantize(images, raw.levels, n_bins)
+    tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return ImageSet(tensor, torch.from_numpy(labels.copy()), name or cfg.source)

@@ -1,0 +1,141 @@
+"""Image- and pixel-level detectors derived from Glow outputs (Schirrmeister et al. 2020).
+
+Every detector turns the :class:`~densead.flows.GlowOutput` of the
+in-distribution model (and, for ratios, of the general model) into a score per
+image and a map per pixel — the map is the same quantity before the spatial sum,
+so ``score == map.sum()`` for every detector. Higher = more anomalous.
+
+| name | score | paper |
+|---|---|---|
+| ``raw`` | ``−log p_in(x)`` | raw likelihood |
+| ``ratio`` | ``log p_g(x) − log p_in(x)`` | Diff (hierarchy of distributions) |
+| ``last_scale`` | ``−c_L(x)`` | 4x4 for 32×32 inputs (hierarchy of features) |
+| ``scale<i>`` | ``−c_i(x)`` | any single scale, 1-based |
+| ``ratio_scale<i>`` | ``c_i^g(x) − c_i^in(x)`` | a scale of the ratio |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from densead.flows import Glow, GlowOutput
+
+__all__ = ["DETECTORS", "GlowDetector", "GlowScorer", "MIN_LOG_PROB", "get_detector"]
+
+# Paper S4.5: non-finite log-likelihoods are replaced by a very small constant
+# before taking differences, so a model that assigns −inf still ranks the
+# image as maximally unlikely instead of producing NaN scores.
+MIN_LOG_PROB = -1e12
+
+
+def _finite(t: Tensor) -> Tensor:
+    return torch.nan_to_num(t, nan=MIN_LOG_PROB, posinf=-MIN_LOG_PROB, neginf=MIN_LOG_PROB)
+
+
+@dataclass(frozen=True)
+class GlowDetector:
+    """A detector over Glow outputs.
+
+    Attributes:
+        name: registry name.
+        needs_general: whether the general-distribution model's output is needed.
+        scale: 1-based scale index (negative counts from the last) or ``None``
+            for the whole likelihood.
+    """
+
+    name: str
+    needs_general: bool
+    scale: int | None = None
+
+    def _log_density_map(self, out: GlowOutput) -> Tensor:
+        """Per-pixel log-density on the input grid; sums to :meth:`_log_density`."""
+        if self.scale is None:
+            return out.pixel_map(discrete=True)
+        n = len(out.contributions)
+        i = self.scale - 1 if self.scale > 0 else n + self.scale
+        if not 0 <= i < n:
+            raise ValueError(f"detector {self.name!r}: scale {self.scale} out of range for a {n}-scale Glow")
+        return out.scale_pixel_maps()[i]
+
+    def _log_density(self, out: GlowOutput) -> Tensor:
+        if self.scale is None:
+            return out.log_prob(discrete=True)
+        return self._log_density_map(out).sum(dim=(-2, -1))
+
+    def _check(self, general: GlowOutput | None) -> None:
+        if self.needs_general and general is None:
+            raise ValueError(f"detector {self.name!r} needs a general-distribution model (--general)")
+
+    def score_from(self, out_in: GlowOutput, out_g: GlowOutput | None = None) -> Tensor:
+        """``(B,)`` scores, higher = more anomalous."""
+        self._check(out_g)
+        lp_in = _finite(self._log_density(out_in))
+        if not self.needs_general:
+            return -lp_in
+        return _finite(self._log_density(out_g)) - lp_in
+
+    def map_from(self, out_in: GlowOutput, out_g: GlowOutput | None = None) -> Tensor:
+        """``(B, H, W)`` pixel maps, higher = more anomalous."""
+        self._check(out_g)
+        m_in = _finite(self._log_density_map(out_in))
+        if not self.needs_general:
+            return -m_in
+        return _finite(self._log_density_map(out_g)) - m_in
+
+
+DETECTORS: dict[str, GlowDetector] = {
+    "raw": GlowDetector("raw", needs_general=False),
+    "ratio": GlowDetector("ratio", needs_general=True),
+    "last_scale": GlowDetector("last_scale", needs_general=False, scale=-1),
+    "ratio_last_scale": GlowDetector("ratio_last_scale", needs_general=True, scale=-1),
+}
+
+_SCALE_NAME = re.compile(r"^(ratio_)?scale(\d+)$")
+
+
+def get_detector(name: str) -> GlowDetector:
+    """A registered detector, or ``scale<i>`` / ``ratio_scale<i>`` for scale ``i`` (1-based)."""
+    if name in DETECTORS:
+        return DETECTORS[name]
+    m = _SCALE_NAME.match(name)
+    if m and int(m.group(2)) >= 1:
+        return GlowDetector(name, needs_general=bool(m.group(1)), scale=int(m.group(2)))
+    raise ValueError(f"unknown detector {name!r}; valid: {', '.join(DETECTORS)}, scale<i>, ratio_scale<i>")
+
+
+class GlowScorer:
+    """Runs the in-distribution (and general) Glow once per batch and applies detectors.
+
+    Args:
+        model: the in-distribution Glow.
+        general: the general-distribution Glow (for ratio detectors).
+        amp: run the coupling networks in bf16 (log-dets stay fp32).
+    """
+
+    def __init__(self, model: Glow, general: Glow | None = None, amp: bool = False) -> None:
+        self.model = model.eval()
+        self.general = general.eval() if general is not None else None
+        self.amp = amp
+
+    @torch.no_grad()
+    def outputs(self, x: Tensor, need_general: bool) -> tuple[GlowOutput, GlowOutput | None]:
+        if need_general and self.general is None:
+            raise ValueError("a ratio detector needs a general-distribution model (--general)")
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out_in = self.model(x)
+            out_g = self.general(x) if need_general else None
+        return out_in, out_g
+
+    def score(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, Tensor]:
+        """``{name: (B,) scores}`` for model inputs ``x``."""
+        outs = self.outputs(x, any(d.needs_general for d in detectors))
+        return {d.name: d.score_from(*outs) for d in detectors}
+
+    def score_maps(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: ((B,) scores, (B, H, W) maps)}`` from one pass of each model."""
+        outs = self.outputs(x, any(d.needs_general for d in detectors))
+        return {d.name: (d.score_from(*outs), d.map_from(*outs)) for d in detectors}

@@ -1,0 +1,532 @@
+"""Anomaly-detection metrics: AUROC, average precision and FPR at 95 % TPR.
+
+Convention everywhere: a **higher score means more anomalous**, anomalies are
+the positive class (label 1), inliers are label 0, and in pixel label maps the
+value 255 marks void pixels that are ignored.
+
+Image-level metrics (:func:`auroc`, :func:`average_precision`,
+:func:`fpr_at_tpr`, :func:`image_metrics`, :func:`roc_curve`) sort all scores
+and are exact; they agree with scikit-learn to rounding error. Tied scores form
+a single threshold step, as in scikit-learn, so a tie between an inlier and an
+anomaly earns half credit in AUROC rather than depending on the sort order.
+
+Pixel-level metrics (:class:`PixelMetrics`) are streamed over frames. Mode
+``"exact"`` keeps every (score, label) pair and matches scikit-learn; mode
+``"binned"`` keeps two fixed-size histograms and uses constant memory whatever
+the number of frames (see the class docstring for how the bins are chosen).
+
+Scores must be finite: NaN or ±inf have no well-defined rank, so every entry
+point raises ``ValueError`` with the number of offending values and leaves the
+choice of a replacement to the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PixelMetrics",
+    "auroc",
+    "average_precision",
+    "fpr_at_tpr",
+    "image_metrics",
+    "roc_curve",
+]
+
+VOID_LABEL = 255
+_LABEL_KINDS = "biuf"  # bool, signed, unsigned, float: the dtypes a 0/1/255 label can come in
+
+
+# ---------------------------------------------------------------------------
+# Input checking shared by the image-level and the pixel-level metrics
+# ---------------------------------------------------------------------------
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A numpy view/copy of a numpy array, torch tensor or array-like."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        # numpy has no bfloat16; float32 holds every bfloat16 value exactly.
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _check_score_dtype(s: np.ndarray) -> None:
+    if s.dtype.kind not in "biuf":
+        raise ValueError(f"scores must be numeric, got dtype {s.dtype}")
+
+
+def _check_label_dtype(y: np.ndarray) -> None:
+    if y.dtype.kind not in _LABEL_KINDS:
+        raise ValueError(f"labels must be numeric (0/1), got dtype {y.dtype}")
+
+
+def _bad_values_text(values: np.ndarray, limit: int = 5) -> str:
+    """The first few distinct offending values, for error messages."""
+    uniq = np.unique(values)
+    shown = ", ".join(repr(v.item()) for v in uniq[:limit])
+    return shown + (f", ... ({uniq.size} distinct)" if uniq.size > limit else "")
+
+
+def _raise_if_non_finite(s: np.ndarray, what: str) -> None:
+    n_bad = int(s.size - np.count_nonzero(np.isfinite(s)))
+    if n_bad:
+        raise ValueError(
+            f"{n_bad} of {s.size} {what} are non-finite (nan or ±inf); "
+            "replace them before computing metrics (e.g. np.nan_to_num with a large finite value)"
+        )
+
+
+def _binary_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated 1-D float64 scores and boolean labels (True = anomaly)."""
+    s = _to_numpy(scores)
+    y = _to_numpy(labels)
+    if s.ndim != 1 or y.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D, got shapes {s.shape} and {y.shape}")
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.shape[0]} scores, {y.shape[0]} labels")
+    _check_score_dtype(s)
+    _check_label_dtype(y)
+    bad = (y != 0) & (y != 1)
+    if bad.any():
+        raise ValueError(f"labels must be 0 (inlier) or 1 (anomaly), got {_bad_values_text(y[bad])}")
+    s = s.astype(np.float64, copy=False)
+    _raise_if_non_finite(s, "scores")
+    y = y.astype(bool, copy=False)
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError(
+            f"both classes are needed: got {n_pos} anomalies (label 1) and {y.size - n_pos} inliers (label 0)"
+        )
+    return s, y
+
+
+# ---------------------------------------------------------------------------
+# The threshold sweep and the three summary numbers
+# ---------------------------------------------------------------------------
+
+
+def _cumulative_counts(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True/false positives at each distinct threshold, from the highest score down.
+
+    Entry ``k`` counts the samples with a score >= the k-th highest distinct
+    score; all samples sharing a score enter at the same step, so the result
+    does not depend on how the sort orders ties.
+    """
+    order = np.argsort(s, kind="stable")[::-1]
+    s_sorted = s[order]
+    tp_running = np.cumsum(y[order], dtype=np.int64)
+    # Index of the last sample of every run of equal scores.
+    ends = np.append(np.flatnonzero(np.diff(s_sorted)), s.size - 1)
+    tp = tp_running[ends]
+    fp = (ends + 1) - tp
+    return tp, fp
+
+
+def _tpr_fpr(tp: np.ndarray, fp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC points with the (0, 0) start (threshold above every score) prepended."""
+    fpr = np.concatenate(([0.0], fp / fp[-1]))
+    tpr = np.concatenate(([0.0], tp / tp[-1]))
+    return fpr, tpr
+
+
+def _auroc(tp: np.ndarray, fp: np.ndarray) -> float:
+    # Trapezoid rule on the counts, normalised once at the end: sums of whole numbers are exact
+    # in float64 (below 2**53), so perfect separation gives exactly 1.0 instead of a sum of
+    # rounded FPR steps. float64 rather than int64 so huge pixel counts cannot overflow.
+    tp = tp.astype(np.float64)
+    fp = fp.astype(np.float64)
+    d_fp = np.diff(fp, prepend=0.0)
+    tp_prev = np.concatenate(([0.0], tp[:-1]))
+    return float(np.sum(d_fp * (tp + tp_prev)) / (2.0 * tp[-1] * fp[-1]))
+
+
+def _average_precision(tp: np.ndarray, fp: np.ndarray) -> float:
+    # Step-wise AP as scikit-learn defines it: sum over thresholds of
+    # (recall gained at this threshold) x (precision at this threshold), no interpolation.
+    # Dividing by the anomaly count once at the end keeps a perfect ranking at exactly 1.0.
+    precision = tp / (tp + fp)
+    tp_gain = np.diff(tp, prepend=0).astype(np.float64)
+    return float(np.sum(tp_gain * precision) / tp[-1])
+
+
+def _fpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    # tpr is non-decreasing, so the first point reaching the target is the highest
+    # threshold reaching it and has the lowest FPR among all such points. The sweep
+    # ends with every sample flagged (tpr = fpr = 1), so any target <= 1 is reached;
+    # "not reached before flagging everything" therefore reports 1.0.
+    idx = int(np.searchsorted(tpr, target, side="left"))
+    return float(fpr[idx])
+
+
+def _check_tpr(tpr: float) -> float:
+    tpr = float(tpr)
+    if not 0.0 <= tpr <= 1.0:
+        raise ValueError(f"tpr must be in [0, 1], got {tpr}")
+    return tpr
+
+
+def _summary(tp: np.ndarray, fp: np.ndarray, tpr_target: float = 0.95) -> dict[str, float]:
+    fpr, tpr = _tpr_fpr(tp, fp)
+    return {
+        "auroc": _auroc(tp, fp),
+        "ap": _average_precision(tp, fp),
+        "fpr95": _fpr_at(fpr, tpr, tpr_target),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Image-level (exact) metrics
+# ---------------------------------------------------------------------------
+
+
+def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """ROC points at every distinct score threshold.
+
+    Args:
+        scores: 1-D anomaly scores (numpy, torch or array-like), finite; higher = more anomalous.
+        labels: 1-D labels of the same length, 1 = anomaly, 0 = inlier.
+
+    Returns:
+        ``(fpr, tpr)``: float64 arrays, non-decreasing, starting at ``(0, 0)``
+        (threshold above every score) and ending at ``(1, 1)``. Same points as
+        ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``.
+
+    Raises:
+        ValueError: on non-finite scores, labels other than 0/1, a length
+            mismatch, or a missing class.
+    """
+    s, y = _binary_inputs(scores, labels)
+    return _tpr_fpr(*_cumulative_counts(s, y))
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve (ties count half).
+
+    Args:
+        scores: 1-D anomaly scores, finite; higher = more anomalous.
+        labels: 1-D labels, 1 = anomaly, 0 = inlier.
+
+    Returns:
+        AUROC in [0, 1]; equals ``sklearn.metrics.roc_auc_score(labels, scores)``.
+
+    Raises:
+        ValueError: see :func:`roc_curve`.
+    """
+    s, y = _binary_inputs(scores, labels)
+    return _auroc(*_cumulative_counts(s, y))
+
+
+def average_precision(scores: Any, labels: Any) -> float:
+    """Average precision with anomalies as the positive class.
+
+    Step-wise (no interpolation): ``sum_k (R_k - R_{k-1}) * P_k`` over the
+    distinct thresholds, exactly as ``sklearn.metrics.average_precision_score``.
+
+    Args:
+        scores: 1-D anomaly scores, finite; higher = more anomalous.
+        labels: 1-D labels, 1 = anomaly, 0 = inlier.
+
+    Returns:
+        AP in (0, 1]; a random detector scores about the anomaly prevalence.
+
+    Raises:
+        ValueError: see :func:`roc_curve`.
+    """
+    s, y = _binary_inputs(scores, labels)
+    return _average_precision(*_cumulative_counts(s, y))
+
+
+def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
+    """False-positive rate at the first threshold whose TPR reaches ``tpr``.
+
+    Thresholds are swept from the highest score down; the answer is the FPR at
+    the highest threshold with ``TPR >= tpr``, which is the lowest FPR among all
+    operating points with ``TPR >= tpr``. The sweep ends with every sample
+    flagged (TPR = FPR = 1), so when the target is reached only there — e.g.
+    an anomaly scored below every inlier with fewer than 20 anomalies — the
+    result is 1.0.
+
+    Args:
+        scores: 1-D anomaly scores, finite; higher = more anomalous.
+        labels: 1-D labels, 1 = anomaly, 0 = inlier.
+        tpr: target true-positive rate in [0, 1].
+
+    Returns:
+        The FPR in [0, 1].
+
+    Raises:
+        ValueError: see :func:`roc_curve`; also when ``tpr`` is outside [0, 1].
+    """
+    target = _check_tpr(tpr)
+    return _fpr_at(*roc_curve(scores, labels), target)
+
+
+def image_metrics(scores: Any, labels: Any) -> dict[str, float]:
+    """AUROC, AP and FPR at 95 % TPR from one sort.
+
+    Args:
+        scores: 1-D anomaly scores, finite; higher = more anomalous.
+        labels: 1-D labels, 1 = anomaly, 0 = inlier.
+
+    Returns:
+        ``{"auroc": ..., "ap": ..., "fpr95": ...}``.
+
+    Raises:
+        ValueError: see :func:`roc_curve`.
+    """
+    s, y = _binary_inputs(scores, labels)
+    return _summary(*_cumulative_counts(s, y))
+
+
+# ---------------------------------------------------------------------------
+# Streaming pixel-level metrics
+# ---------------------------------------------------------------------------
+
+
+class PixelMetrics:
+    """Pixel-level AUROC / AP / FPR95 accumulated over many frames.
+
+    Call :meth:`update` once per frame or batch, then :meth:`compute`.
+
+    Mode ``"exact"`` stores every valid (score, label) pair and gives exactly
+    the scikit-learn numbers; its memory grows with the pixel count, so it is
+    meant for small sets and for checking.
+
+    Mode ``"binned"`` stores two ``int64`` histograms of ``n_bins`` bins (inlier
+    and anomaly counts), so memory is fixed whatever the number of frames
+    (2 x 8 x 65536 bytes = 1 MiB by default) and each update only needs temporaries
+    for a bounded chunk of pixels. Scores in one bin are treated as tied:
+    AUROC is the trapezoid over the binned ROC, AP is step-wise over bins and
+    FPR95 comes from the cumulative counts.
+
+    How bins are placed. Only the ranking of scores matters, so the
+    histogram is laid on a monotone transform ``t = sign(z) log(1 + |z|)``
+    of ``z = (s - c) / w``, with centre ``c`` (median) and width ``w``
+    (robust spread) calibrated on the first valid pixels seen. Near ``c`` the transform is linear; far from it
+    it is logarithmic, so a few extreme scores (heavy-tailed log-likelihoods in
+    the thousands) cannot squeeze the bulk of the pixels into a handful of
+    bins. The bin range in ``t`` starts at the first update's span; when a
+    later score falls outside, the range is doubled (repeatedly if needed):
+    pairs of old bins merge into one new bin, with the old range placed at an
+    even bin offset inside the new one, so every new bin edge is an old edge and
+    no count is ever split. Each doubling is counted in :attr:`n_rebins`.
+
+    Accuracy. The default ``n_bins`` keeps AUROC and AP within about 1e-4 to
+    3e-4 of exact on Gaussian and heavy-tailed score mixtures, even when the
+    range grows several-fold after calibration (tests/test_metrics.py); with
+    4096 bins the AP error of such a growing stream reached 4e-3, too close to
+    the 5e-3 budget. AP is the sensitive one: it hinges on the few highest
+    scores, where one bin may hold both an inlier and an anomaly.
+
+    Args:
+        mode: ``"binned"`` (default) or ``"exact"``.
+        n_bins: number of histogram bins in binned mode; even, >= 2.
+    """
+
+    #: Pixels processed per step in binned mode: bounds the float64/int64 temporaries
+    #: of one update to a few hundred MB whatever the batch size.
+    chunk_pixels: int = 1 << 22
+
+    def __init__(self, mode: str = "binned", n_bins: int = 65536) -> None:
+        if mode not in ("binned", "exact"):
+            raise ValueError(f"mode must be 'binned' or 'exact', got {mode!r}")
+        if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)):
+            raise ValueError(f"n_bins must be an int, got {type(n_bins).__name__}")
+        if n_bins < 2 or n_bins % 2:
+            # Even so that doubling the range merges bins in exact pairs.
+            raise ValueError(f"n_bins must be even and >= 2, got {n_bins}")
+        self.mode = mode
+        self.n_bins = int(n_bins)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated so far (the calibration too)."""
+        self.n_rebins = 0
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        # Row 0: inlier counts, row 1: anomaly counts, per bin (binned mode).
+        self._counts = np.zeros((2, self.n_bins), dtype=np.int64) if self.mode == "binned" else None
+        self._center = 0.0
+        self._spread = 1.0
+        self._lo = 0.0  # left edge of bin 0, in transformed units
+        self._width = 0.0  # bin width in transformed units; 0 = not calibrated yet
+        self._t_min = math.inf  # observed range of transformed scores
+        self._t_max = -math.inf
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the accumulated state (fixed in binned mode)."""
+        if self._counts is not None:
+            return int(self._counts.nbytes)
+        return int(sum(a.nbytes for a in self._scores) + sum(a.nbytes for a in self._labels))
+
+    # -- update ----------------------------------------------------------------
+
+    def update(self, score_map: Any, label_map: Any) -> None:
+        """Add one frame ``(H, W)`` or a batch ``(B, H, W)``.
+
+        Args:
+            score_map: anomaly scores, numpy or torch; higher = more anomalous.
+                Scores of void pixels are ignored and may be non-finite.
+            label_map: same shape; 0 inlier, 1 anomaly, 255 void (ignored).
+
+        Raises:
+            ValueError: on a shape mismatch or a shape that is not 2-D/3-D, a
+                label value other than 0/1/255, or a non-finite score on a
+                non-void pixel. The state is unchanged when this is raised.
+        """
+        s = _to_numpy(score_map)
+        y = _to_numpy(label_map)
+        if s.shape != y.shape:
+            raise ValueError(f"score_map shape {s.shape} does not match label_map shape {y.shape}")
+        if s.ndim not in (2, 3):
+            raise ValueError(f"expected (H, W) or (B, H, W) maps, got shape {s.shape}")
+        _check_score_dtype(s)
+        _check_label_dtype(y)
+        s = s.reshape(-1)
+        y = y.reshape(-1)
+        step = self.chunk_pixels
+        # Validate everything before touching the state so a bad frame cannot half-update it.
+        for i in range(0, s.size, step):
+            self._validate_chunk(s[i : i + step], y[i : i + step])
+        for i in range(0, s.size, step):
+            s_c, y_c = s[i : i + step], y[i : i + step]
+            valid = y_c != VOID_LABEL
+            s_valid = s_c[valid].astype(np.float64)
+            pos_valid = y_c[valid] == 1
+            if s_valid.size == 0:
+                continue
+            if self.mode == "exact":
+                self._scores.append(s_valid)
+                self._labels.append(pos_valid)
+            else:
+                self._add_binned(s_valid, pos_valid)
+
+    @staticmethod
+    def _validate_chunk(s: np.ndarray, y: np.ndarray) -> None:
+        bad = (y != 0) & (y != 1) & (y != VOID_LABEL)
+        if bad.any():
+            raise ValueError(
+                "label_map values must be 0 (inlier), 1 (anomaly) or 255 (void), "
+                f"got {_bad_values_text(y[bad])}"
+            )
+        _raise_if_non_finite(s[y != VOID_LABEL].astype(np.float64, copy=False), "scores of non-void pixels")
+
+    # -- binned internals --------------------------------------------------------
+
+    def _transform(self, s: np.ndarray) -> np.ndarray:
+        """``sign(z) * log(1 + |z|)`` with ``z = (s - centre) / spread``: monotone, linear
+        near the centre, logarithmic in the tails (cheaper than asinh, same shape)."""
+        with np.errstate(over="ignore"):
+            z = (s - self._center) * (1.0 / self._spread)
+        # Clip so an overflow to +-inf (absurd scores over a tiny spread) still maps to a
+        # finite t (log(1e300) ~ 691). Every step below is monotone under rounding, so
+        # the order of scores is kept (at worst close scores become ties).
+        np.clip(z, -1e300, 1e300, out=z)
+        t = np.abs(z)
+        t += 1.0
+        np.log(t, out=t)
+        return np.copysign(t, z, out=t)
+
+    def _calibrate(self, s: np.ndarray) -> None:
+        center = float(np.median(s))
+        q25, q75 = np.percentile(s, [25.0, 75.0])
+        spread = float(q75 - q25) / 1.349  # the standard deviation for Gaussian scores
+        if not spread > 0.0:
+            spread = float(np.std(s))
+        if not (spread > 0.0 and math.isfinite(spread)):
+            # All scores equal (or nearly): any scale works since t is log-like far from
+            # the centre; pick one relative to the score magnitude.
+            spread = max(abs(center), 1.0) * 1e-3
+        self._center, self._spread = center, spread
+        t = self._transform(s)
+        t_min, t_max = float(t.min()), float(t.max())
+        span = t_max - t_min
+        # Half a bin of margin on each side; 2 / n_bins (about the t-range of +-1 spread)
+        # when all first scores tie, later doublings widen it as needed.
+        width = span / (self.n_bins - 1) if span > 0.0 else 2.0 / self.n_bins
+        self._width = width
+        self._lo = t_min - 0.5 * width
+
+    def _grow_to(self, t_min: float, t_max: float) -> None:
+        """Double the bin range until it holds [t_min, t_max] (and all earlier scores)."""
+        n = self.n_bins
+        need_lo = min(t_min, self._t_min)
+        need_hi = max(t_max, self._t_max)
+        while need_lo < self._lo or need_hi >= self._lo + n * self._width:
+            w = self._width
+            # New range [lo - 2kw, lo - 2kw + 2nw): an even offset 2k keeps every other old
+            # edge, so old bins (2j - 2k, 2j - 2k + 1) merge into new bin j. Choose k to centre
+            # the scores seen so far, leaving room to grow on both sides; 0 <= k <= n/2 keeps
+            # the old range inside the new one.
+            mid = 0.5 * (need_lo + need_hi)
+            k = (self._lo + n * w - mid) / (2.0 * w)
+            k = int(round(min(max(k, 0.0), n // 2)))
+            fine = np.zeros((2, 2 * n), dtype=np.int64)
+            fine[:, 2 * k : 2 * k + n] = self._counts
+            self._counts = fine.reshape(2, n, 2).sum(axis=2)
+            self._lo -= 2 * k * w
+            self._width = 2.0 * w
+            self.n_rebins += 1
+
+    def _add_binned(self, s: np.ndarray, pos: np.ndarray) -> None:
+        if self._width == 0.0:
+            self._calibrate(s)
+        t = self._transform(s)
+        t_min, t_max = float(t.min()), float(t.max())
+        self._grow_to(t_min, t_max)
+        self._t_min = min(self._t_min, t_min)
+        self._t_max = max(self._t_max, t_max)
+        n = self.n_bins
+        # t >= lo here, so truncation is floor; rounding can put a score sitting on the top
+        # edge one past the end, hence the clip.
+        t -= self._lo
+        t *= 1.0 / self._width
+        idx = t.astype(np.int64)
+        np.clip(idx, 0, n - 1, out=idx)
+        idx += n * pos  # anomalies count in row 1
+        self._counts += np.bincount(idx, minlength=2 * n).reshape(2, n)
+
+    # -- compute -----------------------------------------------------------------
+
+    def compute(self) -> dict[str, float]:
+        """The metrics over every valid pixel seen so far.
+
+        Returns:
+            ``{"auroc", "ap", "fpr95", "n_pixels", "n_anomaly"}``; the two counts
+            are ints (number of non-void pixels and of anomaly pixels).
+
+        Raises:
+            ValueError: if no inlier or no anomaly pixel has been seen.
+        """
+        if self.mode == "exact":
+            s = np.concatenate(self._scores) if self._scores else np.zeros(0)
+            y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=bool)
+            n_pixels, n_anomaly = int(y.size), int(np.count_nonzero(y))
+        else:
+            neg, pos = self._counts
+            n_pixels, n_anomaly = int(neg.sum() + pos.sum()), int(pos.sum())
+        if n_anomaly == 0 or n_anomaly == n_pixels:
+            raise ValueError(
+                "both classes are needed: got "
+                f"{n_anomaly} anomaly pixels and {n_pixels - n_anomaly} inlier pixels (void excluded)"
+            )
+        if self.mode == "exact":
+            tp, fp = _cumulative_counts(s, y)
+        else:
+            # Sweep the bins from the highest scores down; each non-empty bin is one threshold step.
+            pos_desc, neg_desc = pos[::-1], neg[::-1]
+            nonempty = (pos_desc + neg_desc) > 0
+            tp = np.cumsum(pos_desc)[nonempty]
+            fp = np.cumsum(neg_desc)[nonempty]
+        out = _summary(tp, fp)
+        out["n_pixels"] = n_pixels
+        out["n_anomaly"] = n_anomaly
+        return out

@@ -1,0 +1,155 @@
+"""Scoring image sets with Glow detectors: per-image scores, CSV rows, heatmap overlays."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from densead.data.images import ImageSet
+from densead.data.transforms import to_model_input
+from densead.detectors.glow import GlowDetector, GlowScorer
+from densead.flows import Glow, GlowOutput
+from densead.io import atomic_write_text
+from densead.viz import heatmap_overlay, save_png
+
+__all__ = [
+    "iter_model_batches",
+    "read_scores_csv",
+    "save_heatmaps",
+    "score_image_set",
+    "write_scores_csv",
+]
+
+# Heatmaps of tiny images (8×8 digits, 32×32 CIFAR) are enlarged to at least this size.
+MIN_HEATMAP_SIZE = 128
+
+
+def iter_model_batches(
+    images: ImageSet,
+    n_bins: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+    desc: str = "",
+) -> Iterator[tuple[slice, Tensor]]:
+    """Noise-free model inputs of an image set, batch by batch: ``(index slice, x)``."""
+    n = len(images)
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        sl = slice(start, min(start + batch_size, n))
+        yield sl, to_model_input(images.images[sl].to(device), n_bins, dequantize=False)
+
+
+def score_image_set(
+    scorer: GlowScorer,
+    images: ImageSet,
+    detectors: Sequence[GlowDetector],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """``{detector name: (N,) float64 scores}`` over an image set."""
+    device = torch.device(device)
+    n_bins = scorer.model.n_bins
+    scorer.model.check_input(images.images[:1].float())
+    parts: dict[str, list[np.ndarray]] = {d.name: [] for d in detectors}
+    for _, x in iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}"):
+        for name, s in scorer.score(x, list(detectors)).items():
+            parts[name].append(s.double().cpu().numpy())
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def glow_outputs(
+    model: Glow, images: ImageSet, batch_size: int, device: torch.device, progress: bool = False
+) -> Iterator[tuple[slice, GlowOutput]]:
+    """Noise-free Glow outputs of an image set, batch by batch."""
+    model.eval()
+    for sl, x in iter_model_batches(
+        images, model.n_bins, batch_size, device, progress, f"eval {images.name}"
+    ):
+        with torch.no_grad():
+            yield sl, model(x)
+
+
+def save_heatmaps(
+    out_dir: str | Path,
+    images: ImageSet,
+    maps: Mapping[str, Tensor],
+    names: Sequence[str],
+    n_bins: int = 256,
+) -> list[Path]:
+    """One PNG per image and detector: the image beside its map overlaid (enlarged if tiny).
+
+    Args:
+        out_dir: folder for the PNGs (``<name>_<detector>.png``).
+        images: the scored images (uint8, levels ``0 … n_bins−1``).
+        maps: ``{detector: (N, H, W)}`` pixel maps for the first N images.
+        names: file-name stem per image.
+        n_bins: quantization levels of ``images`` (to show them as 8-bit).
+    """
+    out_dir = Path(out_dir)
+    written = []
+    levels = n_bins - 1
+    for det, m in maps.items():
+        m = m.float().cpu().numpy()
+        for i, stem in enumerate(names[: len(m)]):
+            img = images.images[i].permute(1, 2, 0).numpy().astype(np.float64)
+            img = np.clip(img * 255.0 / levels, 0, 255).astype(np.uint8)
+            if img.shape[2] == 1:
+                img = np.repeat(img, 3, axis=2)
+            factor = max(1, -(-MIN_HEATMAP_SIZE // img.shape[0]))
+            big = cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+            heat = cv2.resize(m[i], (big.shape[1], big.shape[0]), interpolation=cv2.INTER_NEAREST)
+            panel = np.concatenate([big, heatmap_overlay(big, heat, alpha=0.6)], axis=1)
+            path = out_dir / f"{stem}_{det}.png"
+            save_png(path, panel)
+            written.append(path)
+    return written
+
+
+def write_scores_csv(path: str | Path, columns: Mapping[str, Sequence]) -> None:
+    """Write equal-length columns as CSV (atomically); floats with full precision."""
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"score columns differ in length: {lengths}")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(list(columns))
+    for row in zip(*columns.values(), strict=True):
+        writer.writerow([repr(float(v)) if isinstance(v, float | np.floating) else v for v in row])
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_scores_csv(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
+    """Columns of one or more score CSVs (same header), numeric where possible."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    header, rows = None, []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"scores file not found: {p}")
+        with p.open(newline="") as f:
+            reader = csv.reader(f)
+            h = next(reader, None)
+            if h is None:
+                raise ValueError(f"{p}: empty scores file")
+            if header is not None and h != header:
+                raise ValueError(f"{p}: columns {h} differ from {header} of {paths[0]}")
+            header = h
+            rows.extend(r for r in reader if r)
+    cols: dict[str, np.ndarray] = {}
+    for j, name in enumerate(header):
+        values = [r[j] for r in rows]
+        try:
+            cols[name] = np.asarray([float(v) for v in values])
+        except ValueError:
+            cols[name] = np.asarray(values)
+    return cols

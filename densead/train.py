@@ -1,0 +1,329 @@
+"""The training loop shared by every Glow: maximum likelihood, optionally with the outlier loss.
+
+Design points:
+
+* The whole training set is one uint8 tensor on the training device; batch
+  ``s`` is a pure function of ``(seed, s)`` (permutation per epoch, augmentation
+  and dequantization noise from generators seeded by the step). ``--resume``
+  therefore continues exactly as an uninterrupted run would, with nothing but
+  the step, model and optimizer saved.
+* One host sync per step: the finiteness of the gradient norm. Only when it is
+  not finite are the per-sample log-likelihoods inspected; non-finite samples
+  are dropped and the step recomputed on the rest, or skipped when more than
+  75% would go (paper S4.3, S4.5).
+* Checkpoints hold ``state_dict``s and the resolved config, are written
+  atomically and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from densead.config import (
+    ModelConfig,
+    OutlierConfig,
+    TrainRunConfig,
+    from_dict,
+    save_config,
+    to_dict,
+)
+from densead.data.images import ImageSet, load_image_set
+from densead.data.transforms import augment_batch, to_model_input
+from densead.flows import Glow
+from densead.io import atomic_torch_save
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "StepResult",
+    "build_glow",
+    "load_checkpoint",
+    "load_glow",
+    "outlier_loss",
+    "resolve_device",
+    "train_glow",
+    "training_step",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# Paper S4.3: skip the minibatch when more than this fraction of its samples
+# has a non-finite log-likelihood.
+MAX_DROPPED_FRACTION = 0.75
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_glow(cfg: ModelConfig) -> Glow:
+    return Glow(
+        in_channels=cfg.in_channels,
+        n_scales=cfg.n_scales,
+        n_steps=cfg.n_steps,
+        hidden=cfg.hidden,
+        kernel_size=cfg.kernel_size,
+        n_bins=cfg.n_bins,
+    )
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Read a densead checkpoint (``weights_only=True``); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"{path}: not a readable densead checkpoint ({err})") from None
+    for key in ("model", "model_config"):
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise ValueError(f"{path}: not a densead checkpoint (missing {key!r})")
+    return ckpt
+
+
+def load_glow(path: str | Path, device: torch.device | str = "cpu") -> tuple[Glow, ModelConfig]:
+    """A Glow in eval mode from a checkpoint, with its model config."""
+    ckpt = load_checkpoint(path, device)
+    cfg = from_dict(ModelConfig, ckpt["model_config"], f"{path} (model_config)")
+    model = build_glow(cfg).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the stored model config: {err}") from None
+    return model.eval(), cfg
+
+
+def outlier_loss(log_prob: Tensor, ref_log_prob: Tensor, weight: float, temperature: float) -> Tensor:
+    """Per-sample ``−λ·log σ((log p_ref(x_o) − log p(x_o)) / T)`` (paper S4.3).
+
+    Small when the trained model gives the outlier a lower likelihood than the
+    reference model does. ``−log σ(a) = softplus(−a)``, computed stably.
+    """
+    return weight * F.softplus((log_prob - ref_log_prob) / temperature)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimization step did (tensors stay on the device until logged)."""
+
+    nll: Tensor  # mean −log p(x) of the in-distribution batch, nats per image
+    outlier: Tensor  # mean outlier loss (0 without outliers)
+    skipped: bool
+    dropped: int  # samples dropped for non-finite log-likelihoods
+
+
+def _per_sample_losses(
+    model: Glow,
+    x: Tensor,
+    x_out: Tensor | None,
+    ref_log_prob: Tensor | None,
+    ocfg: OutlierConfig | None,
+    amp: bool,
+) -> tuple[Tensor, Tensor | None]:
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        nll = -model(x).log_prob(discrete=True)
+        lo = None
+        if x_out is not None:
+            lp_out = model(x_out).log_prob(discrete=True)
+            lo = outlier_loss(lp_out, ref_log_prob, ocfg.weight, ocfg.temperature)
+    return nll, lo
+
+
+def training_step(
+    model: Glow,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    x_out: Tensor | None = None,
+    reference: Glow | None = None,
+    ocfg: OutlierConfig | None = None,
+    amp: bool = False,
+    max_grad_norm: float = 0.0,
+) -> StepResult:
+    """One step on model inputs ``x`` (and outliers ``x_out`` with a frozen ``reference``).
+
+    Samples whose log-likelihood is not finite are dropped from the batch; the
+    step is skipped when more than 75% would go, or when the gradient is still
+    not finite.
+    """
+    ref_lp = None
+    if x_out is not None:
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+            ref_lp = reference(x_out).log_prob(discrete=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def attempt(xi: Tensor, xo: Tensor | None, rlp: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        nll, lo = _per_sample_losses(model, xi, xo, rlp, ocfg, amp)
+        outlier = lo.mean() if lo is not None else nll.new_zeros(())
+        (nll.mean() + outlier).backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        return nll, lo, norm
+
+    nll, lo, norm = attempt(x, x_out, ref_lp)
+    dropped = 0
+    if not torch.isfinite(norm):  # the step's one host sync
+        keep_in = torch.isfinite(nll.detach())
+        keep_out = torch.isfinite(lo.detach()) if lo is not None else None
+        total = keep_in.numel() + (keep_out.numel() if keep_out is not None else 0)
+        kept = int(keep_in.sum()) + (int(keep_out.sum()) if keep_out is not None else 0)
+        dropped = total - kept
+        if dropped == 0 or dropped > MAX_DROPPED_FRACTION * total or not bool(keep_in.any()):
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(nll.detach().mean(), _mean(lo), True, dropped)
+        xo = x_out[keep_out] if keep_out is not None and keep_out.any() else None
+        rlp = ref_lp[keep_out] if xo is not None else None
+        nll, lo, norm = attempt(x[keep_in], xo, rlp)
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(nll.detach().mean(), _mean(lo), True, dropped)
+    optimizer.step()
+    return StepResult(nll.detach().mean(), _mean(lo), False, dropped)
+
+
+def _mean(t: Tensor | None) -> Tensor:
+    return t.detach().mean() if t is not None else torch.zeros(())
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _step_seed(seed: int, step: int, stream: int) -> int:
+    return (seed * 1_000_003 + step * 8 + stream) % (2**62)
+
+
+class _Batches:
+    """Batch ``s`` of a uint8 image set as a pure function of ``(seed, s)``."""
+
+    def __init__(self, images: Tensor, batch_size: int, seed: int, stream: int) -> None:
+        self.images = images
+        self.batch = min(batch_size, len(images))
+        self.per_epoch = len(images) // self.batch
+        self.seed, self.stream = seed, stream
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(_step_seed(self.seed, epoch, self.stream))
+            self._perm = torch.randperm(len(self.images), generator=g)
+            self._epoch = epoch
+        return self._perm[i * self.batch : (i + 1) * self.batch]
+
+    def model_input(self, step: int, augment: str, n_bins: int) -> Tensor:
+        device = self.images.device
+        g = torch.Generator(device=device).manual_seed(_step_seed(self.seed, step, self.stream + 4))
+        batch = self.images[self.indices(step).to(device)]
+        return to_model_input(augment_batch(batch, augment, g), n_bins, dequantize=True, generator=g)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _check_channels(data: ImageSet, cfg: ModelConfig, where: str) -> None:
+    if data.images.shape[1] != cfg.in_channels:
+        raise ValueError(
+            f"{where}: images have {data.images.shape[1]} channels but model.in_channels is "
+            f"{cfg.in_channels} (set data.channels)"
+        )
+
+
+def train_glow(
+    cfg: TrainRunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, StepResult], None] | None = None,
+) -> Path:
+    """Train one Glow as ``cfg`` says; returns the checkpoint path.
+
+    The checkpoint ``<output_dir>/checkpoint.pt`` is written every
+    ``train.checkpoint_every`` steps and at the end; with ``resume`` an
+    existing one is continued (a finished one is returned as it is).
+    """
+    tcfg, mcfg, ocfg = cfg.train, cfg.model, cfg.outlier
+    out_dir = Path(cfg.output_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    device = resolve_device(tcfg.device)
+    torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only
+
+    data = load_image_set(cfg.data, mcfg.n_bins, name="training data")
+    _check_channels(data, mcfg, "data")
+    batches = _Batches(data.images.to(device), tcfg.batch_size, tcfg.seed, stream=0)
+    out_batches, reference = None, None
+    if ocfg is not None:
+        odata = load_image_set(ocfg.data, mcfg.n_bins, name="outlier data")
+        _check_channels(odata, mcfg, "outlier.data")
+        out_batches = _Batches(
+            odata.images.to(device), ocfg.batch_size or tcfg.batch_size, tcfg.seed, stream=1
+        )
+        reference, ref_cfg = load_glow(ocfg.reference, device)
+        if ref_cfg.n_bins != mcfg.n_bins or ref_cfg.in_channels != mcfg.in_channels:
+            raise ValueError(f"{ocfg.reference}: reference model's data format differs from model config")
+        reference.requires_grad_(False)
+
+    model = build_glow(mcfg).to(device)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    step, history = 0, []
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, device)
+        if ckpt["model_config"] != to_dict(mcfg):
+            raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, history = int(ckpt["step"]), list(ckpt["history"])
+    elif tcfg.init_from:
+        init, init_cfg = load_glow(tcfg.init_from, device)
+        if to_dict(init_cfg) != to_dict(mcfg):
+            raise ValueError(f"{tcfg.init_from}: model config {init_cfg} differs from {mcfg}")
+        model.load_state_dict(init.state_dict())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+
+    def save(finished: bool) -> None:
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "finished": finished,
+                "history": history,
+                "model_config": to_dict(mcfg),
+                "config": to_dict(cfg),
+            },
+            ckpt_path,
+        )
+
+    n_dims = math.prod(data.images.shape[1:])
+    model.train()
+    bar = tqdm(
+        total=tcfg.steps, initial=step, desc=f"train {out_dir.name}", disable=not progress, leave=False
+    )
+    while step < tcfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = tcfg.lr * min(1.0, (step + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else tcfg.lr
+        x = batches.model_input(step, cfg.data.augment, mcfg.n_bins)
+        x_out = out_batches.model_input(step, ocfg.data.augment, mcfg.n_bins) if ocfg is not None else None
+        result = training_step(model, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
+        step += 1
+        if on_step is not None:
+            on_step(step, result)
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            bpd = float(result.nll) / (n_dims * math.log(2))
+            history.append([step, bpd, float(result.outlier)])
+            bar.set_postfix(bpd=f"{bpd:.3f}", outlier=f"{float(result.outlier):.1f}")
+        bar.update(1)
+        if step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
+            save(finished=False)
+    bar.close()
+    save(finished=True)
+    return ckpt_path

@@ -1,0 +1,403 @@
+"""densead.metrics against scikit-learn, hand cases, error messages, binned accuracy and memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from densead.metrics import (
+    PixelMetrics,
+    auroc,
+    average_precision,
+    fpr_at_tpr,
+    image_metrics,
+    roc_curve,
+)
+
+EXACT_TOL = 1e-12
+BINNED_TOL = 0.005  # the accuracy budget of binned mode (AUROC and AP)
+
+
+def sk_fpr_at(labels: np.ndarray, scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Reference FPR at TPR: the lowest FPR among sklearn's ROC points with TPR >= tpr."""
+    fpr, tp, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
+    return float(fpr[tp >= tpr].min())
+
+
+def sk_all(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    return {
+        "auroc": skm.roc_auc_score(labels, scores),
+        "ap": skm.average_precision_score(labels, scores),
+        "fpr95": sk_fpr_at(labels, scores),
+    }
+
+
+def assert_metrics_close(got: dict[str, float], want: dict[str, float], tol: float) -> None:
+    for key in ("auroc", "ap", "fpr95"):
+        assert got[key] == pytest.approx(want[key], abs=tol), (key, got[key], want[key])
+
+
+# ---------------------------------------------------------------------------
+# Image-level metrics vs sklearn
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "n_levels", "prevalence", "seed"),
+    [
+        (50, 5, 0.3, 0),  # very coarse scores: almost everything tied
+        (500, 20, 0.1, 1),
+        (2000, 200, 0.02, 2),  # rare anomalies
+        (2000, 10**9, 0.5, 3),  # practically no ties
+        (37, 3, 0.5, 4),
+    ],
+)
+def test_image_metrics_match_sklearn_with_ties(n: int, n_levels: int, prevalence: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < prevalence).astype(int)
+    labels[:2] = [0, 1]  # both classes present whatever the draw
+    # Integer levels give many ties; anomalies shifted up so the numbers are not trivial.
+    scores = rng.integers(0, n_levels, n).astype(float) + labels * (n_levels / 4)
+    if n_levels <= 20:
+        assert np.unique(scores).size < n / 2  # ties really are there
+    want = sk_all(labels, scores)
+    assert_metrics_close(image_metrics(scores, labels), want, EXACT_TOL)
+    assert auroc(scores, labels) == pytest.approx(want["auroc"], abs=EXACT_TOL)
+    assert average_precision(scores, labels) == pytest.approx(want["ap"], abs=EXACT_TOL)
+    assert fpr_at_tpr(scores, labels) == pytest.approx(want["fpr95"], abs=EXACT_TOL)
+    for target in (0.0, 0.5, 0.8, 1.0):
+        assert fpr_at_tpr(scores, labels, tpr=target) == pytest.approx(
+            sk_fpr_at(labels, scores, target), abs=EXACT_TOL
+        )
+
+
+def test_roc_curve_matches_sklearn_points() -> None:
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + labels, 1)  # ties
+    fpr, tpr = roc_curve(scores, labels)
+    sk_fpr, sk_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-15)
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+
+
+def test_accepts_torch_lists_and_other_dtypes() -> None:
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 200)
+    labels[:2] = [0, 1]
+    scores = rng.normal(size=200).astype(np.float32) + labels
+    want = image_metrics(scores, labels)
+    assert want == image_metrics(torch.from_numpy(scores), torch.from_numpy(labels))
+    assert want == image_metrics(scores.tolist(), labels.astype(bool).tolist())
+    assert want == image_metrics(scores.astype(np.float64), labels.astype(np.float32))
+    # bfloat16 (no numpy equivalent) goes through float32; rounding only adds ties.
+    got = image_metrics(torch.from_numpy(scores).bfloat16(), torch.from_numpy(labels))
+    sk = sk_all(labels, torch.from_numpy(scores).bfloat16().float().numpy())
+    assert_metrics_close(got, sk, EXACT_TOL)
+
+
+# ---------------------------------------------------------------------------
+# Hand cases and the FPR95 definition
+# ---------------------------------------------------------------------------
+
+
+def test_sklearn_docstring_example() -> None:
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    assert auroc(scores, labels) == pytest.approx(0.75)
+    assert average_precision(scores, labels) == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+    # TPR reaches 1 at threshold 0.35, where one of the two inliers (0.4) is flagged.
+    assert fpr_at_tpr(scores, labels) == pytest.approx(0.5)
+
+
+def test_perfect_and_reversed_separation() -> None:
+    labels = np.array([0] * 30 + [1] * 10)
+    scores = np.arange(40, dtype=float)
+    assert image_metrics(scores, labels) == {"auroc": 1.0, "ap": 1.0, "fpr95": 0.0}
+    reversed_ = image_metrics(-scores, labels)
+    assert reversed_["auroc"] == 0.0
+    assert reversed_["fpr95"] == 1.0  # every inlier is flagged before the first anomaly
+    assert reversed_["ap"] == pytest.approx(skm.average_precision_score(labels, -scores), abs=EXACT_TOL)
+
+
+def test_all_tied_is_chance_level() -> None:
+    labels = np.array([0, 1, 0, 0, 1, 0, 0, 0])
+    got = image_metrics(np.full(8, 3.0), labels)
+    assert got["auroc"] == 0.5  # a tie between an inlier and an anomaly earns half credit
+    assert got["ap"] == pytest.approx(2 / 8)  # one step: precision = prevalence, recall 0 -> 1
+    assert got["fpr95"] == 1.0
+
+
+def test_fpr95_counts_tpr_equal_to_target_as_reached() -> None:
+    # 20 anomalies, 19 above every inlier: TPR = 19/20 = 0.95 exactly with no false positive.
+    labels = np.array([1] * 19 + [0] * 50 + [1])
+    scores = np.concatenate([np.full(19, 10.0), np.linspace(0, 5, 50), [-1.0]])
+    assert fpr_at_tpr(scores, labels) == 0.0
+    assert fpr_at_tpr(scores, labels, tpr=0.96) == 1.0  # needs the last anomaly, below all inliers
+    assert sk_fpr_at(labels, scores) == 0.0
+
+
+def test_fpr95_is_one_when_reached_only_by_flagging_everything() -> None:
+    # "Never reached" before the last threshold: with 10 anomalies, missing the lowest one
+    # leaves TPR = 0.9 < 0.95, and it scores below every inlier, so the first threshold
+    # reaching TPR >= 0.95 flags everything: FPR = 1.0.
+    labels = np.array([1] * 9 + [0] * 40 + [1])
+    scores = np.concatenate([np.full(9, 10.0), np.linspace(0, 5, 40), [-1.0]])
+    assert fpr_at_tpr(scores, labels) == 1.0
+    assert sk_fpr_at(labels, scores) == 1.0
+    assert fpr_at_tpr(scores, labels, tpr=0.9) == 0.0
+    assert fpr_at_tpr(scores, labels, tpr=0.0) == 0.0  # the start point (0, 0) reaches TPR 0
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_raise_with_count(bad: float) -> None:
+    scores = np.array([0.1, bad, 0.3, bad, 0.5])
+    labels = np.array([0, 1, 0, 1, 1])
+    for fn in (auroc, average_precision, fpr_at_tpr, image_metrics, roc_curve):
+        with pytest.raises(ValueError, match=r"2 of 5 scores are non-finite"):
+            fn(scores, labels)
+
+
+def test_label_length_class_and_shape_errors() -> None:
+    with pytest.raises(ValueError, match=r"0 \(inlier\) or 1 \(anomaly\), got 2, 255"):
+        auroc([0.1, 0.2, 0.3, 0.4], [0, 1, 2, 255])
+    with pytest.raises(ValueError, match=r"got 0.5"):
+        auroc([0.1, 0.2], [0.5, 1.0])
+    with pytest.raises(ValueError, match=r"3 scores, 2 labels"):
+        auroc([0.1, 0.2, 0.3], [0, 1])
+    with pytest.raises(ValueError, match=r"0 anomalies \(label 1\) and 3 inliers"):
+        average_precision([0.1, 0.2, 0.3], [0, 0, 0])
+    with pytest.raises(ValueError, match=r"3 anomalies \(label 1\) and 0 inliers"):
+        image_metrics([0.1, 0.2, 0.3], [1, 1, 1])
+    with pytest.raises(ValueError, match=r"both classes"):
+        auroc([], [])
+    with pytest.raises(ValueError, match=r"1-D.*\(2, 2\)"):
+        auroc(np.zeros((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"labels must be numeric"):
+        auroc([0.1, 0.2], ["a", "b"])
+    with pytest.raises(ValueError, match=r"tpr must be in \[0, 1\], got 1.5"):
+        fpr_at_tpr([0.1, 0.2], [0, 1], tpr=1.5)
+
+
+# ---------------------------------------------------------------------------
+# PixelMetrics, exact mode
+# ---------------------------------------------------------------------------
+
+
+def make_frame(rng: np.random.Generator, shape: tuple[int, ...], void_frac: float = 0.1):
+    labels = (rng.random(shape) < 0.05).astype(np.uint8)
+    labels[rng.random(shape) < void_frac] = 255
+    scores = np.round(rng.normal(size=shape) + 1.5 * (labels == 1), 2)  # rounding -> ties
+    return scores, labels
+
+
+def test_pixel_exact_equals_sklearn_with_void_and_batches() -> None:
+    rng = np.random.default_rng(10)
+    pm = PixelMetrics(mode="exact")
+    all_scores, all_labels = [], []
+    frames = [make_frame(rng, (32, 48)), make_frame(rng, (3, 32, 48)), make_frame(rng, (16, 16))]
+    for i, (scores, labels) in enumerate(frames):
+        # Void pixels may carry garbage, even non-finite scores: they are ignored.
+        scores = scores.copy()
+        scores[labels == 255] = np.where(rng.random(np.count_nonzero(labels == 255)) < 0.5, np.nan, 1e9)
+        if i == 1:
+            pm.update(torch.from_numpy(scores).float(), torch.from_numpy(labels))
+            scores = torch.from_numpy(scores).float().numpy().astype(np.float64)
+        else:
+            pm.update(scores, labels)
+        valid = labels != 255
+        all_scores.append(scores[valid])
+        all_labels.append(labels[valid])
+    s, y = np.concatenate(all_scores), np.concatenate(all_labels).astype(int)
+    got = pm.compute()
+    assert_metrics_close(got, sk_all(y, s), EXACT_TOL)
+    assert got["n_pixels"] == y.size and got["n_anomaly"] == int(y.sum())
+    assert 0 < got["n_anomaly"] < got["n_pixels"] < sum(f[1].size for f in frames)
+
+
+def test_pixel_update_errors_leave_state_unchanged() -> None:
+    rng = np.random.default_rng(11)
+    pm = PixelMetrics(mode="exact")
+    scores, labels = make_frame(rng, (8, 8))
+    pm.update(scores, labels)
+    before = pm.compute()
+
+    bad = labels.copy()
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match=r"0 \(inlier\), 1 \(anomaly\) or 255 \(void\), got 7"):
+        pm.update(scores, bad)
+    with pytest.raises(ValueError, match=r"\(8, 8\) does not match label_map shape \(8, 9\)"):
+        pm.update(scores, np.zeros((8, 9), np.uint8))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(B, H, W\).*\(64,\)"):
+        pm.update(scores.ravel(), labels.ravel())
+    nan_scores = scores.copy()
+    nan_scores[labels != 255] = np.nan
+    n_valid = int(np.count_nonzero(labels != 255))
+    with pytest.raises(ValueError, match=rf"{n_valid} of {n_valid} scores of non-void pixels are non-finite"):
+        pm.update(nan_scores, labels)
+    assert pm.compute() == before
+
+
+def test_pixel_constructor_and_empty_errors() -> None:
+    with pytest.raises(ValueError, match=r"mode must be 'binned' or 'exact', got 'fast'"):
+        PixelMetrics(mode="fast")
+    with pytest.raises(ValueError, match=r"even and >= 2, got 15"):
+        PixelMetrics(n_bins=15)
+    for mode in ("exact", "binned"):
+        pm = PixelMetrics(mode=mode)
+        with pytest.raises(ValueError, match=r"0 anomaly pixels and 0 inlier pixels"):
+            pm.compute()
+        pm.update(np.ones((4, 4)), np.zeros((4, 4), np.uint8))
+        with pytest.raises(ValueError, match=r"0 anomaly pixels and 16 inlier pixels"):
+            pm.compute()
+
+
+# ---------------------------------------------------------------------------
+# PixelMetrics, binned mode
+# ---------------------------------------------------------------------------
+
+
+def realistic_frames(kind: str, rng: np.random.Generator, n_frames: int = 6, shape=(256, 384), grow=False):
+    """Frames whose scores look like real detectors': ~1 % anomalies, some void."""
+    for i in range(n_frames):
+        labels = (rng.random(shape) < 0.01).astype(np.uint8)
+        labels[rng.random(shape) < 0.05] = 255
+        anomaly = labels == 1
+        if kind == "gauss":  # inliers N(0, 1), anomalies N(2, 1)
+            scores = rng.normal(size=shape) + 2.0 * anomaly
+        elif kind == "student":  # heavy tails around 1000, a few extreme pixels
+            scores = 1000 + 40 * rng.standard_t(2, shape) + 150 * anomaly * rng.lognormal(0, 0.5, shape)
+        else:  # "loglik": negative log-likelihoods in the thousands, skewed
+            scores = 3000 + 200 * rng.lognormal(0, 1.0, shape) + anomaly * rng.exponential(800, shape)
+        if grow:  # later frames reach far beyond the calibrated range
+            scores = scores * (1 + i) + 20 * i
+        yield scores.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("grow", [False, True])
+@pytest.mark.parametrize("kind", ["gauss", "student", "loglik"])
+def test_binned_close_to_exact(kind: str, grow: bool) -> None:
+    rng = np.random.default_rng(20)
+    exact, binned = PixelMetrics(mode="exact"), PixelMetrics(mode="binned")
+    for scores, labels in realistic_frames(kind, rng, grow=grow):
+        exact.update(scores, labels)
+        binned.update(scores, labels)
+    want, got = exact.compute(), binned.compute()
+    assert got["n_pixels"] == want["n_pixels"] and got["n_anomaly"] == want["n_anomaly"]
+    assert abs(got["auroc"] - want["auroc"]) < BINNED_TOL
+    assert abs(got["ap"] - want["ap"]) < BINNED_TOL
+    assert abs(got["fpr95"] - want["fpr95"]) < BINNED_TOL
+    if grow:
+        assert binned.n_rebins >= 1
+
+
+def test_binned_rebinning_merges_counts_exactly() -> None:
+    # A narrow first batch, then batches reaching ever further out on both sides.
+    rng = np.random.default_rng(21)
+    pm = PixelMetrics(mode="binned", n_bins=1024)
+    exact = PixelMetrics(mode="exact")
+    seen = []
+    for i in range(6):
+        labels = (rng.random((64, 64)) < 0.05).astype(np.uint8)
+        scores = rng.normal(size=(64, 64)) * 0.1 * 4**i + labels * 0.2 * 4**i + (-1) ** i * 3.0**i
+        pm.update(scores, labels)
+        exact.update(scores, labels)
+        seen.append(scores.ravel())
+    assert pm.n_rebins >= 3
+    # Every count sits in the bin a direct binning with the final edges would give it: pairs of
+    # bins were merged, never split.
+    t = pm._transform(np.concatenate(seen))
+    idx = np.clip(np.floor((t - pm._lo) / pm._width).astype(np.int64), 0, pm.n_bins - 1)
+    np.testing.assert_array_equal(pm._counts.sum(axis=0), np.bincount(idx, minlength=pm.n_bins))
+    got, want = pm.compute(), exact.compute()
+    assert got["n_pixels"] == 6 * 64 * 64
+    assert abs(got["auroc"] - want["auroc"]) < BINNED_TOL
+
+
+def test_binned_equals_exact_on_discrete_scores() -> None:
+    # With fewer distinct scores than bins, every distinct score gets its own bin, so binning
+    # loses nothing: the results equal the exact ones.
+    rng = np.random.default_rng(22)
+    exact, binned = PixelMetrics(mode="exact"), PixelMetrics(mode="binned")
+    for _ in range(4):
+        labels = (rng.random((2, 40, 40)) < 0.1).astype(np.uint8)
+        labels[:, :3] = 255
+        scores = rng.integers(0, 30, labels.shape) + 5 * (labels == 1)
+        exact.update(scores, labels)
+        binned.update(scores, labels)
+    assert_metrics_close(binned.compute(), exact.compute(), 1e-12)
+
+
+def test_binned_constant_scores_then_spread() -> None:
+    # A degenerate first update (all scores equal) must still calibrate and then grow.
+    pm, exact = PixelMetrics(mode="binned"), PixelMetrics(mode="exact")
+    labels = np.zeros((8, 8), np.uint8)
+    for m in (pm, exact):
+        m.update(np.full((8, 8), 5.0), labels)
+    rng = np.random.default_rng(23)
+    for _ in range(3):
+        lab = (rng.random((32, 32)) < 0.1).astype(np.uint8)
+        sc = rng.normal(size=(32, 32)) * 100 + 300.0 * lab
+        pm.update(sc, lab)
+        exact.update(sc, lab)
+    assert pm.n_rebins >= 1
+    assert_metrics_close(pm.compute(), exact.compute(), BINNED_TOL)
+
+
+def test_binned_memory_does_not_grow() -> None:
+    rng = np.random.default_rng(24)
+    binned, exact = PixelMetrics(mode="binned", n_bins=4096), PixelMetrics(mode="exact")
+    sizes_b, sizes_e = [], []
+    for i in range(30):
+        labels = (rng.random((64, 64)) < 0.02).astype(np.uint8)
+        scores = rng.normal(size=(64, 64)) * (1 + i)  # range keeps growing: rebins happen too
+        binned.update(scores, labels)
+        exact.update(scores, labels)
+        sizes_b.append(binned.nbytes)
+        sizes_e.append(exact.nbytes)
+    assert binned.n_rebins >= 1
+    assert set(sizes_b) == {2 * 4096 * 8}
+    assert sizes_e[-1] == 30 * sizes_e[0] > sizes_e[0]  # the exact state grows, for contrast
+
+
+def test_binned_chunked_update_matches_whole() -> None:
+    # Updates are processed in chunks to bound temporaries; a chunk boundary changes nothing,
+    # and a bad value in a late chunk still rejects the whole update before any counting.
+    rng = np.random.default_rng(25)
+    scores, labels = make_frame(rng, (4, 50, 60))
+    whole, chunked = PixelMetrics(), PixelMetrics()
+    chunked.chunk_pixels = 1000
+    whole.update(scores, labels)
+    chunked.update(scores, labels)
+    assert chunked.compute() == whole.compute()
+
+    bad = labels.copy()
+    bad[-1, -1, -1] = 3
+    before = chunked.compute()
+    with pytest.raises(ValueError, match=r"got 3"):
+        chunked.update(scores, bad)
+    assert chunked.compute() == before
+
+
+def test_compute_is_repeatable_and_update_continues() -> None:
+    rng = np.random.default_rng(26)
+    for mode in ("exact", "binned"):
+        pm = PixelMetrics(mode=mode)
+        scores, labels = make_frame(rng, (16, 16))
+        pm.update(scores, labels)
+        first = pm.compute()
+        assert pm.compute() == first
+        pm.update(scores, labels)  # the same frame again: rates unchanged, counts doubled
+        second = pm.compute()
+        assert second["n_pixels"] == 2 * first["n_pixels"]
+        assert_metrics_close(second, first, 1e-12)
+        pm.reset()
+        with pytest.raises(ValueError, match=r"both classes"):
+            pm.compute()
