@@ -82,6 +82,9 @@ class DataConfig:
         rotations: also add the 90°/180°/270° rotations and their mirror
             images of every image (8× the set); used to make a broader
             "general" set out of a small one.
+        mix: further sets appended to this one, each shaped by its own keys
+            (channels and size must agree); e.g. a general distribution made of
+            photo patches and transformed digits.
     """
 
     source: str = "npz"
@@ -100,6 +103,7 @@ class DataConfig:
     patch_size: int = 0
     seed: int = 0
     rotations: bool = False
+    mix: tuple[DataConfig, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

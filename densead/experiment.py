@@ -161,20 +161,33 @@ def _report(
         lines.append(
             f"| {s} | {spearman(cols['log_prob_in_dist'][mask], cols['log_prob_general'][mask]):.3f} |"
         )
-    lines += ["", "## Share of each scale in log p (in-distribution model, continuous density)", ""]
-    lines += ["| set | " + " | ".join(f"scale {i}" for i in range(1, cfg.model.n_scales + 1)) + " |"]
-    lines.append("|---|" + "---:|" * cfg.model.n_scales)
+    # Each scale's discrete share: c_i minus the quantization term of the n_i
+    # latent dimensions it factors out, so the shares are bits and sum to −log p.
+    n_scales = cfg.model.n_scales
+    latent_dims = [
+        math.prod(shape[1:]) for shape in Glow.latent_shapes_of(cfg.model.in_channels, n_scales, h, w)
+    ]
+    lines += ["", "## Each scale's share of −log p (in-distribution model), bits/dim of the image", ""]
+    lines += ["| set | " + " | ".join(f"scale {i}" for i in range(1, n_scales + 1)) + " | total |"]
+    lines.append("|---|" + "---:|" * (n_scales + 1))
     shares = {}
     for s in set_names:
         mask = cols["set"] == s
-        per = np.array([cols[f"scale{i}_in_dist"][mask].mean() for i in range(1, cfg.model.n_scales + 1)])
-        shares[s] = per / per.sum()
-        lines.append(f"| {s} | " + " | ".join(f"{100 * v:.1f}%" for v in shares[s]) + " |")
+        bits = np.array(
+            [
+                -(cols[f"scale{i}_in_dist"][mask].mean() - latent_dims[i - 1] * math.log(cfg.model.n_bins))
+                / (n_dims * math.log(2))
+                for i in range(1, n_scales + 1)
+            ]
+        )
+        shares[s] = bits / bits.sum()
+        cells = [f"{b:.3f} ({100 * v:.0f}%)" for b, v in zip(bits, shares[s], strict=True)]
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {bits.sum():.3f} |")
     plot_bars(
         out_dir / "scale_shares.png",
         {f"scale {i + 1}": float(v) for i, v in enumerate(shares[IN_SET])},
-        title="share of each scale in log p (in-dist test)",
-        ylabel="fraction of log p",
+        title="each scale's share of -log p (in-dist test)",
+        ylabel="fraction of -log p (bits)",
     )
     lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in wall.items()]
     lines += [

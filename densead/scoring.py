@@ -21,6 +21,8 @@ from densead.io import atomic_write_text
 from densead.viz import heatmap_overlay, save_png
 
 __all__ = [
+    "glow_outputs",
+    "image_names",
     "iter_model_batches",
     "read_scores_csv",
     "save_heatmaps",
@@ -47,6 +49,11 @@ def iter_model_batches(
         yield sl, to_model_input(images.images[sl].to(device), n_bins, dequantize=False)
 
 
+def image_names(images: ImageSet) -> list[str]:
+    """Per-image names: the set's own (file paths) or zero-padded indices."""
+    return list(images.names) if images.names else [f"{i:05d}" for i in range(len(images))]
+
+
 def score_image_set(
     scorer: GlowScorer,
     images: ImageSet,
@@ -54,14 +61,27 @@ def score_image_set(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    heatmap_dir: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
-    """``{detector name: (N,) float64 scores}`` over an image set."""
+    """``{detector name: (N,) float64 scores}`` over an image set.
+
+    With ``heatmap_dir``, also writes one overlay PNG per image and detector
+    (the detector's pixel map, from the same forward pass as the score).
+    """
     device = torch.device(device)
     n_bins = scorer.model.n_bins
     scorer.model.check_input(images.images[:1].float())
+    names = image_names(images)
     parts: dict[str, list[np.ndarray]] = {d.name: [] for d in detectors}
-    for _, x in iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}"):
-        for name, s in scorer.score(x, list(detectors)).items():
+    for sl, x in iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}"):
+        if heatmap_dir is None:
+            results = {k: (v, None) for k, v in scorer.score(x, list(detectors)).items()}
+        else:
+            results = scorer.score_maps(x, list(detectors))
+            part = ImageSet(images.images[sl], images.labels[sl], images.name)
+            maps = {k: m for k, (_, m) in results.items()}
+            save_heatmaps(heatmap_dir, part, maps, [n.replace("/", "__") for n in names[sl]], n_bins)
+        for name, (s, _) in results.items():
             parts[name].append(s.double().cpu().numpy())
     return {name: np.concatenate(p) for name, p in parts.items()}
 

@@ -254,6 +254,12 @@ def train_glow(
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = resolve_device(tcfg.device)
+    if resume and ckpt_path.is_file():
+        done = load_checkpoint(ckpt_path)
+        if done["model_config"] != to_dict(mcfg):
+            raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
+        if done["finished"] and done["step"] >= tcfg.steps:
+            return ckpt_path
     torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only
 
     data = load_image_set(cfg.data, mcfg.n_bins, name="training data")
@@ -276,8 +282,6 @@ def train_glow(
     step, history = 0, []
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, device)
-        if ckpt["model_config"] != to_dict(mcfg):
-            raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, history = int(ckpt["step"]), list(ckpt["history"])

@@ -199,6 +199,8 @@ def test_glow_shapes_and_conservation() -> None:
     out = glow(x)
     assert [tuple(c.shape) for c in out.contributions] == [(3, 8, 12), (3, 4, 6), (3, 2, 3)]
     assert [z.shape[1] for z in out.latents] == [6, 12, 48]
+    assert [tuple(z.shape) for z in out.latents] == glow.latent_shapes(3, 16, 24)
+    assert sum(math.prod(s[1:]) for s in Glow.latent_shapes_of(3, 3, 16, 24)) == 3 * 16 * 24
     total = out.log_prob(discrete=False)
     # Per-scale contributions sum to log p(x).
     assert torch.allclose(out.scale_log_probs().sum(dim=1), total, atol=1e-9)

@@ -36,6 +36,7 @@ class ImageSet:
     images: Tensor
     labels: Tensor
     name: str
+    names: tuple[str, ...] = ()  # per-image names (file paths for folders), empty if unnamed
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -46,6 +47,7 @@ class _Raw:
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,)
     levels: int  # quantization levels of the source (256 for 8-bit images)
+    names: np.ndarray | None = None  # per-image names, where the source has them
 
 
 def _nhwc(images: np.ndarray, where: str) -> np.ndarray:
@@ -106,7 +108,8 @@ def _load_folder(cfg: DataConfig) -> _Raw:
             raise ValueError(
                 f"{p}: image of shape {img.shape} differs from {first} ({files[0]}); set size and resize"
             )
-    return _Raw(np.stack(images), np.asarray(labels, dtype=np.int64), 256)
+    names = np.asarray([str(p.relative_to(root).with_suffix("")) for p in files])
+    return _Raw(np.stack(images), np.asarray(labels, dtype=np.int64), 256, names)
 
 
 def _load_torchvision(cfg: DataConfig) -> _Raw:
@@ -229,20 +232,24 @@ def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageS
         raise ValueError(f"channels must be 1 or 3, got {cfg.channels}")
     raw = SOURCES[cfg.source](cfg)
     images, labels = raw.images, raw.labels
+    names = raw.names if raw.names is not None else np.asarray([], dtype=str)
     stop = cfg.stop or len(images)
     images, labels = images[cfg.start : stop], labels[cfg.start : stop]
+    names = names[cfg.start : stop]
     keep = np.ones(len(labels), dtype=bool)
     if cfg.classes:
         keep &= np.isin(labels, cfg.classes)
     if cfg.exclude_classes:
         keep &= ~np.isin(labels, cfg.exclude_classes)
     images, labels = images[keep], labels[keep]
+    names = names[keep] if len(names) else names
     if len(images) == 0:
         raise ValueError(
             f"{name or cfg.source} ({cfg.path or cfg.source}): no images left after slicing/filtering"
         )
     if cfg.rotations:
         images, labels = _all_rotations(images), np.tile(labels, 8)
+        names = np.asarray([f"{n}_sym{k}" for k in range(8) for n in names])
     if cfg.channels == 1 and images.shape[-1] == 3:
         images = to_greyscale(images)
     elif cfg.channels == 3 and images.shape[-1] == 1:
@@ -251,4 +258,19 @@ def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageS
     images = np.stack([_fit(img, cfg, where) for img in images])
     images = _quantize(images, raw.levels, n_bins)
     tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return ImageSet(tensor, torch.from_numpy(labels.copy()), name or cfg.source)
+    result = ImageSet(tensor, torch.from_numpy(labels.copy()), name or cfg.source, tuple(names.tolist()))
+    for i, part_cfg in enumerate(cfg.mix):
+        part = load_image_set(part_cfg, n_bins, f"{result.name}.mix[{i}]")
+        if part.images.shape[1:] != result.images.shape[1:]:
+            raise ValueError(
+                f"{result.name}.mix[{i}]: images of shape {tuple(part.images.shape[1:])} do not match "
+                f"{tuple(result.images.shape[1:])}; set channels and size alike"
+            )
+        both_named = bool(result.names) and bool(part.names)
+        result = ImageSet(
+            torch.cat([result.images, part.images]),
+            torch.cat([result.labels, part.labels]),
+            result.name,
+            result.names + part.names if both_named else (),
+        )
+    return result

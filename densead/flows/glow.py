@@ -195,9 +195,22 @@ class Glow(nn.Module):
 
     def latent_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """Shapes of ``z_1 … z_L`` for inputs of ``batch × C × height × width``."""
-        shapes = []
-        for i, scale in enumerate(self.scales, start=1):
-            shapes.append((batch, scale.z_channels, height >> i, width >> i))
+        return [
+            (batch, *shape[1:])
+            for shape in self.latent_shapes_of(self.in_channels, self.n_scales, height, width)
+        ]
+
+    @staticmethod
+    def latent_shapes_of(
+        in_channels: int, n_scales: int, height: int, width: int
+    ) -> list[tuple[int, int, int, int]]:
+        """Shapes ``(1, C_i, H/2^i, W/2^i)`` of ``z_1 … z_L`` without building a model."""
+        shapes, channels = [], in_channels
+        for i in range(1, n_scales + 1):
+            channels *= 4
+            z = channels // 2 if i < n_scales else channels
+            shapes.append((1, z, height >> i, width >> i))
+            channels -= z
         return shapes
 
     @torch.no_grad()

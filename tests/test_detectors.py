@@ -1,0 +1,95 @@
+"""Detectors on cases with known answers; every score is the sum of its map."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from densead.detectors import MIN_LOG_PROB, GlowScorer, get_detector
+from densead.flows import Glow, GlowOutput
+from densead.metrics import auroc
+
+
+def output(contributions: list[torch.Tensor], channels: int = 1) -> GlowOutput:
+    """A GlowOutput with given contribution maps (scale i on a grid 2^i smaller than 8×8)."""
+    b = contributions[0].shape[0]
+    latents = tuple(torch.zeros(b, 1, *c.shape[1:]) for c in contributions)
+    return GlowOutput(latents, tuple(contributions), (channels, 8, 8), 256)
+
+
+def two_scale(c1: float, c2: float, b: int = 2) -> GlowOutput:
+    return output([torch.full((b, 4, 4), c1 / 16), torch.full((b, 2, 2), c2 / 4)])
+
+
+CONST = 64 * math.log(256)  # the discrete term of an 8×8×1 image
+
+
+def test_raw_ratio_and_scale_scores_have_known_values() -> None:
+    o_in, o_g = two_scale(-100.0, -50.0), two_scale(-80.0, -90.0)
+    assert torch.allclose(get_detector("raw").score_from(o_in), torch.full((2,), 150.0 + CONST))
+    assert torch.allclose(get_detector("last_scale").score_from(o_in), torch.full((2,), 50.0))
+    assert torch.allclose(get_detector("scale1").score_from(o_in), torch.full((2,), 100.0))
+    # Diff: log p_g − log p_in = −170 − (−150) = −20 (constants cancel)
+    assert torch.allclose(get_detector("ratio").score_from(o_in, o_g), torch.full((2,), -20.0), atol=1e-6)
+    assert torch.allclose(get_detector("ratio_last_scale").score_from(o_in, o_g), torch.full((2,), -40.0))
+    assert torch.allclose(get_detector("ratio_scale1").score_from(o_in, o_g), torch.full((2,), 20.0))
+
+
+@pytest.mark.parametrize("name", ["raw", "ratio", "last_scale", "scale1", "ratio_scale2", "ratio_last_scale"])
+def test_map_sums_to_score_on_a_real_glow(name: str) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 16, 16) - 0.5
+    model, general = (Glow(3, n_scales=2, n_steps=2, hidden=8) for _ in range(2))
+    for m in (model, general):
+        m.train()(x)
+    det = get_detector(name)
+    scorer = GlowScorer(model, general)
+    ((score, pixel_map),) = scorer.score_maps(x, [det]).values()
+    assert pixel_map.shape == (3, 16, 16)
+    assert torch.allclose(pixel_map.sum(dim=(1, 2)), score, rtol=1e-5, atol=1e-2)
+    assert torch.allclose(scorer.score(x, [det])[name], score)
+
+
+def test_ratio_of_a_model_with_itself_is_zero() -> None:
+    x = torch.rand(2, 3, 16, 16) - 0.5
+    model = Glow(3, n_scales=2, n_steps=1, hidden=8)
+    model.train()(x)
+    score, pixel_map = GlowScorer(model, model).score_maps(x, [get_detector("ratio")])["ratio"]
+    assert torch.equal(score, torch.zeros(2)) and torch.equal(pixel_map, torch.zeros(2, 16, 16))
+
+
+def test_raw_likelihood_flags_images_unlike_the_fit_data() -> None:
+    """A Glow whose ActNorms are fit to low-contrast images scores high-contrast ones higher."""
+    g = torch.Generator().manual_seed(0)
+    inliers = 0.02 * torch.randn(64, 3, 16, 16, generator=g)
+    outliers = 0.3 * torch.randn(64, 3, 16, 16, generator=g)
+    model = Glow(3, n_scales=2, n_steps=2, hidden=8)
+    model.train()(inliers)
+    scores = GlowScorer(model).score(torch.cat([inliers, outliers]), [get_detector("raw")])["raw"]
+    assert auroc(scores.numpy(), [0] * 64 + [1] * 64) > 0.99
+
+
+def test_non_finite_log_likelihoods_become_a_very_small_constant() -> None:
+    finite, broken = two_scale(-10.0, -10.0, b=1), two_scale(-10.0, -math.inf, b=1)
+    nan = two_scale(math.nan, -10.0, b=1)
+    raw = get_detector("raw").score_from(broken)
+    assert torch.isfinite(raw).all() and raw.item() >= 0.99 * -MIN_LOG_PROB
+    assert torch.isfinite(get_detector("raw").score_from(nan)).all()
+    # in-dist model says −inf: maximally anomalous; general model says −inf: maximally normal
+    assert get_detector("ratio").score_from(broken, finite).item() > 1e11
+    assert get_detector("ratio").score_from(finite, broken).item() < -1e11
+    assert torch.isfinite(get_detector("ratio").map_from(broken, finite)).all()
+
+
+def test_detector_errors() -> None:
+    with pytest.raises(ValueError, match="unknown detector 'nope'"):
+        get_detector("nope")
+    with pytest.raises(ValueError, match="scale 3 out of range for a 2-scale Glow"):
+        get_detector("scale3").score_from(two_scale(1.0, 1.0))
+    with pytest.raises(ValueError, match="needs a general-distribution model"):
+        get_detector("ratio").score_from(two_scale(1.0, 1.0))
+    model = Glow(3, n_scales=2, n_steps=1, hidden=8)
+    with pytest.raises(ValueError, match="general-distribution model"):
+        GlowScorer(model).score(torch.zeros(1, 3, 8, 8), [get_detector("ratio")])

@@ -1,0 +1,197 @@
+"""The command-line tools, run as a user runs them (subprocesses), on tiny real data."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from densead.train import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = {"in_channels": 1, "n_scales": 2, "n_steps": 1, "hidden": 8, "n_bins": 17}
+DIGITS = {"source": "sklearn_digits", "channels": 1, "size": 8}
+
+
+def run_tool(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tiny_experiment(out: Path, steps: int = 2) -> dict:
+    train = {"steps": steps, "batch_size": 16, "checkpoint_every": 1}
+    return {
+        "output_dir": str(out),
+        "model": TINY_MODEL,
+        "general": {**DIGITS, "exclude_classes": [0], "stop": 200, "rotations": True},
+        "in_dist": {**DIGITS, "exclude_classes": [0], "stop": 200},
+        "in_dist_test": {**DIGITS, "exclude_classes": [0], "start": 1700},
+        "anomalies": {"digit_0": {**DIGITS, "classes": [0], "start": 1500}},
+        "general_train": train,
+        "in_dist_train": train,
+        "outlier_train": train,
+        "n_heatmaps": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two-step models through tools/train_flow.py: a general one and one finetuned from it."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = {
+        "output_dir": str(root / "general"),
+        "data": {**DIGITS, "augment": "translate"},
+        "model": TINY_MODEL,
+    }
+    cfg["train"] = {"steps": 2, "batch_size": 16}
+    (root / "general.yaml").write_text(yaml.safe_dump(cfg))
+    out = run_tool("tools/train_flow.py", str(root / "general.yaml"), "--no-progress")
+    general = root / "general" / "checkpoint.pt"
+    assert str(general.resolve()) in out.stdout
+    run_tool(
+        "tools/train_flow.py",
+        str(root / "general.yaml"),
+        "--set",
+        f"output_dir={root / 'in'}",
+        "--set",
+        "data.exclude_classes=[0]",
+        "--set",
+        f"train.init_from={general}",
+        "--no-progress",
+    )
+    return {"root": root, "general": general, "in": root / "in" / "checkpoint.pt"}
+
+
+def test_train_flow_rejects_unknown_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "data": DIGITS, "trian": {}}))
+    proc = run_tool("tools/train_flow.py", str(path), ok=False)
+    assert proc.returncode != 0 and "bad.yaml" in proc.stderr and "'trian'" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for name, keep in (("ones", digits.target == 1), ("zeros", digits.target == 0)):
+        imgs = digits.images[keep][:20].astype(np.uint8)
+        np.savez(tmp_path / f"{name}.npz", images=imgs, labels=digits.target[keep][:20])
+        run_tool(
+            "tools/score_images.py",
+            "--checkpoint", str(trained["in"]),
+            "--general", str(trained["general"]),
+            "--detector", "raw,ratio,last_scale",
+            "--input", str(tmp_path / f"{name}.npz"),
+            "--out", str(tmp_path / f"{name}.csv"),
+            "--heatmaps", str(tmp_path / "heat"),
+            "--no-progress",
+        )  # fmt: skip
+    with (tmp_path / "ones.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and {"raw", "ratio", "last_scale", "set", "name"} <= set(rows[0])
+    assert all(np.isfinite(float(r["ratio"])) for r in rows)
+    pngs = sorted((tmp_path / "heat").glob("*.png"))
+    assert len(pngs) == 20 * 3  # the two sets share image names; the second overwrote the first
+    assert cv2.imread(str(pngs[0])) is not None
+    proc = run_tool(
+        "tools/evaluate.py", str(tmp_path / "ones.csv"), str(tmp_path / "zeros.csv"),
+        "--in-set", "ones", "--out", str(tmp_path / "eval"),
+    )  # fmt: skip
+    assert "AUROC" in proc.stdout and "zeros" in proc.stdout
+    for name in ("metrics.csv", "metrics.md", "roc_raw.png", "hist_ratio.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0, name
+
+
+def test_score_images_bad_input_writes_nothing(trained: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    proc = run_tool(
+        "tools/score_images.py", "--checkpoint", str(trained["in"]), "--input", str(tmp_path / "nope.npz"),
+        "--out", str(out), ok=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "nope.npz" in proc.stderr and not out.exists()
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((3, 8, 8, 2), dtype=np.uint8))
+    proc = run_tool(
+        "tools/score_images.py", "--checkpoint", str(trained["in"]), "--input", str(tmp_path / "rgb.npz"),
+        "--out", str(out), ok=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "rgb.npz" in proc.stderr and "(3, 8, 8, 2)" in proc.stderr
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8), np.uint8))
+    (folder / "b.png").write_bytes(b"\x89PNG broken")
+    proc = run_tool(
+        "tools/score_images.py", "--checkpoint", str(trained["in"]), "--input", str(folder),
+        "--out", str(out), "--heatmaps", str(tmp_path / "heat"), ok=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "b.png" in proc.stderr
+    assert not out.exists() and not (tmp_path / "heat").exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+    proc = run_tool(
+        "tools/score_images.py", "--checkpoint", str(trained["in"]), "--detector", "ratio",
+        "--input", str(folder), "--out", str(out), ok=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--general" in proc.stderr
+
+
+def test_run_experiment_report_and_resume(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_experiment(tmp_path / "straight", steps=4)))
+    proc = run_tool("tools/run_experiment.py", str(cfg_path), "--no-progress")
+    out = tmp_path / "straight"
+    assert "Diff†" in proc.stdout and str(out.resolve()) in proc.stdout
+    for name in (
+        "report.md",
+        "scores.csv",
+        "metrics.csv",
+        "roc_ratio.png",
+        "hist_raw.png",
+        "scale_shares.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    for stage in ("general", "in_dist", "in_dist_outlier", "general_outlier"):
+        assert (out / stage / "checkpoint.pt").is_file(), stage
+    assert len(list((out / "heatmaps" / "digit_0").glob("*.png"))) == 2 * 4
+
+    # The report's numbers are recomputed from scores.csv by tools/evaluate.py exactly.
+    run_tool(
+        "tools/evaluate.py",
+        str(out / "scores.csv"),
+        "--in-set",
+        "in_dist_test",
+        "--out",
+        str(tmp_path / "ev"),
+    )
+    assert (tmp_path / "ev" / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+    assert (tmp_path / "ev" / "metrics.md").read_text() in (out / "report.md").read_text()
+
+    # Killed in the middle of the in-distribution stage, then the same command: identical scores.
+    resumed = tmp_path / "resumed"
+    cfg_path.write_text(yaml.safe_dump(tiny_experiment(resumed, steps=4)))
+    cmd = [sys.executable, "tools/run_experiment.py", str(cfg_path), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while (
+        not (resumed / "in_dist" / "checkpoint.pt").exists()
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (resumed / "report.md").exists(), "the run finished before it could be interrupted"
+    assert load_checkpoint(resumed / "in_dist" / "checkpoint.pt")["step"] < 4
+    run_tool(*cmd[1:])
+    assert (resumed / "scores.csv").read_text() == (out / "scores.csv").read_text()

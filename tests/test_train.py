@@ -1,0 +1,134 @@
+"""Training: outlier-loss numerics, exact resume, checkpoints, finetuning, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densead.config import DataConfig, ModelConfig, OutlierConfig, TrainConfig, TrainRunConfig
+from densead.flows import Glow
+from densead.train import load_checkpoint, load_glow, outlier_loss, train_glow, training_step
+
+DIGITS = DataConfig(
+    source="sklearn_digits", channels=1, size=8, exclude_classes=(0,), stop=600, augment="translate"
+)
+TINY = ModelConfig(in_channels=1, n_scales=2, n_steps=2, hidden=16, n_bins=17)
+
+
+def run_cfg(out: Path, steps: int, **train) -> TrainRunConfig:
+    tcfg = TrainConfig(steps=steps, batch_size=16, lr=1e-3, log_every=1, checkpoint_every=100, **train)
+    return TrainRunConfig(str(out), DIGITS, TINY, tcfg)
+
+
+def test_outlier_loss_formula() -> None:
+    lp, ref = torch.tensor([-5000.0, -3000.0, -1e9]), torch.tensor([-4000.0, -4000.0, -4000.0])
+    expected = -6000.0 * F.logsigmoid((ref - lp) / 1000.0)
+    assert torch.allclose(outlier_loss(lp, ref, 6000.0, 1000.0), expected)
+    # the trained model liking the outlier more than the reference costs more
+    loss = outlier_loss(lp, ref, 6000.0, 1000.0)
+    assert loss[1] > loss[0] > loss[2] >= 0
+
+
+def _model_and_opt() -> tuple[Glow, torch.optim.Optimizer]:
+    model = Glow(1, n_scales=2, n_steps=2, hidden=16)
+    model.train()(torch.rand(32, 1, 8, 8) - 0.5)
+    return model, torch.optim.Adamax(model.parameters(), lr=1e-3)
+
+
+def test_non_finite_samples_are_dropped_and_training_stays_finite() -> None:
+    model, opt = _model_and_opt()
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    x[:2] = 1e30  # log p = −inf (overflow) for two of eight samples
+    with torch.no_grad():
+        assert not torch.isfinite(model(x).log_prob()).all()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = training_step(model, opt, x)
+    assert not result.skipped and result.dropped == 2
+    assert torch.isfinite(result.nll)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_batch_is_skipped_when_most_samples_are_non_finite() -> None:
+    model, opt = _model_and_opt()
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    x[:7] = 1e30
+    before = [p.detach().clone() for p in model.parameters()]
+    result = training_step(model, opt, x)
+    assert result.skipped and result.dropped == 7
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_outlier_batch_with_minus_inf_trains_without_nan() -> None:
+    model, opt = _model_and_opt()
+    reference, _ = _model_and_opt()
+    ocfg = OutlierConfig(DIGITS, "unused")
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    x_out = torch.rand(8, 1, 8, 8) - 0.5
+    x_out[:3] = 1e30
+    result = training_step(model, opt, x, x_out, reference, ocfg)
+    assert not result.skipped and result.dropped == 3
+    assert torch.isfinite(result.outlier) and result.outlier > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
+    straight = train_glow(run_cfg(tmp_path / "a", 6), progress=False)
+    train_glow(run_cfg(tmp_path / "b", 3), progress=False)
+    resumed = train_glow(run_cfg(tmp_path / "b", 6), resume=True, progress=False)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a["step"] == b["step"] == 6 and b["finished"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"] == b["history"]
+
+
+def test_checkpoint_is_state_dict_plus_resolved_config(tmp_path: Path) -> None:
+    path = train_glow(run_cfg(tmp_path / "run", 2), progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["config"]["data"]["source"] == "sklearn_digits" and ckpt["model_config"]["n_bins"] == 17
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    model, cfg = load_glow(path)
+    assert cfg == TINY and not model.training
+    assert all(bool(m.initialized) for m in model.modules() if hasattr(m, "initialized"))
+    assert not list(tmp_path.joinpath("run").glob(".*tmp*")), "temporary files left behind"
+
+
+def test_finetune_and_outlier_training_end_to_end(tmp_path: Path) -> None:
+    general = train_glow(run_cfg(tmp_path / "general", 2), progress=False)
+    finetuned = train_glow(run_cfg(tmp_path / "in", 2, init_from=str(general)), progress=False)
+    outlier_data = DataConfig(source="sklearn_digits", channels=1, size=8, classes=(0,))
+    cfg = TrainRunConfig(
+        str(tmp_path / "in_outlier"),
+        DIGITS,
+        TINY,
+        TrainConfig(steps=2, batch_size=16, init_from=str(finetuned)),
+        OutlierConfig(outlier_data, str(general)),
+    )
+    ckpt = load_checkpoint(train_glow(cfg, progress=False))
+    assert ckpt["step"] == 2 and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
+    )
+    assert ckpt["history"][-1][2] > 0  # the outlier term was computed
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    rgb_model = TrainRunConfig(str(tmp_path / "x"), DIGITS, ModelConfig(in_channels=3, n_scales=2, n_steps=1))
+    with pytest.raises(ValueError, match=r"data: images have 1 channels but model.in_channels is 3"):
+        train_glow(rgb_model, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        train_glow(run_cfg(tmp_path / "y", 1, init_from=str(tmp_path / "missing.pt")), progress=False)
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        load_glow(tmp_path / "garbage.pt")
+    other = train_glow(
+        TrainRunConfig(
+            str(tmp_path / "other"), DIGITS, ModelConfig(1, 2, 1, 8, n_bins=17), TrainConfig(steps=1)
+        ),
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="differs"):
+        train_glow(run_cfg(tmp_path / "z", 1, init_from=str(other)), progress=False)
