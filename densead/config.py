@@ -132,7 +132,11 @@ class OutlierConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimization. Defaults are the paper's (Adamax, lr 5e-4, weight decay 5e-5)."""
+    """Optimization. Defaults are the paper's (Adamax, lr 5e-4, weight decay 5e-5).
+
+    ``batch_size`` is the global batch (split over processes under torchrun);
+    ``optimizer`` is ``adamax``, ``adam`` or ``sgd``.
+    """
 
     steps: int = 1000
     batch_size: int = 64
@@ -146,6 +150,7 @@ class TrainConfig:
     log_every: int = 10
     max_grad_norm: float = 0.0
     init_from: str = ""
+    optimizer: str = "adamax"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,11 @@ Design points:
   75% would go (paper S4.3, S4.5).
 * Checkpoints hold ``state_dict``s and the resolved config, are written
   atomically and load with ``weights_only=True``.
+* Under torchrun, ``train.batch_size`` is the global batch: every rank builds
+  the same global batch (augmentation and noise included) and trains on its
+  slice through DistributedDataParallel, so a run on N processes sees exactly
+  the data of a single-process run, and ``--resume`` works on any N. Only rank 0
+  writes files.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from densead import distributed as dist
 from densead.config import (
     ModelConfig,
     OutlierConfig,
+    TrainConfig,
     TrainRunConfig,
     from_dict,
     save_config,
@@ -44,6 +51,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "StepResult",
     "build_glow",
+    "build_optimizer",
     "load_checkpoint",
     "load_glow",
     "outlier_loss",
@@ -75,6 +83,15 @@ def build_glow(cfg: ModelConfig) -> Glow:
         kernel_size=cfg.kernel_size,
         n_bins=cfg.n_bins,
     )
+
+
+OPTIMIZERS = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
@@ -172,13 +189,18 @@ def training_step(
 
     nll, lo, norm = attempt(x, x_out, ref_lp)
     dropped = 0
-    if not torch.isfinite(norm):  # the step's one host sync
+    # The step's one host sync. Under DDP the norm is of the all-reduced
+    # gradient, so every rank takes the same branch.
+    if not torch.isfinite(norm):
         keep_in = torch.isfinite(nll.detach())
         keep_out = torch.isfinite(lo.detach()) if lo is not None else None
-        total = keep_in.numel() + (keep_out.numel() if keep_out is not None else 0)
-        kept = int(keep_in.sum()) + (int(keep_out.sum()) if keep_out is not None else 0)
-        dropped = total - kept
-        if dropped == 0 or dropped > MAX_DROPPED_FRACTION * total or not bool(keep_in.any()):
+        n_out = keep_out.numel() if keep_out is not None else 0
+        kept_out = int(keep_out.sum()) if keep_out is not None else 0
+        # Decided jointly over ranks: dropped, total, ranks without a finite in-dist sample.
+        local = [keep_in.numel() + n_out - int(keep_in.sum()) - kept_out, keep_in.numel() + n_out]
+        local.append(int(not bool(keep_in.any())))
+        dropped, total, empty = (int(v) for v in dist.all_reduce_sum(torch.tensor(local, device=x.device)))
+        if dropped == 0 or dropped > MAX_DROPPED_FRACTION * total or empty:
             optimizer.zero_grad(set_to_none=True)
             return StepResult(nll.detach().mean(), _mean(lo), True, dropped)
         xo = x_out[keep_out] if keep_out is not None and keep_out.any() else None
@@ -253,7 +275,7 @@ def train_glow(
     tcfg, mcfg, ocfg = cfg.train, cfg.model, cfg.outlier
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    device = resolve_device(tcfg.device)
+    device = dist.init_from_env(resolve_device(tcfg.device))
     if resume and ckpt_path.is_file():
         done = load_checkpoint(ckpt_path)
         if done["model_config"] != to_dict(mcfg):
@@ -278,7 +300,7 @@ def train_glow(
         reference.requires_grad_(False)
 
     model = build_glow(mcfg).to(device)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = build_optimizer(model, tcfg)
     step, history = 0, []
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, device)
@@ -290,10 +312,17 @@ def train_glow(
         if to_dict(init_cfg) != to_dict(mcfg):
             raise ValueError(f"{tcfg.init_from}: model config {init_cfg} differs from {mcfg}")
         model.load_state_dict(init.state_dict())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    net = model
+    if dist.is_distributed():
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
 
     def save(finished: bool) -> None:
+        if not dist.is_main():
+            return
         atomic_torch_save(
             {
                 "model": model.state_dict(),
@@ -309,25 +338,30 @@ def train_glow(
 
     n_dims = math.prod(data.images.shape[1:])
     model.train()
-    bar = tqdm(
-        total=tcfg.steps, initial=step, desc=f"train {out_dir.name}", disable=not progress, leave=False
-    )
+    show = progress and dist.is_main()
+    bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {out_dir.name}", disable=not show, leave=False)
     while step < tcfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = tcfg.lr * min(1.0, (step + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else tcfg.lr
-        x = batches.model_input(step, cfg.data.augment, mcfg.n_bins)
-        x_out = out_batches.model_input(step, ocfg.data.augment, mcfg.n_bins) if ocfg is not None else None
-        result = training_step(model, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
+        x = dist.shard(batches.model_input(step, cfg.data.augment, mcfg.n_bins))
+        x_out = None
+        if ocfg is not None:
+            x_out = dist.shard(out_batches.model_input(step, ocfg.data.augment, mcfg.n_bins))
+        result = training_step(net, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
         step += 1
         if on_step is not None:
             on_step(step, result)
         if step % tcfg.log_every == 0 or step == tcfg.steps:
-            bpd = float(result.nll) / (n_dims * math.log(2))
-            history.append([step, bpd, float(result.outlier)])
-            bar.set_postfix(bpd=f"{bpd:.3f}", outlier=f"{float(result.outlier):.1f}")
+            logged = dist.all_reduce_mean(
+                torch.stack([result.nll.float(), result.outlier.float().to(device)])
+            )
+            bpd = float(logged[0]) / (n_dims * math.log(2))
+            history.append([step, bpd, float(logged[1])])
+            bar.set_postfix(bpd=f"{bpd:.3f}", outlier=f"{float(logged[1]):.1f}")
         bar.update(1)
         if step % tcfg.checkpoint_every == 0 and step < tcfg.steps:
             save(finished=False)
     bar.close()
     save(finished=True)
+    dist.barrier()  # the checkpoint is complete before any rank returns its path
     return ckpt_path
