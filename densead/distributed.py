@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -16,11 +17,13 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "gather_concat",
     "init_from_env",
     "is_distributed",
     "is_main",
     "rank",
     "shard",
+    "shard_range",
     "world_size",
 ]
 
@@ -81,3 +84,20 @@ def shard(batch: Tensor) -> Tensor:
         raise ValueError(f"global batch of {n} does not split over {w} processes; use a multiple of {w}")
     per = n // w
     return batch[rank() * per : (rank() + 1) * per]
+
+
+def shard_range(n: int) -> slice:
+    """This rank's contiguous part of ``n`` items (the first ranks take one more when uneven)."""
+    base, extra = divmod(n, world_size())
+    r = rank()
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def gather_concat(array: np.ndarray) -> np.ndarray:
+    """Concatenate every rank's array in rank order (the identity in one process)."""
+    if not is_distributed():
+        return array
+    parts: list[np.ndarray | None] = [None] * world_size()
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from densead import distributed as dist
 from densead.data.images import ImageSet
 from densead.data.transforms import to_model_input
 from densead.detectors.glow import GlowDetector, GlowScorer
@@ -67,12 +68,18 @@ def score_image_set(
 
     With ``heatmap_dir``, also writes one overlay PNG per image and detector
     (the detector's pixel map, from the same forward pass as the score).
+    Under torchrun, every rank scores its shard and writes its images' PNGs;
+    every rank returns all scores in input order.
     """
     device = torch.device(device)
     n_bins = scorer.model.n_bins
     scorer.model.check_input(images.images[:1].float())
     names = image_names(images)
-    parts: dict[str, list[np.ndarray]] = {d.name: [] for d in detectors}
+    # Under torchrun each rank scores a contiguous shard; scores are gathered in input order.
+    mine = dist.shard_range(len(images))
+    names = names[mine]
+    images = ImageSet(images.images[mine], images.labels[mine], images.name)
+    parts: dict[str, list[np.ndarray]] = {d.name: [np.zeros(0)] for d in detectors}
     for sl, x in iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}"):
         if heatmap_dir is None:
             results = {k: (v, None) for k, v in scorer.score(x, list(detectors)).items()}
@@ -83,7 +90,7 @@ def score_image_set(
             save_heatmaps(heatmap_dir, part, maps, [n.replace("/", "__") for n in names[sl]], n_bins)
         for name, (s, _) in results.items():
             parts[name].append(s.double().cpu().numpy())
-    return {name: np.concatenate(p) for name, p in parts.items()}
+    return {name: dist.gather_concat(np.concatenate(p)) for name, p in parts.items()}
 
 
 def glow_outputs(

@@ -118,3 +118,46 @@ def test_torchrun_cli_and_resume_on_another_world_size(tmp_path: Path) -> None:
     a, b = load_checkpoint(resumed), load_checkpoint(straight)
     for key, value in b["model"].items():
         assert torch.allclose(a["model"][key], value, **TOLERANCE), key
+
+
+def _score_worker(rank: int, port: int, ckpt: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from densead import distributed as dist
+    from densead.data.images import load_image_set
+    from densead.detectors import GlowScorer, get_detector
+    from densead.scoring import score_image_set
+    from densead.train import load_glow
+
+    dist.init_from_env(torch.device("cpu"))
+    model, mcfg = load_glow(ckpt)
+    images = load_image_set(DataConfig(source="sklearn_digits", channels=1, size=8, stop=37), mcfg.n_bins)
+    dets = [get_detector("raw"), get_detector("last_scale")]
+    scores = score_image_set(GlowScorer(model), images, dets, batch_size=8, heatmap_dir=Path(out) / "heat")
+    torch.save({k: torch.from_numpy(v) for k, v in scores.items()}, Path(out) / f"scores{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_scoring_equals_single_process(tmp_path: Path) -> None:
+    from densead.data.images import load_image_set
+    from densead.detectors import GlowScorer, get_detector
+    from densead.scoring import score_image_set
+    from densead.train import load_glow
+
+    ckpt = train_glow(cfg_for(tmp_path / "model", steps=1), progress=False)
+    model, mcfg = load_glow(ckpt)
+    images = load_image_set(DataConfig(source="sklearn_digits", channels=1, size=8, stop=37), mcfg.n_bins)
+    dets = [get_detector("raw"), get_detector("last_scale")]
+    single = score_image_set(
+        GlowScorer(model), images, dets, batch_size=8, heatmap_dir=tmp_path / "one" / "heat"
+    )
+    (tmp_path / "two").mkdir()
+    mp.spawn(_score_worker, args=(free_port(), str(ckpt), str(tmp_path / "two")), nprocs=2, join=True)
+    for r in (0, 1):  # every rank gets all scores, in input order
+        got = torch.load(tmp_path / "two" / f"scores{r}.pt", weights_only=True)
+        for name, values in single.items():
+            assert torch.allclose(got[name], torch.from_numpy(values), rtol=1e-6), name
+    one = sorted(p.name for p in (tmp_path / "one" / "heat").iterdir())
+    two = sorted(p.name for p in (tmp_path / "two" / "heat").iterdir())
+    assert one == two and len(one) == 37 * 2
