@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 import yaml
+from sklearn.datasets import load_digits
 
 from densead.config import DataConfig, ModelConfig, TrainConfig, TrainRunConfig, to_dict
 from densead.train import load_checkpoint, train_glow
@@ -161,3 +163,30 @@ def test_distributed_scoring_equals_single_process(tmp_path: Path) -> None:
     one = sorted(p.name for p in (tmp_path / "one" / "heat").iterdir())
     two = sorted(p.name for p in (tmp_path / "two" / "heat").iterdir())
     assert one == two and len(one) == 37 * 2
+
+
+def test_torchrun_score_images_writes_the_single_process_csv(tmp_path: Path) -> None:
+    ckpt = train_glow(cfg_for(tmp_path / "model", steps=1), progress=False)
+    np.savez(tmp_path / "digits.npz", images=load_digits().images[:21].astype(np.uint8))
+    args = ["tools/score_images.py", "--checkpoint", str(ckpt), "--detector", "raw,last_scale"]
+    args += ["--input", str(tmp_path / "digits.npz"), "--no-progress", "--batch-size", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one.csv")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    cmd += ["--master_addr=127.0.0.1", *args, "--out", str(tmp_path / "two.csv")]
+    two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()

@@ -6,6 +6,14 @@ Reads one or more score CSVs (tools/score_images.py, or an experiment's
 scores.csv), prints the tables (paper Table 4 style) and writes metrics.csv,
 metrics.md, ROC curves and score histograms to --out. Anomalies are the
 positive class; higher score = more anomalous.
+
+Pixel mode: the dense maps of one or more road runs (tools/score_images.py --road) against
+their datasets' labels, void pixels excluded, streamed through densead.metrics.PixelMetrics:
+
+    python tools/evaluate.py --pixel runs/camvid_scores [more runs ...] --out eval/
+
+prints one AUROC / AP / FPR95 table per road set and writes pixel_metrics.csv and
+pixel_metrics.md to --out.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from densead.dense_scoring import evaluate_dense_run, pixel_metrics_markdown, write_pixel_metrics
 from densead.evaluation import markdown_tables, write_evaluation
 from densead.experiment import DISPLAY_NAMES
 from densead.scoring import read_scores_csv
@@ -29,7 +38,29 @@ def is_score_column(name: str) -> bool:
     )
 
 
+def pixel_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py --pixel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--pixel", nargs="+", required=True, metavar="RUN_DIR", help="dense scoring run folder(s)")
+    p.add_argument("--detectors", nargs="*", help="detectors (default: every map of each run)")
+    p.add_argument("--mode", default="binned", choices=["binned", "exact"], help="PixelMetrics mode")
+    p.add_argument("--out", required=True, help="folder for pixel_metrics.csv and pixel_metrics.md")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    rows = []
+    for run_dir in args.pixel:
+        rows += evaluate_dense_run(run_dir, args.detectors, args.mode, progress=not args.no_progress)
+    write_pixel_metrics(args.out, rows)
+    print(pixel_metrics_markdown(rows))
+    print(f"pixel_metrics.csv, pixel_metrics.md -> {Path(args.out).resolve()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--pixel" in argv:
+        return pixel_main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scores", nargs="+", help="score CSV file(s) with a 'set' column")
     p.add_argument("--in-set", required=True, help="the in-distribution set (negatives)")

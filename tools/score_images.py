@@ -8,16 +8,31 @@ Input: an .npz file (``images`` uint8 N×H×W[×C]), an image folder, or a
 torchvision set (``--dataset svhn --root data/ --split test [--download]``).
 Scores: higher = more anomalous. Detectors: raw, ratio (Diff), last_scale (4x4),
 scale<i>, ratio_scale<i>, ratio_last_scale.
+
+Road mode: dense maps of road frames instead of image scores; --out is a folder.
+
+    python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \
+        --checkpoint runs/camvid_glow/checkpoint.pt --general runs/camvid_glow_general/checkpoint.pt \
+        --detector raw,ratio,scale1,scale2,last_scale --out runs/camvid_scores
+
+writes maps/<detector>/<frame>.npy (float16 in [0, 1], dataset-level min-max), overlays/<detector>/
+<frame>.png, summary.csv, rescale.json and run.json (see densead/dense_scoring.py). --road takes
+camvid, cityscapes, fishyscapes_laf, smiyc, lostandfound, road_anomaly or folder (any image folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from densead import distributed as dist
 from densead.config import DataConfig
 from densead.data.images import load_image_set
+from densead.data.road import ROAD_DATASETS
+from densead.dense import RoadSource
+from densead.dense_scoring import MapRescale, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
 from densead.scoring import image_names, score_image_set, write_scores_csv
 from densead.train import load_glow, resolve_device
@@ -31,21 +46,35 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="an .npz file or an image folder")
     src.add_argument("--dataset", choices=["cifar10", "cifar100", "svhn", "mnist", "fashion_mnist"])
-    p.add_argument("--root", default="data", help="torchvision root for --dataset")
+    src.add_argument("--road", choices=sorted(ROAD_DATASETS), help="road mode: dense maps of this dataset")
+    p.add_argument("--root", default="data", help="torchvision root for --dataset; dataset folder for --road")
     p.add_argument("--split", default="test")
     p.add_argument("--download", action="store_true", help="let torchvision download --dataset")
     p.add_argument("--classes", default="", help="keep only these labels, e.g. 0,1")
     p.add_argument("--size", type=int, default=0, help="pad/resize images to size×size (0: keep)")
     p.add_argument("--resize", default="pad", choices=["pad", "resize", "none"])
     p.add_argument("--set-name", default="", help="value of the CSV's 'set' column")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--out", required=True, help="CSV file to write (road mode: output folder)")
     p.add_argument("--heatmaps", help="folder for one overlay PNG per image and detector")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help="images per batch (default 256; road mode: frames, 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    road = p.add_argument_group("road mode (--road)")
+    road.add_argument("--held-out", help="CamVid classes labelled anomaly (default: Pedestrian,Bicyclist)")
+    road.add_argument("--void", help="CamVid classes labelled void (default: Unlabelled)")
+    road.add_argument("--downscale", type=int, help="shrink frames by this factor (default: as trained)")
+    road.add_argument("--max-frames", type=int, default=0, help="only the first N frames (0: all)")
+    road.add_argument("--rescale-from", help="rescale.json of another run (default: calibrate on this set)")
+    road.add_argument("--no-overlays", action="store_true", help="write maps and summary only")
     args = p.parse_args(argv)
+    if args.road:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            p.error("road mode runs in one process; torchrun is supported for image scoring")
+        return _road_main(p, args)
+    if args.batch_size is None:
+        args.batch_size = 256
 
-    device = resolve_device(args.device)
+    device = dist.init_from_env(resolve_device(args.device))
     model, mcfg = load_glow(args.checkpoint, device)
     general = load_glow(args.general, device)[0] if args.general else None
     detectors = [get_detector(name.strip()) for name in args.detector.split(",") if name.strip()]
@@ -86,10 +115,43 @@ def main(argv: list[str] | None = None) -> int:
         "name": image_names(images),
         "label": images.labels.tolist(),
     }
-    write_scores_csv(args.out, columns | scores)
-    print(f"{len(images)} images scored with {', '.join(scores)} -> {Path(args.out).resolve()}")
+    if dist.is_main():  # under torchrun every rank holds all scores; one writes them
+        write_scores_csv(args.out, columns | scores)
+        print(f"{len(images)} images scored with {', '.join(scores)} -> {Path(args.out).resolve()}")
+        if args.heatmaps:
+            print(f"heatmaps -> {Path(args.heatmaps).resolve()}")
+    return 0
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.heatmaps:
-        print(f"heatmaps -> {Path(args.heatmaps).resolve()}")
+        p.error("--heatmaps is for images; road mode writes overlays into <--out>/overlays")
+    detectors = [name.strip() for name in args.detector.split(",") if name.strip()]
+    needs_general = [d for d in detectors if get_detector(d).needs_general]
+    if needs_general and not args.general:
+        p.error(f"detector(s) {needs_general} need --general")
+    source = RoadSource(
+        args.road, args.root, args.split, _names(args.held_out), _names(args.void), args.max_frames
+    )
+    run = score_road_dataset(
+        source,
+        args.checkpoint,
+        args.out,
+        detectors,
+        general=args.general,
+        downscale=args.downscale,
+        rescale=MapRescale.load(args.rescale_from) if args.rescale_from else None,
+        overlays=not args.no_overlays,
+        batch_size=args.batch_size or 1,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    dets = ", ".join(run.detectors)
+    print(f"{len(run.names)} frames of {source.name} scored with {dets} -> {run.out_dir.resolve()}")
     return 0
 
 

@@ -1,0 +1,492 @@
+"""Dense anomaly maps of road frames: Glow pixel maps, dataset-level rescaling, files, pixel metrics.
+
+**Maps.** A frame (H, W) is padded at the bottom/right (mirrored) to a multiple of
+``downscale · 2^L``, shrunk by ``downscale`` (block means, as in training), and scored by
+:meth:`densead.detectors.GlowScorer.score_maps` — the detectors' own pixel maps (raw, ratio,
+``scale<i>``, ``last_scale``, ...), no second implementation. Each model pixel's value is then
+spread evenly over the ``downscale × downscale`` native pixels it covers (divided by
+``downscale²``, as the Glow spreads its scales) and the padding is cut off. So on the padded
+frame the map sums to the detector's score of the padded, shrunk frame (``−log p`` for ``raw``).
+
+**Files** written by :func:`write_dense_maps` into ``out_dir``::
+
+    maps/<detector>/<frame>.npy       float16 (H, W) in [0, 1], the frame's own shape
+    overlays/<detector>/<frame>.png   the map as a heat map over the frame
+    summary.csv                       per frame: name, height, width, anomaly_fraction,
+                                      void_fraction, <detector>_mean, <detector>_max (raw units)
+    rescale.json                      per detector the [lo, hi] of the rescaling
+    run.json                          provenance: source, checkpoints, detectors, downscale, frames
+
+(``/`` in a frame name becomes ``__`` in file names.)
+
+**Rescaling to [0, 1]** (SegmentMeIfYouCan wants maps in [0, 1]): one affine map per detector for
+the whole dataset, ``s ↦ clip((s − lo) / (hi − lo), 0, 1)``, with ``lo``/``hi`` the minimum and
+maximum of that detector over every pixel of every frame, found by a first pass over the dataset
+(or given, e.g. calibrated on another split: ``rescale=MapRescale.load(...)``; then scores outside
+``[lo, hi]`` clip to 0 or 1). Being monotone and shared by all frames, it keeps the order of
+pixels *across* frames, which the pixel metrics need; a per-frame min-max would not (every frame
+would span [0, 1] whatever its scores). The float16 cast is monotone too but merges scores closer
+than its resolution (2^-11 relative, about 5e-4 of the range near 1). Pixels whose log-density
+was not finite carry the detectors' sentinel (±1e12) and are left out of ``lo``/``hi``; they clip
+to 0 or 1. Overlays use each frame's 1st/99th percentiles for contrast (pictures only).
+
+**Atomicity.** The first pass reads and scores every frame before anything is created, so a bad
+frame (unreadable image, label of another size, missing label file) stops the run with an error
+naming the file and no output. Maps and overlays are written into a hidden staging folder inside
+``out_dir`` that is removed on any error; on success each file is renamed into place, then
+``summary.csv``, ``rescale.json`` and ``run.json`` are written (atomically) last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from densead.data.road import ANOMALY, VOID, RoadDataset, read_label
+from densead.data.transforms import to_model_input
+from densead.dense import RoadSource, pad_to_multiple, shrink, trained_downscale
+from densead.detectors import MIN_LOG_PROB, GlowDetector, GlowScorer, get_detector
+from densead.io import atomic_write_text
+from densead.metrics import PixelMetrics
+from densead.scoring import write_scores_csv
+from densead.train import load_glow, resolve_device
+from densead.viz import heatmap_overlay, save_png
+
+__all__ = [
+    "DenseRun",
+    "MapRescale",
+    "PixelMetricRow",
+    "evaluate_dense_run",
+    "frame_maps",
+    "pixel_metrics_markdown",
+    "safe_name",
+    "score_road_dataset",
+    "write_dense_maps",
+    "write_pixel_metrics",
+]
+
+# Scores at or beyond this magnitude are the detectors' stand-in for a non-finite log-density
+# (MIN_LOG_PROB = −1e12); they would squeeze every real score into one float16 value.
+SENTINEL_LIMIT = 0.5 * abs(MIN_LOG_PROB)
+
+RUN_FILE = "run.json"
+RESCALE_FILE = "rescale.json"
+SUMMARY_FILE = "summary.csv"
+
+
+def safe_name(name: str) -> str:
+    """A frame name as a file stem (``/`` → ``__``)."""
+    return name.replace("/", "__")
+
+
+# --------------------------------------------------------------------------- maps of frames
+
+
+def frame_maps(
+    scorer: GlowScorer,
+    images: Sequence[np.ndarray],
+    detectors: Sequence[GlowDetector],
+    downscale: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """``{detector: (B, H, W) float32}`` maps of same-size uint8 RGB frames ``(H, W, 3)``.
+
+    See the module docstring for padding, shrinking and spreading; higher = more anomalous.
+    """
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"frame_maps needs frames of one size, got {sorted(shapes)}")
+    h, w = images[0].shape[:2]
+    unit = downscale * 2**scorer.model.n_scales
+    batch = np.stack([shrink(pad_to_multiple(im, unit), downscale) for im in images])
+    x = to_model_input(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device), scorer.model.n_bins, False)
+    results = scorer.score_maps(x, list(detectors))
+    out = {}
+    for name, (_, m) in results.items():
+        m = m.float().cpu().numpy()
+        if downscale > 1:
+            m = np.repeat(np.repeat(m, downscale, axis=1), downscale, axis=2) / float(downscale * downscale)
+        out[name] = np.ascontiguousarray(m[:, :h, :w], dtype=np.float32)
+    return out
+
+
+def _iter_frame_maps(
+    dataset: RoadDataset,
+    scorer: GlowScorer,
+    detectors: Sequence[GlowDetector],
+    downscale: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """``(item, {detector: (H, W) map})`` per frame, batching consecutive frames of one size."""
+
+    def flush(items: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+        maps = frame_maps(scorer, [it["image"] for it in items], detectors, downscale, device)
+        for j, it in enumerate(items):
+            yield it, {name: m[j] for name, m in maps.items()}
+
+    pending: list[dict[str, Any]] = []
+    for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False):
+        item = dataset[i]
+        if pending and (len(pending) == batch_size or item["image"].shape != pending[0]["image"].shape):
+            yield from flush(pending)
+            pending = []
+        pending.append(item)
+    if pending:
+        yield from flush(pending)
+
+
+# --------------------------------------------------------------------------- rescaling
+
+
+@dataclass(frozen=True)
+class MapRescale:
+    """Dataset-level min-max per detector: ``s ↦ clip((s − lo) / (hi − lo), 0, 1)`` as float16.
+
+    Attributes:
+        bounds: ``{detector: (lo, hi)}``.
+    """
+
+    bounds: dict[str, tuple[float, float]]
+
+    def apply(self, detector: str, score_map: np.ndarray) -> np.ndarray:
+        """The rescaled float16 map; monotone in the scores, so their order is kept."""
+        if detector not in self.bounds:
+            raise KeyError(f"no rescaling bounds for detector {detector!r} (have: {', '.join(self.bounds)})")
+        lo, hi = self.bounds[detector]
+        s = np.asarray(score_map, dtype=np.float64)
+        # With one level only (hi == lo), everything at or below it is 0.
+        scaled = (s - lo) / (hi - lo) if hi > lo else (s > lo).astype(np.float64)
+        return np.clip(np.nan_to_num(scaled, nan=1.0), 0.0, 1.0).astype(np.float16)
+
+    @classmethod
+    def fit(cls, ranges: Mapping[str, tuple[float, float]]) -> MapRescale:
+        """From observed ``(min, max)`` per detector (``(inf, -inf)`` when nothing finite was seen)."""
+        bounds = {}
+        for name, (lo, hi) in ranges.items():
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                lo = hi = 0.0
+            bounds[name] = (float(lo), float(hi))
+        return cls(bounds)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps({k: list(v) for k, v in self.bounds.items()}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MapRescale:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"rescale file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+            return cls({str(k): (float(v[0]), float(v[1])) for k, v in data.items()})
+        except (ValueError, TypeError, IndexError, AttributeError) as err:
+            raise ValueError(f"{path}: not a rescale file ({{detector: [lo, hi]}}): {err}") from None
+
+
+def _update_range(ranges: dict[str, tuple[float, float]], name: str, m: np.ndarray) -> None:
+    real = m[np.abs(m) < SENTINEL_LIMIT]
+    if real.size:
+        lo, hi = ranges.get(name, (math.inf, -math.inf))
+        ranges[name] = (min(lo, float(real.min())), max(hi, float(real.max())))
+    else:
+        ranges.setdefault(name, (math.inf, -math.inf))
+
+
+# --------------------------------------------------------------------------- writing a run
+
+
+@dataclass(frozen=True)
+class DenseRun:
+    """Where a dense scoring run wrote its files."""
+
+    out_dir: Path
+    names: tuple[str, ...]
+    detectors: tuple[str, ...]
+    rescale: MapRescale
+
+    def map_path(self, detector: str, name: str) -> Path:
+        return self.out_dir / "maps" / detector / f"{safe_name(name)}.npy"
+
+    def overlay_path(self, detector: str, name: str) -> Path:
+        return self.out_dir / "overlays" / detector / f"{safe_name(name)}.png"
+
+
+def _label_stats(label: np.ndarray | None) -> tuple[Any, Any]:
+    """``(anomaly fraction of non-void pixels, void fraction)``; empty strings without a label."""
+    if label is None:
+        return "", ""
+    n_void = int(np.count_nonzero(label == VOID))
+    valid = label.size - n_void
+    anomaly = int(np.count_nonzero(label == ANOMALY)) / valid if valid else ""
+    return anomaly, n_void / label.size
+
+
+def write_dense_maps(
+    dataset: RoadDataset,
+    scorer: GlowScorer,
+    detectors: Sequence[GlowDetector],
+    out_dir: str | Path,
+    downscale: int = 1,
+    rescale: MapRescale | None = None,
+    overlays: bool = True,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    info: Mapping[str, Any] | None = None,
+) -> DenseRun:
+    """Score every frame of ``dataset`` and write maps, overlays and the summary (module docstring).
+
+    Args:
+        dataset: road frames (labels optional).
+        scorer: the in-distribution (and general) Glow.
+        detectors: which maps.
+        out_dir: output folder (created).
+        downscale: integer shrink factor of the frames before scoring.
+        rescale: fixed ``[lo, hi]`` per detector; None calibrates them on ``dataset`` in a first
+            pass.
+        overlays: also write the heat-map PNGs.
+        batch_size: consecutive frames of one size scored together.
+        device: where the models are.
+        progress: tqdm bars.
+        info: extra provenance for ``run.json`` (e.g. the source and checkpoints).
+    """
+    device = torch.device(device)
+    detectors = list(detectors)
+    names = [d.name for d in detectors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"detectors repeat: {names}")
+    if rescale is None:
+        ranges: dict[str, tuple[float, float]] = {}
+        for _, maps in _iter_frame_maps(
+            dataset, scorer, detectors, downscale, batch_size, device, progress, "calibrate"
+        ):
+            for name, m in maps.items():
+                _update_range(ranges, name, m)
+        rescale = MapRescale.fit(ranges)
+    else:
+        missing = [n for n in names if n not in rescale.bounds]
+        if missing:
+            raise KeyError(f"rescale has no bounds for detector(s) {missing}")
+
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+    try:
+        fixed = ("name", "height", "width", "anomaly_fraction", "void_fraction")
+        columns: dict[str, list] = {k: [] for k in fixed}
+        for n in names:
+            columns[f"{n}_mean"], columns[f"{n}_max"] = [], []
+        frame_names = []
+        for item, maps in _iter_frame_maps(
+            dataset, scorer, detectors, downscale, batch_size, device, progress, f"score {out_dir.name}"
+        ):
+            name, stem = item["name"], safe_name(item["name"])
+            frame_names.append(name)
+            anomaly, void = _label_stats(item["label"])
+            columns["name"].append(name)
+            columns["height"].append(item["image"].shape[0])
+            columns["width"].append(item["image"].shape[1])
+            columns["anomaly_fraction"].append(anomaly)
+            columns["void_fraction"].append(void)
+            for n, m in maps.items():
+                columns[f"{n}_mean"].append(float(m.mean(dtype=np.float64)))
+                columns[f"{n}_max"].append(float(m.max()))
+                (staging / "maps" / n).mkdir(parents=True, exist_ok=True)
+                np.save(staging / "maps" / n / f"{stem}.npy", rescale.apply(n, m))
+                if overlays:
+                    save_png(staging / "overlays" / n / f"{stem}.png", heatmap_overlay(item["image"], m))
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = out_dir / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        write_scores_csv(out_dir / SUMMARY_FILE, columns)
+        rescale.save(out_dir / RESCALE_FILE)
+        run = {
+            **dict(info or {}),
+            "detectors": names,
+            "downscale": downscale,
+            "map_dtype": "float16",
+            "rescale": {k: list(v) for k, v in rescale.bounds.items()},
+            "frames": frame_names,
+        }
+        atomic_write_text(out_dir / RUN_FILE, json.dumps(run, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return DenseRun(out_dir, tuple(frame_names), tuple(names), rescale)
+
+
+def score_road_dataset(
+    source: RoadSource,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    detectors: Sequence[str] = ("raw",),
+    general: str | Path | None = None,
+    downscale: int | None = None,
+    rescale: MapRescale | None = None,
+    overlays: bool = True,
+    batch_size: int = 1,
+    device: str = "auto",
+    progress: bool = True,
+) -> DenseRun:
+    """Dense maps of a road dataset (or image folder) from checkpoint(s), by detector names.
+
+    ``downscale=None`` takes the factor the in-distribution Glow was trained with (1 for
+    checkpoints that do not record one). Everything else: :func:`write_dense_maps`.
+    """
+    dets = [get_detector(n) for n in detectors]
+    if any(d.needs_general for d in dets) and general is None:
+        raise ValueError(f"detector(s) {[d.name for d in dets if d.needs_general]} need a general Glow")
+    dataset = source.open()
+    dev = resolve_device(device)
+    model, _ = load_glow(checkpoint, dev)
+    general_model = load_glow(general, dev)[0] if general is not None else None
+    if general_model is not None and general_model.n_scales != model.n_scales:
+        raise ValueError(f"{general}: {general_model.n_scales} scales, but {checkpoint} has {model.n_scales}")
+    if downscale is None:
+        downscale = trained_downscale(checkpoint) or 1
+    if downscale < 1:
+        raise ValueError(f"downscale must be a positive integer, got {downscale}")
+    info = {
+        "source": asdict(source),
+        "set_name": source.name,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "general": str(Path(general).resolve()) if general is not None else None,
+    }
+    info["source"]["root"] = str(Path(source.root).resolve())
+    for key in ("held_out", "void"):  # the dataset's effective protocol, defaults included
+        if hasattr(dataset, key):
+            info["source"][key] = list(getattr(dataset, key))
+    return write_dense_maps(
+        dataset,
+        GlowScorer(model, general_model),
+        dets,
+        out_dir,
+        downscale,
+        rescale,
+        overlays,
+        batch_size,
+        dev,
+        progress,
+        info,
+    )
+
+
+# --------------------------------------------------------------------------- pixel metrics
+
+
+@dataclass(frozen=True)
+class PixelMetricRow:
+    set_name: str
+    detector: str
+    auroc: float
+    ap: float
+    fpr95: float
+    n_pixels: int
+    n_anomaly: int
+
+
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished dense scoring run")
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    for key in ("source", "detectors", "frames"):
+        if key not in run:
+            raise ValueError(f"{path}: missing {key!r}")
+    return run
+
+
+def evaluate_dense_run(
+    run_dir: str | Path,
+    detectors: Sequence[str] | None = None,
+    mode: str = "binned",
+    progress: bool = False,
+) -> list[PixelMetricRow]:
+    """Pixel AUROC / AP / FPR95 of the written maps against the dataset's labels (void excluded).
+
+    Reads ``run.json`` to reopen the dataset, then streams every frame's ``.npy`` maps and label
+    through one :class:`densead.metrics.PixelMetrics` per detector.
+    """
+    run_dir = Path(run_dir)
+    run = _read_run(run_dir)
+    src = dict(run["source"])
+    for key in ("held_out", "void"):
+        if src.get(key) is not None:
+            src[key] = tuple(src[key])
+    source = RoadSource(**src)
+    dataset = source.open()
+    frames = {f.name: f for f in dataset.frames}
+    detectors = list(detectors or run["detectors"])
+    unknown = [d for d in detectors if d not in run["detectors"]]
+    if unknown:
+        raise KeyError(f"{run_dir}: no maps for detector(s) {unknown} (have: {', '.join(run['detectors'])})")
+    metrics = {d: PixelMetrics(mode) for d in detectors}
+    for name in tqdm(run["frames"], desc=f"evaluate {run_dir.name}", disable=not progress, leave=False):
+        frame = frames.get(name)
+        if frame is None:
+            raise FileNotFoundError(f"frame {name!r} of {run_dir / RUN_FILE} is not in {source.root}")
+        if frame.label is None:
+            raise ValueError(f"frame {frame.image} has no label: pixel metrics need labelled frames")
+        label, _ = dataset.map_label(read_label(frame.label))
+        for det in detectors:
+            path = run_dir / "maps" / det / f"{safe_name(name)}.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"score map not found: {path}")
+            m = np.load(path, allow_pickle=False)
+            if m.shape != label.shape:
+                raise ValueError(f"{path}: map of shape {m.shape} but label {frame.label} is {label.shape}")
+            metrics[det].update(m.astype(np.float32), label)
+    set_name = run.get("set_name", source.name)
+    rows = []
+    for det, pm in metrics.items():
+        r = pm.compute()
+        values = (r["auroc"], r["ap"], r["fpr95"], r["n_pixels"], r["n_anomaly"])
+        rows.append(PixelMetricRow(set_name, det, *values))
+    return rows
+
+
+def pixel_metrics_markdown(rows: Sequence[PixelMetricRow]) -> str:
+    """One markdown table per road set: AUROC / AP / FPR95 per detector."""
+    parts = []
+    for set_name in dict.fromkeys(r.set_name for r in rows):
+        sub = [r for r in rows if r.set_name == set_name]
+        lines = [
+            f"### {set_name} ({sub[0].n_pixels} pixels, {sub[0].n_anomaly} anomalous, void excluded)",
+            "",
+            "| detector | AUROC | AP | FPR95 |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {r.detector} | {r.auroc:.4f} | {r.ap:.4f} | {r.fpr95:.4f} |" for r in sub]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_pixel_metrics(out_dir: str | Path, rows: Sequence[PixelMetricRow]) -> None:
+    """``pixel_metrics.csv`` and ``pixel_metrics.md`` in ``out_dir`` (atomically)."""
+    out_dir = Path(out_dir)
+    fields = list(PixelMetricRow.__dataclass_fields__)
+    columns = {f: [getattr(r, f) for r in rows] for f in fields}
+    write_scores_csv(out_dir / "pixel_metrics.csv", columns)
+    atomic_write_text(out_dir / "pixel_metrics.md", pixel_metrics_markdown(rows))

@@ -1,0 +1,372 @@
+"""Dense road Glow: masked loss, frame maps, dataset-level rescaling, written files, tools, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from densead.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from densead.data.road import CamVid
+from densead.data.transforms import to_model_input
+from densead.dense import (
+    GeneralImagesConfig,
+    RoadBatches,
+    RoadDataConfig,
+    RoadSource,
+    RoadTrainConfig,
+    masked_log_likelihood,
+    masked_training_step,
+    position_masks,
+    road_log_likelihood,
+    shrink,
+    train_road_glow,
+)
+from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset, write_dense_maps
+from densead.detectors import GlowScorer, get_detector
+from densead.flows import Glow
+from densead.io import atomic_torch_save
+from densead.train import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(in_channels=3, n_scales=2, n_steps=1, hidden=8)
+ALL_DETECTORS = [get_detector(n) for n in ("raw", "ratio", "scale1", "scale2", "last_scale")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads; on a shared 2-core machine extra threads only wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_glow(seed: int, n_scales: int = 2) -> Glow:
+    """A tiny Glow with every parameter perturbed (zero-initialized convs would hide neighbours)."""
+    torch.manual_seed(seed)
+    model = Glow(3, n_scales=n_scales, n_steps=1, hidden=8).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.train()(torch.rand(4, 3, 16, 16, dtype=torch.float64) - 0.5)  # ActNorm init
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- the masked loss
+
+
+def test_values_under_the_mask_change_neither_loss_nor_gradients() -> None:
+    model = random_glow(0)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) - 0.5
+    keep = torch.ones(2, 16, 16, dtype=torch.bool)
+    keep[0, 3:9, 5:12] = False
+    keep[1, 10:, :4] = False
+    crazy = x.clone()
+    crazy[~keep.unsqueeze(1).expand_as(x)] = 1e6
+    crazy[0, 1, 4, 6] = float("nan")
+
+    def loss_and_grads(inp: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        ll, dims = road_log_likelihood(model, inp, keep)
+        loss = -ll.sum() / dims.sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_a, grads_a = loss_and_grads(x)
+    loss_b, grads_b = loss_and_grads(crazy)
+    assert torch.isfinite(loss_a) and torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    # Without greying out the input, the planted values reach kept positions through the 3x3
+    # coupling convolutions: the test above would notice a missing fill.
+    with torch.no_grad():
+        leaked = masked_log_likelihood(model(torch.nan_to_num(crazy)), keep)[0]
+        clean = masked_log_likelihood(model(x), keep)[0]
+    assert not torch.allclose(leaked, clean)
+
+
+def test_position_of_scale_i_with_any_masked_pixel_is_dropped() -> None:
+    keep = torch.ones(1, 16, 16, dtype=torch.bool)
+    keep[0, 5, 9] = False
+    for i, m in enumerate(position_masks(keep, 3), start=1):
+        expected = torch.ones(1, 16 >> i, 16 >> i, dtype=torch.bool)
+        expected[0, 5 >> i, 9 >> i] = False
+        assert torch.equal(m, expected), i
+    # Brute force on a random mask: kept iff every covered pixel is kept.
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(2, 16, 16, generator=g) > 0.1
+    for i, m in enumerate(position_masks(keep, 3), start=1):
+        f = 2**i
+        brute = keep.view(2, 16 // f, f, 16 // f, f).all(dim=4).all(dim=2)
+        assert torch.equal(m, brute), i
+
+
+def test_masked_log_likelihood_sums_exactly_the_kept_terms() -> None:
+    model = random_glow(2)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) - 0.5
+    with torch.no_grad():
+        out = model(x)
+    everything = torch.ones(2, 16, 16, dtype=torch.bool)
+    ll, dims = masked_log_likelihood(out, everything)
+    assert torch.allclose(ll, out.log_prob(discrete=True), rtol=0, atol=1e-9)
+    assert torch.equal(dims, torch.full((2,), 3.0 * 16 * 16, dtype=dims.dtype))
+
+    keep = everything.clone()
+    keep[0, 0, 0] = False  # drops one position per scale
+    keep[1, 4:8, 4:8] = False  # drops a 4x4 block: 4 positions of scale 1, 1 of scale 2
+    ll, dims = masked_log_likelihood(out, keep)
+    c1, c2 = out.contributions
+    expected0 = out.log_prob(discrete=True)[0] - c1[0, 0, 0] - c2[0, 0, 0] - out.dequantization_per_pixel
+    expected1 = (
+        out.log_prob(discrete=True)[1]
+        - c1[1, 2:4, 2:4].sum()
+        - c2[1, 1, 1]
+        - 16 * out.dequantization_per_pixel
+    )
+    assert torch.allclose(ll, torch.stack([expected0, expected1]), rtol=0, atol=1e-9)
+    assert dims.tolist() == [3.0 * 255, 3.0 * 240]
+
+
+def test_masked_step_drops_non_finite_samples() -> None:
+    model = Glow(3, n_scales=2, n_steps=1, hidden=8)
+    model.train()(torch.rand(8, 3, 16, 16) - 0.5)
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    x = torch.rand(8, 3, 16, 16) - 0.5
+    keep = torch.ones(8, 16, 16, dtype=torch.bool)
+    x[:2, :, 8:] = 1e30  # kept pixels whose log-likelihood overflows
+    result = masked_training_step(model, opt, x, keep)
+    assert not result.skipped and result.dropped == 2 and torch.isfinite(result.nll)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- frame maps
+
+
+def test_frame_maps_sum_to_log_p() -> None:
+    model, general = random_glow(3).float(), random_glow(4).float()
+    scorer = GlowScorer(model, general)
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    maps = frame_maps(scorer, [frame], ALL_DETECTORS)
+    x = to_model_input(torch.from_numpy(frame).permute(2, 0, 1)[None], 256, dequantize=False)
+    with torch.no_grad():
+        out_in, out_g = model(x), general(x)
+    lp_in, lp_g = out_in.log_prob(discrete=True).item(), out_g.log_prob(discrete=True).item()
+    scales = out_in.scale_log_probs()[0].tolist()
+    expected = {"raw": -lp_in, "ratio": lp_g - lp_in, "scale1": -scales[0], "scale2": -scales[1]}
+    expected["last_scale"] = -scales[1]
+    for name, value in expected.items():
+        assert maps[name].shape == (1, 32, 48)
+        assert maps[name].sum(dtype=np.float64) == pytest.approx(value, rel=1e-4, abs=1e-2), name
+
+    # Shrunk 2x: spread back onto the native grid, the map still sums to -log p of the shrunk frame.
+    small = to_model_input(torch.from_numpy(shrink(frame, 2)).permute(2, 0, 1)[None], 256, dequantize=False)
+    with torch.no_grad():
+        lp_small = model(small).log_prob(discrete=True).item()
+    raw2 = frame_maps(scorer, [frame], [get_detector("raw")], downscale=2)["raw"]
+    assert raw2.shape == (1, 32, 48)
+    assert raw2.sum(dtype=np.float64) == pytest.approx(-lp_small, rel=1e-4)
+    # A frame that is no multiple of 2^L comes back in its own shape.
+    assert frame_maps(scorer, [frame[:30, :45]], ALL_DETECTORS[:1])["raw"].shape == (1, 30, 45)
+
+
+def test_dataset_level_rescaling_keeps_the_order_across_frames() -> None:
+    low = np.linspace(-3.0, 1.0, 100).reshape(10, 10)  # a frame of low scores
+    high = np.linspace(5.0, 6.0, 100).reshape(10, 10)  # a frame of high scores
+    rescale = MapRescale.fit({"raw": (-3.0, 6.0)})
+    a, b = rescale.apply("raw", low), rescale.apply("raw", high)
+    assert a.dtype == b.dtype == np.float16
+    assert a.min() == 0 and b.max() == 1 and a.max() < b.min()
+    both_raw, both = np.concatenate([low.ravel(), high.ravel()]), np.concatenate([a.ravel(), b.ravel()])
+    assert np.all(np.diff(both[np.argsort(both_raw)].astype(np.float64)) >= 0)
+    # Fixed bounds from another set: scores outside clip, order otherwise kept.
+    clipped = MapRescale.fit({"raw": (0.0, 1.0)}).apply("raw", high)
+    assert np.all(clipped == 1)
+
+
+# --------------------------------------------------------------------------- written files
+
+
+H, W = 22, 30  # not multiples of 4: padding and cropping are exercised
+
+
+def fake_camvid(root: Path, n: int = 3, split: str = "test") -> Path:
+    """A CamVid layout with ``n`` random frames holding inliers, Pedestrians (9) and void (11)."""
+    rng = np.random.default_rng(7)
+    (root / split).mkdir(parents=True)
+    (root / f"{split}annot").mkdir()
+    # Label files named unlike their images, so an error message can be told to name the right one.
+    lines = [f"/SegNet/CamVid/{split}/f{i}.png /SegNet/CamVid/{split}annot/f{i}_L.png" for i in range(n)]
+    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    for i in range(n):
+        image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        image = np.clip(image.astype(int) + 60 * i - 60, 0, 255).astype(np.uint8)  # frames differ
+        label = rng.integers(0, 9, (H, W), dtype=np.uint8)
+        label[2:6, 3:9] = 9
+        label[-3:, :] = 11
+        assert cv2.imwrite(str(root / split / f"f{i}.png"), image)
+        assert cv2.imwrite(str(root / f"{split}annot" / f"f{i}_L.png"), label)
+    return root
+
+
+def test_written_maps_float16_in_unit_interval_and_order_kept(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid")
+    dataset = CamVid(root, "test")
+    scorer = GlowScorer(random_glow(5).float(), random_glow(6).float())
+    dets = [get_detector(n) for n in ("raw", "ratio", "last_scale")]
+    run = write_dense_maps(dataset, scorer, dets, tmp_path / "out", progress=False)
+    raw_all, written_all = [], []
+    for i, name in enumerate(run.names):
+        raw = frame_maps(scorer, [dataset[i]["image"]], dets)
+        for det in ("raw", "ratio", "last_scale"):
+            m = np.load(run.map_path(det, name))
+            assert m.dtype == np.float16 and m.shape == (H, W), det
+            assert m.min() >= 0 and m.max() <= 1, det
+            assert run.overlay_path(det, name).stat().st_size > 0
+        raw_all.append(raw["raw"][0].ravel())
+        written_all.append(np.load(run.map_path("raw", name)).ravel())
+    raw_all, written_all = np.concatenate(raw_all), np.concatenate(written_all)
+    assert written_all.min() == 0 and written_all.max() == 1  # calibrated on this very set
+    ordered = written_all[np.argsort(raw_all, kind="stable")].astype(np.float64)
+    assert np.all(np.diff(ordered) >= 0), "rescaling broke the order of pixels across frames"
+    with (tmp_path / "out" / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["f0", "f1", "f2"]
+    label = dataset[0]["label"]
+    assert float(rows[0]["anomaly_fraction"]) == pytest.approx((label == 1).sum() / (label != 255).sum())
+    assert float(rows[0]["raw_max"]) == pytest.approx(float(raw_all[: H * W].max()), rel=1e-6)
+    assert set(json.loads((tmp_path / "out" / "run.json").read_text())["frames"]) == {"f0", "f1", "f2"}
+    assert not list((tmp_path / "out").glob(".*")), "staging or temporary files left behind"
+
+
+def save_tiny_checkpoint(path: Path, seed: int) -> Path:
+    model = random_glow(seed).float()
+    atomic_torch_save({"model": model.state_dict(), "model_config": to_dict(TINY)}, path)
+    return path
+
+
+@pytest.mark.parametrize("fault", ["label_size", "missing_label", "broken_image"])
+def test_bad_frame_names_the_file_and_writes_nothing(tmp_path: Path, fault: str) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=3)
+    bad = {
+        "label_size": root / "testannot" / "f1_L.png",
+        "missing_label": root / "testannot" / "f1_L.png",
+        "broken_image": root / "test" / "f1.png",
+    }[fault]
+    if fault == "label_size":
+        assert cv2.imwrite(str(bad), np.zeros((H + 2, W), np.uint8))
+    elif fault == "missing_label":
+        bad.unlink()
+    else:
+        bad.write_bytes(b"\x89PNG broken")
+    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 8)
+    source = RoadSource("camvid", str(root), "test")
+    for rescale in (None, MapRescale.fit({"raw": (-10.0, 10.0)})):  # two passes, then one pass
+        out = tmp_path / "out"
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(bad.name)):
+            score_road_dataset(source, ckpt, out, ["raw"], rescale=rescale, progress=False)
+        assert not out.exists()
+    # A pre-existing output folder keeps only what it had: no maps, no summary, no temp files.
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(bad.name)):
+        rescale = MapRescale.fit({"raw": (-10.0, 10.0)})
+        score_road_dataset(source, ckpt, out, ["raw"], rescale=rescale, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------- training and tools
+
+
+def tiny_train_config(out: Path, steps: int, general: bool = False) -> RoadTrainConfig:
+    data = RoadDataConfig(
+        root=str(REPO.parent / "shared" / "data" / "camvid"),
+        max_frames=3,
+        downscale=4,
+        crop_height=16,
+        crop_width=24,
+    )
+    photos = GeneralImagesConfig(
+        DataConfig(
+            source="npz", path=str(REPO.parent / "shared" / "data" / "tinyimagenet_val_32.npz"), stop=64
+        )
+    )
+    tcfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, log_every=1, checkpoint_every=100)
+    return RoadTrainConfig(str(out), data, TINY, tcfg, photos if general else None)
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path, shared_data: Path) -> None:
+    straight = train_road_glow(tiny_train_config(tmp_path / "a", 4, general=True), progress=False)
+    train_road_glow(tiny_train_config(tmp_path / "b", 2, general=True), progress=False)
+    resumed = train_road_glow(tiny_train_config(tmp_path / "b", 4, general=True), resume=True, progress=False)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a["step"] == b["step"] == 4 and b["finished"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"] == b["history"] and len(a["history"]) == 4
+    assert b["config"]["data"]["held_out"] == ["Pedestrian", "Bicyclist"]
+
+
+def test_batches_are_a_pure_function_of_seed_and_step() -> None:
+    frames = [torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8) for _ in range(3)]
+    keeps = [torch.rand(40, 56) > 0.2 for _ in range(3)]
+    one, two = (RoadBatches(frames, keeps, (16, 24), 4, seed=3) for _ in range(2))
+    x1, k1 = one.batch(7)
+    two.batch(0)
+    x2, k2 = two.batch(7)
+    assert torch.equal(x1, x2) and torch.equal(k1, k2)
+    assert not torch.equal(x1, one.batch(8)[0])
+
+
+def test_bad_crop_size_is_an_error(tmp_path: Path) -> None:
+    cfg = tiny_train_config(tmp_path / "x", 1)
+    bad = RoadTrainConfig(cfg.output_dir, RoadDataConfig(root=cfg.data.root, crop_height=18), TINY)
+    with pytest.raises(ValueError, match="multiples of 2\\^n_scales = 4"):
+        train_road_glow(bad, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_tools_smoke_train_score_evaluate(tmp_path: Path, shared_data: Path) -> None:
+    cfg = to_dict(tiny_train_config(tmp_path / "glow", 2, general=True))
+    (tmp_path / "glow.yaml").write_text(yaml.safe_dump(cfg))
+    run_tool("tools/train_road_glow.py", str(tmp_path / "glow.yaml"), "--no-progress")
+    ckpt = tmp_path / "glow" / "checkpoint.pt"
+    out = tmp_path / "scores"
+    run_tool(
+        "tools/score_images.py", "--road", "camvid", "--root", str(shared_data / "camvid"), "--split", "test",
+        "--max-frames", "2", "--checkpoint", str(ckpt), "--general", str(ckpt),
+        "--detector", "raw,ratio,scale1,last_scale", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    assert run["downscale"] == 4 and len(run["frames"]) == 2  # downscale taken from the checkpoint
+    m = np.load(out / "maps" / "raw" / f"{run['frames'][0]}.npy")
+    assert m.dtype == np.float16 and m.shape == (360, 480)
+    proc = run_tool(
+        "tools/evaluate.py", "--pixel", str(out), "--out", str(tmp_path / "eval"), "--no-progress"
+    )
+    assert "camvid_test" in proc.stdout and "| last_scale |" in proc.stdout
+    with (tmp_path / "eval" / "pixel_metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["detector"] for r in rows] == ["raw", "ratio", "scale1", "last_scale"]
+    assert all(0 <= float(r["auroc"]) <= 1 and int(r["n_anomaly"]) > 0 for r in rows)
