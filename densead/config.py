@@ -250,9 +250,8 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} for {cls.__name__} (valid keys: {', '.join(fields)})"
-        )
+        at = f"{where}: " if where else ""
+        raise ConfigError(f"{at}unknown key {unknown[0]!r} for {cls.__name__} (valid keys: {', '.join(fields)})")
     kwargs = {}
     for name, field in fields.items():
         key = f"{where}.{name}" if where else name
