@@ -73,10 +73,9 @@ from densead.io import atomic_torch_save
 from densead.train import (
     CHECKPOINT_NAME,
     MAX_DROPPED_FRACTION,
-    build_glow,
     load_checkpoint,
-    load_glow,
     resolve_device,
+    start_or_resume,
 )
 
 __all__ = [
@@ -523,19 +522,7 @@ def train_road_glow(
         mcfg.n_bins,
     )
 
-    model = build_glow(mcfg).to(device)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    step, history = 0, []
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, history = int(ckpt["step"]), list(ckpt["history"])
-    elif tcfg.init_from:
-        init, init_cfg = load_glow(tcfg.init_from, device)
-        if to_dict(init_cfg) != to_dict(mcfg):
-            raise ValueError(f"{tcfg.init_from}: model config {init_cfg} differs from {mcfg}")
-        model.load_state_dict(init.state_dict())
+    model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
 

@@ -56,6 +56,7 @@ __all__ = [
     "load_glow",
     "outlier_loss",
     "resolve_device",
+    "start_or_resume",
     "train_glow",
     "training_step",
 ]
@@ -107,6 +108,26 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path}: not a densead checkpoint (missing {key!r})")
     return ckpt
+
+
+def start_or_resume(
+    mcfg: ModelConfig, tcfg: TrainConfig, ckpt_path: Path, resume: bool, device: torch.device
+) -> tuple[Glow, torch.optim.Optimizer, int, list]:
+    """A Glow and its optimizer: continued from ``ckpt_path`` (``resume``), initialized from
+    ``tcfg.init_from`` (finetuning), or new. Returns (model, optimizer, step, history)."""
+    model = build_glow(mcfg).to(device)
+    optimizer = build_optimizer(model, tcfg)
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return model, optimizer, int(ckpt["step"]), list(ckpt["history"])
+    if tcfg.init_from:
+        init, init_cfg = load_glow(tcfg.init_from, device)
+        if to_dict(init_cfg) != to_dict(mcfg):
+            raise ValueError(f"{tcfg.init_from}: model config {init_cfg} differs from {mcfg}")
+        model.load_state_dict(init.state_dict())
+    return model, optimizer, 0, []
 
 
 def load_glow(path: str | Path, device: torch.device | str = "cpu") -> tuple[Glow, ModelConfig]:
@@ -299,19 +320,7 @@ def train_glow(
             raise ValueError(f"{ocfg.reference}: reference model's data format differs from model config")
         reference.requires_grad_(False)
 
-    model = build_glow(mcfg).to(device)
-    optimizer = build_optimizer(model, tcfg)
-    step, history = 0, []
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, history = int(ckpt["step"]), list(ckpt["history"])
-    elif tcfg.init_from:
-        init, init_cfg = load_glow(tcfg.init_from, device)
-        if to_dict(init_cfg) != to_dict(mcfg):
-            raise ValueError(f"{tcfg.init_from}: model config {init_cfg} differs from {mcfg}")
-        model.load_state_dict(init.state_dict())
+    model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
     net = model
     if dist.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
