@@ -251,7 +251,9 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         at = f"{where}: " if where else ""
-        raise ConfigError(f"{at}unknown key {unknown[0]!r} for {cls.__name__} (valid keys: {', '.join(fields)})")
+        raise ConfigError(
+            f"{at}unknown key {unknown[0]!r} for {cls.__name__} (valid keys: {', '.join(fields)})"
+        )
     kwargs = {}
     for name, field in fields.items():
         key = f"{where}.{name}" if where else name
