@@ -1,0 +1,925 @@
+"""Per-pixel flows over frozen segmentation features: "embedding density" (Blum et al., IJCV 2021).
+
+One :class:`~densead.flows.FeatureFlow` per tapped layer of a frozen segmenter models the
+density of the C-dimensional feature vector at each position. A pixel is anomalous where
+its features are unlikely under the in-distribution density.
+
+Training (maximum likelihood, :func:`flow_training_step`). Only in-distribution positions
+are used: the pixel labels (0 inlier, 1 anomaly, 255 void) are reduced to each layer's grid
+by :func:`valid_feature_mask` — rule ``"all"`` (default) keeps a position only if *every*
+pixel of its ``stride × stride`` cell is an inlier; rule ``"center"`` looks at the cell's
+centre pixel only. At most ``max_pixels`` valid positions per layer and step are sampled, so
+memory stays flat whatever the frame size.
+
+Normalization (Blum et al.: each layer's log-likelihood is normalized by that layer's mean
+training log-likelihood). After training, ``μ_l`` (mean) and ``σ_l`` (standard deviation)
+of ``log p_l`` over all valid training positions are computed with frozen flows and stored
+as buffers — never batch statistics. With ``normalization="mean"`` the per-layer score is
+
+    s_l(x) = (μ_l − log p_l(x)) / |μ_l|          (= −(log p_l − μ_l) / |μ_l|)
+
+and with ``"zscore"`` the divisor is ``σ_l``. ``s_l = 0`` for a typical training position,
+``s_l > 0`` for a less likely one; every map is upsampled bilinearly to the frame.
+
+Detectors (higher = more anomalous everywhere):
+
+| name | score map |
+|---|---|
+| ``density_<tap>`` | ``s_l`` of one layer |
+| ``density_mean`` | ``mean_l s_l`` = minus the mean normalized log-likelihood |
+| ``density_min`` | ``max_l s_l`` = minus the *minimum* normalized log-likelihood over layers |
+| ``msp`` | ``1 − max_k softmax(logits)_k`` |
+| ``max_logit`` | ``−max_k logits_k`` |
+| ``entropy`` | ``−Σ_k p_k log p_k`` |
+
+``density_min`` is Blum et al.'s "min" ensemble, named after the log-likelihood it takes the
+minimum of: a pixel is as anomalous as its least likely layer says.
+
+The three baselines come from the logits of the same frozen segmenter in the same forward
+pass, bilinearly upsampled to the frame as the segmenter itself does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densead.config import from_dict, save_config, to_dict
+from densead.data.road import ANOMALY, INLIER, VOID
+from densead.detectors.glow import MIN_LOG_PROB
+from densead.features import FrozenFeatureExtractor
+from densead.flows import ActNorm, FeatureFlow
+from densead.io import atomic_torch_save, atomic_write_text
+from densead.metrics import PixelMetrics
+from densead.segmenter import (
+    SceneArrays,
+    SceneDataConfig,
+    augmented_batch,
+    batch_tensors,
+    confusion_matrix,
+    epoch_batches,
+    iter_eval_batches,
+    load_scene_arrays,
+    load_segmenter,
+    mean_iou,
+    train_augmentation,
+)
+from densead.train import resolve_device
+from densead.viz import heatmap_overlay, save_png
+
+__all__ = [
+    "BASELINES",
+    "CHECKPOINT_NAME",
+    "LOGITS_TAP",
+    "MASK_RULES",
+    "NORMALIZATIONS",
+    "DenseEvalConfig",
+    "DenseFeatureDetector",
+    "FeatureDensity",
+    "FeatureFlowsRunConfig",
+    "FlowConfig",
+    "FlowTrainConfig",
+    "LogProbStats",
+    "entropy_score",
+    "evaluate_dense_detectors",
+    "evaluate_run",
+    "fit_normalization",
+    "fit_standardization",
+    "flow_training_step",
+    "load_dense_detector",
+    "load_feature_density",
+    "markdown_table",
+    "max_logit_score",
+    "msp_score",
+    "sample_feature_vectors",
+    "save_feature_density",
+    "train_feature_flows",
+    "valid_feature_mask",
+    "write_results",
+]
+
+CHECKPOINT_NAME = "feature_flows.pt"
+LOGITS_TAP = "logits"
+MASK_RULES = ("all", "center")
+# Standardization scale floor, relative to the layer's mean channel std: a channel that is
+# (nearly) constant on the training pixels is divided by this instead of by ~0.
+STD_FLOOR = 1e-3
+NORMALIZATIONS = ("mean", "zscore")
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """One :class:`~densead.flows.FeatureFlow` per tap, all of this size."""
+
+    n_steps: int = 8
+    hidden: int = 256
+
+
+@dataclass(frozen=True)
+class FlowTrainConfig:
+    """Maximum-likelihood training of the flows (Adam, linear warm-up over ``warmup_steps``).
+
+    The learning rate is lower than Glow's 1e-3 on images: Adam's first steps move every entry
+    of a 512×512 invertible 1×1 conv by about ``lr`` at once, and at 1e-3 (even 3e-4) that alone
+    destroyed the density of 512-channel features within a few steps.
+
+    Attributes:
+        batch_size: frames per step (one frozen-segmenter pass feeds every flow).
+        max_pixels: feature positions sampled per layer and step.
+        max_grad_norm: clip the gradient norm of all flows together (0: off).
+        noise: std of the Gaussian noise added to the standardized training features
+            (a floor on the fitted density's width in every direction; 0: off).
+        standardize_frames: training frames for the per-channel standardization (0: all).
+        norm_frames: training frames used for the normalization constants (0: all).
+        num_threads: torch intra-op threads (0: torch's default).
+    """
+
+    steps: int = 1000
+    batch_size: int = 4
+    max_pixels: int = 4096
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    max_grad_norm: float = 10.0
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50
+    noise: float = 0.1
+    standardize_frames: int = 64
+    norm_frames: int = 0
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class DenseEvalConfig:
+    """Pixel-level evaluation.
+
+    Attributes:
+        split: CamVid split to evaluate.
+        batch_size: frames per forward pass.
+        metrics_mode: :class:`~densead.metrics.PixelMetrics` mode (``exact`` or ``binned``).
+        heatmap_detectors: detectors shown side by side in ``--heatmaps`` PNGs.
+    """
+
+    split: str = "test"
+    batch_size: int = 4
+    metrics_mode: str = "binned"
+    heatmap_detectors: tuple[str, ...] = ("density_mean", "density_min", "msp")
+
+
+@dataclass(frozen=True)
+class FeatureFlowsRunConfig:
+    """Everything ``tools/train_feature_flows.py`` and ``tools/evaluate_dense_features.py`` need.
+
+    Attributes:
+        output_dir: checkpoint, config and results go here.
+        segmenter: checkpoint of :func:`densead.segmenter.train_segmenter`.
+        taps: ``{tap name: FX node of the segmenter}``; one flow per tap.
+        logits_node: FX node of the segmenter's logits (for the baselines).
+        data: frames (``crop_height: 0`` trains on whole padded frames); ``held_out`` and
+            ``void`` must match the segmenter's.
+        mask_rule: ``all`` or ``center``, see :func:`valid_feature_mask`.
+        normalization: ``mean`` (Blum et al.) or ``zscore``, see the module docstring.
+    """
+
+    output_dir: str
+    segmenter: str
+    taps: dict[str, str]
+    logits_node: str = "classifier"
+    data: SceneDataConfig = SceneDataConfig(crop_height=0, crop_width=0, color_jitter=0.0)
+    flow: FlowConfig = FlowConfig()
+    train: FlowTrainConfig = FlowTrainConfig()
+    mask_rule: str = "all"
+    normalization: str = "mean"
+    eval: DenseEvalConfig = DenseEvalConfig()
+
+
+def _check_choice(value: str, valid: Sequence[str], what: str) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def msp_score(logits: Tensor) -> Tensor:
+    """``(B, K, H, W)`` → ``1 − max softmax`` ``(B, H, W)`` (Hendrycks & Gimpel)."""
+    return 1.0 - torch.softmax(logits.float(), dim=1).amax(dim=1)
+
+
+def max_logit_score(logits: Tensor) -> Tensor:
+    """``(B, K, H, W)`` → ``−max logit`` ``(B, H, W)`` (Hendrycks et al., max logit)."""
+    return -logits.float().amax(dim=1)
+
+
+def entropy_score(logits: Tensor) -> Tensor:
+    """``(B, K, H, W)`` → softmax entropy ``−Σ p log p`` ``(B, H, W)``, in nats."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+BASELINES: dict[str, Callable[[Tensor], Tensor]] = {
+    "msp": msp_score,
+    "max_logit": max_logit_score,
+    "entropy": entropy_score,
+}
+
+# --------------------------------------------------------------------------- masks and sampling
+
+
+def valid_feature_mask(inlier: Tensor, grid: Sequence[int], stride: int, rule: str = "all") -> Tensor:
+    """Reduce a pixel mask ``(B, H, W)`` to the ``(B, h, w)`` grid of a layer with ``stride``.
+
+    Position ``(i, j)`` covers pixels ``[i·s, (i+1)·s) × [j·s, (j+1)·s)``; pixels beyond the
+    frame count as not inlier.
+
+    Args:
+        inlier: bool, True where the pixel is in-distribution.
+        grid: ``(h, w)`` of the feature map.
+        stride: the layer's output stride.
+        rule: ``"all"`` — every covered pixel must be an inlier; ``"center"`` — the cell's
+            centre pixel ``(i·s + s//2, j·s + s//2)`` must be.
+    """
+    _check_choice(rule, MASK_RULES, "mask rule")
+    h, w = grid
+    b, height, width = inlier.shape
+    full = inlier.new_zeros((b, h * stride, w * stride))
+    hh, ww = min(height, h * stride), min(width, w * stride)
+    full[:, :hh, :ww] = inlier[:, :hh, :ww]
+    if rule == "center":
+        c = stride // 2
+        return full[:, c::stride, c::stride]
+    outside = (~full).float().unsqueeze(1)
+    return F.max_pool2d(outside, stride).squeeze(1) == 0
+
+
+def sample_feature_vectors(
+    features: Tensor, valid: Tensor, max_pixels: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """``(N, C)`` feature vectors at valid positions, a uniform random subset of at most ``max_pixels``.
+
+    Args:
+        features: ``(B, C, h, w)``.
+        valid: bool ``(B, h, w)``.
+        max_pixels: the bound on ``N``.
+        generator: CPU generator for the subset (seeded training is reproducible).
+    """
+    c = features.shape[1]
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    if index.numel() > max_pixels:
+        pick = torch.randperm(index.numel(), generator=generator)[:max_pixels].to(index.device)
+        index = index[pick]
+    return features.permute(0, 2, 3, 1).reshape(-1, c)[index]
+
+
+# --------------------------------------------------------------------------- the density model
+
+
+class _Standardize(nn.Module):
+    """Fixed per-channel affine map ``u = (x − mean) / scale`` with buffers (identity until fitted)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, H, W)`` → (``u``, the log-det ``−Σ_c log scale_c``)."""
+        u = (x - self.mean.view(1, -1, 1, 1).to(x.dtype)) / self.scale.view(1, -1, 1, 1).to(x.dtype)
+        return u, -torch.log(self.scale.double()).sum()
+
+
+class FeatureDensity(nn.Module):
+    """One :class:`~densead.flows.FeatureFlow` per tap, its input standardization and normalization.
+
+    ``log p_l(x) = log p_flow((x − m_l) / a_l) − Σ_c log a_{l,c}``: a fixed per-channel
+    standardization (mean ``m``, scale ``a``, fitted once on training features before the flow
+    is trained, see :func:`fit_standardization`) puts every channel on a unit scale, so Adam's
+    step size means the same for every layer (raw channels with a scale of 1e-4 would turn a
+    1e-3 ActNorm bias step into a 10-sigma jump). The log-det term keeps ``p_l`` the density of
+    the raw features. Identity until fitted. ActNorm layers start as the identity (no
+    data-dependent init): the standardization has done that job on many frames.
+
+    The normalization constants are buffers (``train_log_prob_mean`` / ``train_log_prob_std``,
+    one entry per tap in :attr:`names` order), so they travel with the ``state_dict``.
+
+    Args:
+        channels: ``{tap: C}``, from the extractor.
+        n_steps: flow steps per tap.
+        hidden: hidden width of the 1×1 coupling networks.
+    """
+
+    def __init__(self, channels: Mapping[str, int], n_steps: int = 8, hidden: int = 256) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("FeatureDensity needs at least one tap")
+        self.flows = nn.ModuleDict({name: FeatureFlow(c, n_steps, hidden) for name, c in channels.items()})
+        self.standardize = nn.ModuleDict({name: _Standardize(c) for name, c in channels.items()})
+        # The fixed standardization replaces ActNorm's data-dependent init: that init would
+        # re-standardize every channel on the first batch alone, and a channel that barely
+        # varies in one batch of a few frames (common at stride 32) would get a huge scale.
+        for module in self.flows.modules():
+            if isinstance(module, ActNorm):
+                module.initialized.fill_(True)
+        n = len(channels)
+        self.register_buffer("train_log_prob_mean", torch.full((n,), math.nan, dtype=torch.float64))
+        self.register_buffer("train_log_prob_std", torch.full((n,), math.nan, dtype=torch.float64))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.flows)
+
+    def set_standardization(self, name: str, mean: Tensor, scale: Tensor) -> None:
+        """Fix tap ``name``'s input map ``u = (x − mean) / scale`` (``scale > 0``, shape ``(C,)``)."""
+        if not bool((scale > 0).all()):
+            raise ValueError(f"tap {name!r}: standardization scales must be positive")
+        with torch.no_grad():
+            self.standardize[name].mean.copy_(mean)
+            self.standardize[name].scale.copy_(scale)
+
+    def log_prob_map(self, name: str, features: Tensor, noise: float = 0.0) -> Tensor:
+        """``(B, C, h, w)`` → ``(B, h, w)`` log-density of tap ``name``.
+
+        ``noise`` > 0 adds N(0, noise²) to the *standardized* features first (training only):
+        the flow then fits the density smoothed at that scale, which bounds how narrow any
+        direction can get.
+        """
+        u, logdet = self.standardize[name](features)
+        if noise > 0:
+            u = u + noise * torch.randn_like(u)
+        lp = self.flows[name].log_prob_map(u)
+        return lp + logdet.to(lp.dtype)
+
+    def vector_log_prob(self, name: str, vectors: Tensor, noise: float = 0.0) -> Tensor:
+        """``(N, C)`` feature vectors → ``(N,)`` log-densities under tap ``name``."""
+        as_map = vectors.t().reshape(1, vectors.shape[1], vectors.shape[0], 1)
+        return self.log_prob_map(name, as_map, noise).reshape(-1)
+
+    def log_prob_maps(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{tap: (B, h, w)}`` log-densities; non-finite values become :data:`MIN_LOG_PROB`."""
+        out = {}
+        for name in self.names:
+            lp = self.log_prob_map(name, features[name])
+            out[name] = torch.nan_to_num(lp, nan=MIN_LOG_PROB, posinf=-MIN_LOG_PROB, neginf=MIN_LOG_PROB)
+        return out
+
+    @property
+    def is_normalized(self) -> bool:
+        return bool(
+            torch.isfinite(self.train_log_prob_mean).all() and torch.isfinite(self.train_log_prob_std).all()
+        )
+
+    def set_normalization(self, means: Mapping[str, float], stds: Mapping[str, float]) -> None:
+        """Store the per-tap mean and std of the training log-likelihood."""
+        with torch.no_grad():
+            self.train_log_prob_mean.copy_(torch.tensor([means[n] for n in self.names], dtype=torch.float64))
+            self.train_log_prob_std.copy_(torch.tensor([stds[n] for n in self.names], dtype=torch.float64))
+
+    def normalized_scores(
+        self, log_probs: Mapping[str, Tensor], normalization: str = "mean"
+    ) -> dict[str, Tensor]:
+        """``{tap: s_l}`` with ``s_l = (μ_l − log p_l) / |μ_l|`` (``mean``) or ``/ σ_l`` (``zscore``)."""
+        _check_choice(normalization, NORMALIZATIONS, "normalization")
+        if not self.is_normalized:
+            raise ValueError("the normalization constants are not fitted (see fit_normalization)")
+        out = {}
+        for i, name in enumerate(self.names):
+            mu = float(self.train_log_prob_mean[i])
+            scale = abs(mu) if normalization == "mean" else float(self.train_log_prob_std[i])
+            if not scale > 0:
+                raise ValueError(
+                    f"tap {name!r}: normalization divisor is {scale}; try normalization='zscore'"
+                )
+            out[name] = (mu - log_probs[name].double()) / scale
+        return out
+
+
+class LogProbStats:
+    """Running float64 count, mean and standard deviation of log-likelihoods, per tap."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.count = dict.fromkeys(names, 0)
+        self.sum = dict.fromkeys(names, 0.0)
+        self.sum_sq = dict.fromkeys(names, 0.0)
+
+    def update(self, name: str, values: Tensor) -> None:
+        v = values.detach().double()
+        self.count[name] += v.numel()
+        self.sum[name] += float(v.sum())
+        self.sum_sq[name] += float((v * v).sum())
+
+    def mean(self) -> dict[str, float]:
+        return {n: self.sum[n] / c if (c := self.count[n]) else math.nan for n in self.count}
+
+    def std(self) -> dict[str, float]:
+        out = {}
+        for n, c in self.count.items():
+            m = self.sum[n] / c if c else math.nan
+            out[n] = math.sqrt(max(self.sum_sq[n] / c - m * m, 0.0)) if c else math.nan
+        return out
+
+
+def flow_training_step(
+    density: FeatureDensity,
+    optimizer: torch.optim.Optimizer,
+    features: Mapping[str, Tensor],
+    inlier: Tensor,
+    strides: Mapping[str, int],
+    max_pixels: int,
+    rule: str = "all",
+    generator: torch.Generator | None = None,
+    max_grad_norm: float = 0.0,
+    noise: float = 0.0,
+) -> dict[str, Tensor]:
+    """One maximum-likelihood step of every flow on the valid positions of one batch.
+
+    Args:
+        density: the flows (in training mode).
+        optimizer: over ``density.parameters()``.
+        features: ``{tap: (B, C, h, w)}`` from the frozen extractor.
+        inlier: bool ``(B, H, W)`` pixel mask of in-distribution pixels.
+        strides: ``{tap: stride}``.
+        max_pixels: positions sampled per tap.
+        rule: see :func:`valid_feature_mask`.
+        generator: for the position subsets.
+        max_grad_norm: gradient-norm clip over all flows (0: off).
+        noise: std of the Gaussian noise added to the standardized features
+            (see :meth:`FeatureDensity.log_prob_map`).
+
+    Returns:
+        ``{tap: mean negative log-likelihood per dimension}`` (detached). A step whose loss is not
+        finite changes nothing (the gradients are dropped).
+    """
+    losses: dict[str, Tensor] = {}
+    total = None
+    for name in density.names:
+        f = features[name]
+        valid = valid_feature_mask(inlier, f.shape[-2:], strides[name], rule)
+        vectors = sample_feature_vectors(f, valid, max_pixels, generator)
+        if vectors.shape[0] == 0:
+            continue
+        # Per dimension, so layers of different widths weigh alike in the summed loss.
+        nll = -density.vector_log_prob(name, vectors, noise).mean() / vectors.shape[1]
+        losses[name] = nll.detach()
+        total = nll if total is None else total + nll
+    if total is None:
+        return losses
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(density.parameters(), max_grad_norm)
+    else:
+        norm = total.detach()
+    if torch.isfinite(norm):  # one host sync per step
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+# --------------------------------------------------------------------------- the detector
+
+
+@dataclass
+class DenseFeatureDetector:
+    """A frozen segmenter's taps + logits in one pass, turned into every detector's map.
+
+    Attributes:
+        extractor: frozen extractor returning the density taps and ``"logits"``.
+        density: the fitted :class:`FeatureDensity`.
+        normalization: ``mean`` or ``zscore``.
+    """
+
+    extractor: FrozenFeatureExtractor
+    density: FeatureDensity
+    normalization: str = "mean"
+    names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.density.eval()
+        taps = [f"density_{n}" for n in self.density.names]
+        self.names = (*taps, "density_mean", "density_min", *BASELINES)
+
+    @torch.no_grad()
+    def score_maps(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` → (``{detector: (B, H, W)}``, logits ``(B, K, H, W)``).
+
+        Higher = more anomalous. Per-layer maps are upsampled bilinearly from each layer's grid.
+        """
+        feats = self.extractor(x)
+        size = x.shape[-2:]
+        logits = F.interpolate(feats[LOGITS_TAP].float(), size=size, mode="bilinear", align_corners=False)
+        scores = self.density.normalized_scores(self.density.log_prob_maps(feats), self.normalization)
+        layer_maps = {
+            f"density_{n}": F.interpolate(
+                s[:, None].float(), size=size, mode="bilinear", align_corners=False
+            )[:, 0]
+            for n, s in scores.items()
+        }
+        stacked = torch.stack(list(layer_maps.values()))
+        out = dict(layer_maps)
+        out["density_mean"] = stacked.mean(dim=0)
+        out["density_min"] = stacked.amax(dim=0)  # min normalized log-likelihood = max score
+        out.update({name: fn(logits) for name, fn in BASELINES.items()})
+        return out, logits
+
+
+# --------------------------------------------------------------------------- training run
+
+
+def _build_extractor(
+    cfg: FeatureFlowsRunConfig, device: torch.device, with_logits: bool
+) -> FrozenFeatureExtractor:
+    segmenter, seg_cfg = load_segmenter(cfg.segmenter, device)
+    # The held-out classes must be the segmenter's too, or it may have trained on the anomalies.
+    protocol = (tuple(cfg.data.held_out), tuple(cfg.data.void))
+    if (tuple(seg_cfg.data.held_out), tuple(seg_cfg.data.void)) != protocol:
+        raise ValueError(
+            f"{cfg.segmenter}: segmenter trained with held_out={list(seg_cfg.data.held_out)}, "
+            f"void={list(seg_cfg.data.void)}, but the flows config says held_out={list(cfg.data.held_out)}, "
+            f"void={list(cfg.data.void)}"
+        )
+    if LOGITS_TAP in cfg.taps:
+        raise ValueError(f"tap name {LOGITS_TAP!r} is reserved for the segmenter's logits")
+    nodes = dict(cfg.taps)
+    if with_logits:
+        nodes[LOGITS_TAP] = cfg.logits_node
+    return FrozenFeatureExtractor.from_module(segmenter, nodes)
+
+
+def fit_standardization(
+    extractor: FrozenFeatureExtractor,
+    density: FeatureDensity,
+    arrays: SceneArrays,
+    batch_size: int,
+    divisor: int,
+    rule: str,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Per-channel mean and std of each tap's features over all valid positions of ``arrays``.
+
+    Stored in ``density`` as its fixed input standardization; scales are floored at
+    :data:`STD_FLOOR` times the layer's mean channel std.
+    """
+    sums: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
+            feats = extractor(x.to(device))
+            inlier = torch.from_numpy(labels == INLIER).to(device)
+            for name in density.names:
+                f = feats[name]
+                valid = valid_feature_mask(inlier, f.shape[-2:], extractor.strides[name], rule)
+                v = f.permute(0, 2, 3, 1)[valid].double()
+                acc = sums.setdefault(
+                    name, [v.new_zeros(()), v.new_zeros(v.shape[1]), v.new_zeros(v.shape[1])]
+                )
+                acc[0] += v.shape[0]
+                acc[1] += v.sum(0)
+                acc[2] += (v * v).sum(0)
+    for name in density.names:
+        count, total, total_sq = sums[name]
+        if count == 0:
+            raise ValueError(f"tap {name!r}: no in-distribution positions to standardize on")
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+        scale = std.clamp_min(STD_FLOOR * float(std.mean()) + torch.finfo(torch.float32).tiny)
+        density.set_standardization(name, mean.float(), scale.float())
+
+
+def fit_normalization(
+    extractor: FrozenFeatureExtractor,
+    density: FeatureDensity,
+    arrays: SceneArrays,
+    batch_size: int,
+    divisor: int,
+    rule: str,
+    device: torch.device | str = "cpu",
+) -> LogProbStats:
+    """Mean and std of each tap's log-likelihood over all valid positions of ``arrays``.
+
+    The constants are stored in ``density`` (:meth:`FeatureDensity.set_normalization`) and returned.
+    """
+    stats = LogProbStats(density.names)
+    density.eval()
+    with torch.no_grad():
+        for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
+            feats = extractor(x.to(device))
+            inlier = torch.from_numpy(labels == INLIER).to(device)
+            log_probs = density.log_prob_maps(feats)
+            for name, lp in log_probs.items():
+                valid = valid_feature_mask(inlier, lp.shape[-2:], extractor.strides[name], rule)
+                stats.update(name, lp[valid])
+    density.set_normalization(stats.mean(), stats.std())
+    return stats
+
+
+def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Path:
+    """Train one flow per tap on in-distribution CamVid pixels, fit the normalization, save.
+
+    Returns:
+        ``<output_dir>/feature_flows.pt``: ``density`` state_dict (flows + normalization buffers),
+        ``config``, ``channels``, ``strides``, ``train_seconds``; ``config.yaml`` beside it.
+    """
+    _check_choice(cfg.mask_rule, MASK_RULES, "mask_rule")
+    _check_choice(cfg.normalization, NORMALIZATIONS, "normalization")
+    tcfg = cfg.train
+    device = resolve_device(tcfg.device)
+    if tcfg.num_threads > 0:
+        torch.set_num_threads(tcfg.num_threads)
+    torch.manual_seed(tcfg.seed)
+    extractor = _build_extractor(cfg, device, with_logits=False)
+    density = FeatureDensity(extractor.channels, cfg.flow.n_steps, cfg.flow.hidden).to(device)
+    optimizer = torch.optim.Adam(density.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    train = load_scene_arrays(cfg.data, "train")
+    std_arrays = _spread_frames(train, tcfg.standardize_frames)
+    fit_standardization(
+        extractor, density, std_arrays, cfg.eval.batch_size, cfg.data.pad_divisor, cfg.mask_rule, device
+    )
+    augment = train_augmentation(cfg.data, tcfg.seed)
+    batches = epoch_batches(len(train), tcfg.batch_size, tcfg.seed)
+    generator = torch.Generator().manual_seed(tcfg.seed)
+    density.train()
+    start = time.time()
+    running: dict[str, Tensor] = {}
+    for step in range(tcfg.steps):
+        images, labels, _ = augmented_batch(train, next(batches), augment)
+        (x,) = batch_tensors(images)
+        feats = extractor(x.to(device))
+        inlier = torch.from_numpy(labels == INLIER).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = tcfg.lr * min(1.0, (step + 1) / max(1, tcfg.warmup_steps))
+        losses = flow_training_step(
+            density, optimizer, feats, inlier, extractor.strides, tcfg.max_pixels, cfg.mask_rule,
+            generator, tcfg.max_grad_norm, tcfg.noise,
+        )  # fmt: skip
+        for name, value in losses.items():
+            running[name] = running.get(name, 0.0) + value
+        if progress and ((step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps):
+            n = step % tcfg.log_every + 1
+            text = " ".join(f"{k} {float(v) / n:.3f}" for k, v in running.items())
+            print(f"step {step + 1}/{tcfg.steps} nll/dim {text} ({time.time() - start:.0f} s)", flush=True)
+            running = {}
+    train_seconds = time.time() - start
+    stats = fit_normalization(
+        extractor,
+        density,
+        _spread_frames(train, tcfg.norm_frames),
+        cfg.eval.batch_size,
+        cfg.data.pad_divisor,
+        cfg.mask_rule,
+        device,
+    )
+    if progress:
+        for name in density.names:
+            print(
+                f"normalization {name}: mean log p {stats.mean()[name]:.2f}, std {stats.std()[name]:.2f} "
+                f"over {stats.count[name]} training positions"
+            )
+    out_dir = Path(cfg.output_dir)
+    path = out_dir / CHECKPOINT_NAME
+    save_feature_density(path, density, cfg, extractor.strides, train_seconds=train_seconds)
+    save_config(cfg, out_dir / "config.yaml")
+    return path
+
+
+def save_feature_density(
+    path: str | Path,
+    density: FeatureDensity,
+    cfg: FeatureFlowsRunConfig,
+    strides: Mapping[str, int],
+    **extra: Any,
+) -> None:
+    """Checkpoint: ``density`` state_dict (flows + normalization buffers), ``config``, ``channels``,
+    ``strides`` and ``extra`` entries, written atomically; read it with :func:`load_feature_density`."""
+    channels = {name: density.flows[name].channels for name in density.names}
+    atomic_torch_save(
+        {
+            "density": {k: v.detach().cpu() for k, v in density.state_dict().items()},
+            "config": to_dict(cfg),
+            "channels": channels,
+            "strides": {name: int(strides[name]) for name in density.names},
+            **extra,
+        },
+        path,
+    )
+
+
+def _spread_frames(arrays: SceneArrays, n: int) -> SceneArrays:
+    """``n`` frames evenly spread over the split (all for ``n <= 0``): CamVid splits are video
+    sequences, so the first frames would all show the same street."""
+    if n <= 0 or n >= len(arrays):
+        return arrays
+    idx = np.linspace(0, len(arrays) - 1, n).round().astype(int)
+    names = tuple(arrays.names[i] for i in idx)
+    return SceneArrays(arrays.images[idx], arrays.labels[idx], arrays.train_ids[idx], names, arrays.classes)
+
+
+def load_feature_density(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[FeatureDensity, FeatureFlowsRunConfig]:
+    """The fitted flows (eval mode) and their run config, from :func:`train_feature_flows`'s checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a feature-flow checkpoint, weights that do not fit, or missing
+            normalization constants (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature-flow checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"{path}: not a readable feature-flow checkpoint ({err})") from None
+    for key in ("density", "config", "channels"):
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise ValueError(f"{path}: not a densead feature-flow checkpoint (missing {key!r})")
+    cfg = from_dict(FeatureFlowsRunConfig, ckpt["config"], f"{path} (config)")
+    density = FeatureDensity(ckpt["channels"], cfg.flow.n_steps, cfg.flow.hidden)
+    try:
+        density.load_state_dict(ckpt["density"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the stored config: {err}") from None
+    if not density.is_normalized:
+        raise ValueError(f"{path}: the normalization constants are missing (training did not finish)")
+    return density.to(device).eval(), cfg
+
+
+def load_dense_detector(
+    path: str | Path, cfg: FeatureFlowsRunConfig | None = None, device: torch.device | str = "cpu"
+) -> tuple[DenseFeatureDetector, FeatureFlowsRunConfig]:
+    """Flows checkpoint + a segmenter → a ready :class:`DenseFeatureDetector`.
+
+    Args:
+        path: checkpoint of :func:`train_feature_flows`.
+        cfg: run config for the segmenter path, taps, logits node and normalization; None uses
+            the one stored in the checkpoint. Its taps must be the checkpoint's.
+        device: where to run.
+    """
+    density, stored = load_feature_density(path, device)
+    cfg = cfg or stored
+    if tuple(cfg.taps) != density.names:
+        raise ValueError(
+            f"{path}: holds flows for taps {list(density.names)}, the config names {list(cfg.taps)}"
+        )
+    extractor = _build_extractor(cfg, torch.device(device), with_logits=True)
+    wrong = {n: (extractor.channels[n], density.flows[n].channels) for n in density.names}
+    wrong = {n: c for n, c in wrong.items() if c[0] != c[1]}
+    if wrong:
+        raise ValueError(f"{path}: tap channels (segmenter, flow) do not match: {wrong}")
+    return DenseFeatureDetector(extractor, density, cfg.normalization), cfg
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _label_panel(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """The frame with anomalies tinted red and void pixels darkened."""
+    out = image.astype(np.float32)
+    out[label == VOID] *= 0.4
+    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
+    out[label == ANOMALY] = 0.4 * out[label == ANOMALY] + 0.6 * red
+    return out.astype(np.uint8)
+
+
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    panel = panel.copy()
+    cv2.putText(panel, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    return panel
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``| detector | AUROC % | AP % | FPR95 % |`` from :func:`evaluate_dense_detectors`' rows."""
+    lines = ["| detector | AUROC % | AP % | FPR95 % |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['detector']} | {100 * r['auroc']:.2f} | {100 * r['ap']:.2f} | {100 * r['fpr95']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_dense_detectors(
+    detector: DenseFeatureDetector,
+    arrays: SceneArrays,
+    batch_size: int,
+    divisor: int,
+    metrics_mode: str = "binned",
+    device: torch.device | str = "cpu",
+    heatmap_dir: str | Path | None = None,
+    n_heatmaps: int = 0,
+    heatmap_detectors: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pixel AUROC / AP / FPR95 of every detector (anomaly = held-out classes, void ignored).
+
+    Frames are padded to ``divisor``; the maps are cut back to the frame before scoring. With
+    ``heatmap_dir``, the first ``n_heatmaps`` frames get one PNG each: the labels (anomalies
+    red) next to :func:`~densead.viz.heatmap_overlay` of every detector in ``heatmap_detectors``.
+
+    Returns:
+        ``rows`` (``detector``, ``auroc``, ``ap``, ``fpr95``, ``n_inlier``, ``n_anomaly``) and
+        the segmenter's ``miou`` / per-class ``iou`` on the same frames.
+    """
+    metrics = {name: PixelMetrics(mode=metrics_mode) for name in detector.names}
+    for name in heatmap_detectors:
+        _check_choice(name, detector.names, "heatmap detector")
+    k = len(arrays.classes)
+    conf = torch.zeros(k, k, dtype=torch.int64)
+    n_inlier = n_anomaly = 0
+    for s, x, labels, train_ids in iter_eval_batches(arrays, batch_size, divisor):
+        h, w = labels.shape[1:]
+        maps, logits = detector.score_maps(x.to(device))
+        maps = {name: m[:, :h, :w].cpu() for name, m in maps.items()}
+        for name, m in maps.items():
+            metrics[name].update(m, labels)
+        conf += confusion_matrix(logits[:, :, :h, :w].argmax(1).cpu(), torch.from_numpy(train_ids).long(), k)
+        n_inlier += int((labels == INLIER).sum())
+        n_anomaly += int((labels == ANOMALY).sum())
+        if heatmap_dir is not None:
+            for j in range(s.start, s.stop):
+                if j >= n_heatmaps:
+                    break
+                image, label = arrays.images[j], arrays.labels[j]
+                panels = [_titled(_label_panel(image, label), "label")]
+                for name in heatmap_detectors:
+                    panels.append(_titled(heatmap_overlay(image, maps[name][j - s.start].numpy()), name))
+                save_png(Path(heatmap_dir) / f"{arrays.names[j]}.png", np.concatenate(panels, axis=1))
+    rows = []
+    for name, m in metrics.items():
+        result = m.compute()
+        rows.append(
+            {
+                "detector": name,
+                "auroc": result["auroc"],
+                "ap": result["ap"],
+                "fpr95": result["fpr95"],
+                "n_inlier": n_inlier,
+                "n_anomaly": n_anomaly,
+            }
+        )
+    miou, ious = mean_iou(conf)
+    return rows, {"miou": miou, "iou": dict(zip(arrays.classes, ious, strict=True))}
+
+
+def write_results(
+    out_dir: str | Path, rows: Sequence[Mapping[str, Any]], header: str = ""
+) -> tuple[Path, Path]:
+    """``metrics.csv`` and ``metrics.md`` (``header`` above the table) in ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    lines = ["detector,auroc,ap,fpr95,n_inlier,n_anomaly"]
+    lines += [
+        f"{r['detector']},{r['auroc']!r},{r['ap']!r},{r['fpr95']!r},{r['n_inlier']},{r['n_anomaly']}"
+        for r in rows
+    ]
+    csv_path, md_path = out_dir / "metrics.csv", out_dir / "metrics.md"
+    atomic_write_text(csv_path, "\n".join(lines) + "\n")
+    atomic_write_text(md_path, (header + "\n\n" if header else "") + markdown_table(rows))
+    return csv_path, md_path
+
+
+def evaluate_run(
+    cfg: FeatureFlowsRunConfig,
+    checkpoint: str | Path | None = None,
+    heatmap_dir: str | Path | None = None,
+    n_heatmaps: int = 8,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Evaluate a trained run on ``cfg.eval.split`` and write ``<output_dir>/eval_<split>/metrics.{csv,md}``.
+
+    The flows and their normalization constants come from ``checkpoint`` (default
+    ``<output_dir>/feature_flows.pt``); everything else (segmenter, data, normalization
+    formula, evaluation settings) from ``cfg``.
+
+    Returns:
+        The rows of :func:`evaluate_dense_detectors` and the segmenter's mIoU on the split
+        (plus ``seconds``, the evaluation wall time).
+    """
+    device = resolve_device(cfg.train.device)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    checkpoint = checkpoint or Path(cfg.output_dir) / CHECKPOINT_NAME
+    detector, _ = load_dense_detector(checkpoint, cfg, device)
+    ecfg = cfg.eval
+    arrays = load_scene_arrays(cfg.data, ecfg.split)
+    start = time.time()
+    rows, seg = evaluate_dense_detectors(
+        detector, arrays, ecfg.batch_size, cfg.data.pad_divisor, ecfg.metrics_mode, device,
+        heatmap_dir, n_heatmaps if heatmap_dir is not None else 0, ecfg.heatmap_detectors,
+    )  # fmt: skip
+    seg["seconds"] = time.time() - start
+    header = (
+        f"CamVid {ecfg.split}, {len(arrays)} frames at scale {cfg.data.scale}; anomalies: "
+        f"{', '.join(cfg.data.held_out)}; segmenter mIoU {100 * seg['miou']:.1f}% over {len(arrays.classes)} "
+        f"classes; normalization {cfg.normalization}, mask rule {cfg.mask_rule}; metrics {ecfg.metrics_mode}"
+    )
+    write_results(Path(cfg.output_dir) / f"eval_{ecfg.split}", rows, header)
+    return rows, seg

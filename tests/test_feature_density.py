@@ -1,0 +1,414 @@
+"""Per-pixel feature flows (embedding density): densities, masks, normalization, baselines, tools."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from densead.detectors.feature_density import (
+    BASELINES,
+    DenseFeatureDetector,
+    FeatureDensity,
+    FeatureFlowsRunConfig,
+    FlowConfig,
+    entropy_score,
+    fit_normalization,
+    fit_standardization,
+    flow_training_step,
+    load_feature_density,
+    max_logit_score,
+    msp_score,
+    sample_feature_vectors,
+    save_feature_density,
+    valid_feature_mask,
+)
+from densead.features import FrozenFeatureExtractor
+from densead.metrics import PixelMetrics
+from densead.segmenter import SceneArrays, load_segmenter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _PoolTaps(nn.Module):
+    """A fixed 'network': average pooling at strides 2 and 4, logits from the stride-2 map."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        a = F.avg_pool2d(x, 2)
+        return {"a": a, "b": F.avg_pool2d(x, 4), "logits": torch.cat([4 * a, -4 * a], dim=1)}
+
+
+def _toy_extractor() -> FrozenFeatureExtractor:
+    return FrozenFeatureExtractor(_PoolTaps(), {"a": 3, "b": 3, "logits": 6}, {"a": 2, "b": 4, "logits": 2})
+
+
+def _perturbed(density: FeatureDensity, scale: float = 0.1) -> FeatureDensity:
+    """Move every parameter off its (identity-like) initialization, so nothing is trivial."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in density.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return density.eval()
+
+
+# --------------------------------------------------------------------------- densities
+
+
+def test_per_pixel_density_equals_pixel_by_pixel() -> None:
+    density = FeatureDensity({"a": 5}, n_steps=3, hidden=16).double()
+    features = {"a": 2.0 * torch.randn(2, 5, 3, 4, dtype=torch.float64) + 1.0}
+    density.set_standardization("a", torch.full((5,), 1.0), torch.linspace(0.5, 3.0, 5))
+    _perturbed(density)
+    maps = density.log_prob_maps(features)["a"]
+    assert maps.shape == (2, 3, 4)
+    for b in range(2):
+        for i in range(3):
+            for j in range(4):
+                one = features["a"][b : b + 1, :, i : i + 1, j : j + 1]
+                assert torch.allclose(density.log_prob_maps({"a": one})["a"].reshape(()), maps[b, i, j])
+    vectors = features["a"].permute(0, 2, 3, 1).reshape(-1, 5)
+    assert torch.allclose(density.vector_log_prob("a", vectors), maps.reshape(-1))
+
+
+def test_per_pixel_density_is_change_of_variables() -> None:
+    """log p(f) = log N(z; prior) + log|det ∂z/∂f| for one feature vector, via the autograd Jacobian."""
+    density = FeatureDensity({"a": 4}, n_steps=2, hidden=8).double()
+    mean, scale = torch.tensor([1.0, -2.0, 0.0, 3.0]), torch.tensor([0.5, 2.0, 1.0, 4.0])
+    density.set_standardization("a", mean, scale)
+    _perturbed(density)
+    flow = density.flows["a"]
+
+    def to_latent(f: Tensor) -> Tensor:  # raw feature vector -> z: standardization, then the flow
+        u = (f - mean.double()) / scale.double()
+        return flow(u.view(1, 4, 1, 1))[0].reshape(4)
+
+    f = torch.randn(4, dtype=torch.float64)
+    z = to_latent(f)
+    jac = torch.autograd.functional.jacobian(to_latent, f)
+    expected = flow.prior.log_prob_map(z.view(1, 4, 1, 1)).reshape(()) + torch.linalg.slogdet(jac)[1]
+    assert torch.allclose(density.vector_log_prob("a", f.view(1, 4))[0], expected)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_valid_feature_mask_rules() -> None:
+    inlier = torch.ones(1, 5, 6, dtype=torch.bool)
+    inlier[0, 0, 1] = False  # one pixel of cell (0, 0)
+    inlier[0, 3, 3] = False  # the centre pixel of cell (1, 1)
+    all_rule = valid_feature_mask(inlier, (3, 3), 2, "all")
+    centre = valid_feature_mask(inlier, (3, 3), 2, "center")
+    # Row 2 covers pixel rows 4 and 5; row 5 is outside the frame, so "all" rejects it.
+    assert all_rule.tolist() == [[[False, True, True], [True, False, True], [False, False, False]]]
+    # Centres are pixels (1, 1), (1, 3), ... (5, ·) outside the frame -> False.
+    assert centre.tolist() == [[[True, True, True], [True, False, True], [False, False, False]]]
+    assert valid_feature_mask(torch.ones(2, 8, 8, dtype=torch.bool), (2, 2), 4).all()
+
+
+def test_sample_feature_vectors_bounds_and_picks_valid() -> None:
+    features = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    valid = torch.zeros(2, 4, 4, dtype=torch.bool)
+    valid[0, 1, 2] = valid[1, 3, 0] = True
+    got = sample_feature_vectors(features, valid, max_pixels=10)
+    assert torch.equal(got, torch.stack([features[0, :, 1, 2], features[1, :, 3, 0]]))
+    valid[:] = True
+    assert sample_feature_vectors(features, valid, max_pixels=7).shape == (7, 3)
+
+
+def _trained_state(features: Tensor, inlier: Tensor, steps: int = 3) -> dict[str, Tensor]:
+    torch.manual_seed(0)
+    density = FeatureDensity({"a": features.shape[1]}, n_steps=2, hidden=16).train()
+    optimizer = torch.optim.Adam(density.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        flow_training_step(density, optimizer, {"a": features}, inlier, {"a": 2}, 6, "all", generator)
+    return density.flows.state_dict()
+
+
+def test_masked_pixels_never_reach_the_fit() -> None:
+    torch.manual_seed(1)
+    features = torch.randn(2, 4, 4, 4)
+    inlier = torch.rand(2, 8, 8) > 0.1  # ~40% of the cells have a non-inlier pixel
+    valid = valid_feature_mask(inlier, (4, 4), 2)
+    assert 6 < int(valid.sum()) < 32
+    crazy = features.clone()
+    crazy.permute(0, 2, 3, 1)[~valid] = 1e4  # every channel of every masked position
+    reference = _trained_state(features, inlier)
+    with_crazy = _trained_state(crazy, inlier)
+    assert all(torch.equal(reference[k], with_crazy[k]) for k in reference)
+    # Control: were the masked positions used, the crazy values would change the fit.
+    unmasked = _trained_state(crazy, torch.ones_like(inlier))
+    assert not all(torch.equal(reference[k], unmasked[k]) for k in reference)
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def _toy_arrays(n: int = 3, h: int = 20, w: int = 24) -> SceneArrays:
+    rng = np.random.default_rng(0)
+    labels = np.zeros((n, h, w), dtype=np.uint8)
+    labels[:, 2:7, 3:9] = 1
+    labels[:, 12:, :5] = 255
+    images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    return SceneArrays(images, labels, np.zeros_like(labels), tuple(f"f{i}" for i in range(n)), ("thing",))
+
+
+def _fitted_toy(tmp_seed: int = 0) -> tuple[FeatureDensity, FrozenFeatureExtractor]:
+    torch.manual_seed(tmp_seed)
+    extractor = _toy_extractor()
+    density = FeatureDensity({"a": 3, "b": 3}, n_steps=2, hidden=8)
+    return _perturbed(density), extractor
+
+
+def test_standardization_uses_valid_positions_only() -> None:
+    density, extractor = _fitted_toy()
+    arrays = _toy_arrays()
+    fit_standardization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
+    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)])).permute(0, 3, 1, 2) / 255.0
+    feats = extractor(x.float())
+    inlier = torch.from_numpy(arrays.labels == 0)
+    for name, stride in [("a", 2), ("b", 4)]:
+        valid = valid_feature_mask(inlier, feats[name].shape[-2:], stride)
+        v = feats[name].permute(0, 2, 3, 1)[valid].double()
+        assert torch.allclose(density.standardize[name].mean.double(), v.mean(0), atol=1e-6)
+        assert torch.allclose(density.standardize[name].scale.double(), v.std(0, unbiased=False), rtol=1e-4)
+    before = {k: v.clone() for k, v in density.standardize.state_dict().items()}
+    wild = arrays.images.copy()
+    wild[arrays.labels != 0] = 255
+    wild_arrays = SceneArrays(wild, arrays.labels, arrays.train_ids, arrays.names, arrays.classes)
+    fit_standardization(extractor, density, wild_arrays, batch_size=2, divisor=8, rule="all")
+    assert all(torch.equal(v, density.standardize.state_dict()[k]) for k, v in before.items())
+    # A constant channel gets the floored scale, not zero.
+    flat = SceneArrays(np.full_like(arrays.images, 7), arrays.labels, arrays.train_ids, arrays.names, ("t",))
+    flat.images[..., 0] = np.arange(arrays.images.shape[2], dtype=np.uint8)  # only channel 0 varies
+    fit_standardization(extractor, density, flat, batch_size=2, divisor=8, rule="all")
+    scale = density.standardize["a"].scale
+    assert scale[0] > 0.01 and 0 < float(scale[1]) < 1e-3 * float(scale[0])
+
+
+def test_normalization_constants_come_from_training_pixels(tmp_path: Path) -> None:
+    density, extractor = _fitted_toy()
+    arrays = _toy_arrays()
+    stats = fit_normalization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
+    # By hand: every frame padded to 24×24, all valid positions of each tap pooled.
+    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)])).permute(0, 3, 1, 2) / 255.0
+    with torch.no_grad():
+        maps = density.log_prob_maps(extractor(x.float()))
+    inlier = torch.from_numpy(arrays.labels == 0)
+    for i, (name, stride) in enumerate([("a", 2), ("b", 4)]):
+        values = maps[name][valid_feature_mask(inlier, maps[name].shape[-2:], stride)].double()
+        assert stats.count[name] == values.numel() > 0
+        # float32 maps of a batch of 2 + 1 frames vs. one batch of 3: equal up to float32 rounding.
+        assert math.isclose(float(density.train_log_prob_mean[i]), float(values.mean()), abs_tol=1e-5)
+        assert math.isclose(
+            float(density.train_log_prob_std[i]), float(values.std(unbiased=False)), rel_tol=1e-5
+        )
+    # Anomalous and void pixels do not enter: making them crazy leaves the constants alone.
+    mean_before = density.train_log_prob_mean.clone()
+    wild = arrays.images.copy()
+    wild[arrays.labels != 0] = 255
+    fit_normalization(
+        extractor,
+        density,
+        SceneArrays(wild, arrays.labels, arrays.train_ids, arrays.names, arrays.classes),
+        2,
+        8,
+        "all",
+    )
+    assert torch.equal(density.train_log_prob_mean, mean_before)
+    # Checkpoint round trip.
+    cfg = FeatureFlowsRunConfig(
+        output_dir=str(tmp_path), segmenter="seg.pt", taps={"a": "x", "b": "y"}, flow=FlowConfig(2, 8)
+    )
+    save_feature_density(tmp_path / "flows.pt", density, cfg, {"a": 2, "b": 4})
+    loaded, loaded_cfg = load_feature_density(tmp_path / "flows.pt")
+    assert loaded_cfg == cfg
+    assert torch.equal(loaded.train_log_prob_mean, density.train_log_prob_mean)
+    assert torch.equal(loaded.train_log_prob_std, density.train_log_prob_std)
+    feats = extractor(torch.rand(1, 3, 16, 16))
+    for name, s in density.normalized_scores(density.log_prob_maps(feats)).items():
+        assert torch.equal(loaded.normalized_scores(loaded.log_prob_maps(feats))[name], s)
+
+
+def test_unfitted_normalization_is_refused(tmp_path: Path) -> None:
+    density = FeatureDensity({"a": 3}, n_steps=1, hidden=4)
+    with pytest.raises(ValueError, match="not fitted"):
+        density.normalized_scores({"a": torch.zeros(1, 2, 2)})
+    cfg = FeatureFlowsRunConfig(
+        output_dir=str(tmp_path), segmenter="s.pt", taps={"a": "x"}, flow=FlowConfig(1, 4)
+    )
+    save_feature_density(tmp_path / "half.pt", density, cfg, {"a": 2})
+    with pytest.raises(ValueError, match="half.pt.*normalization"):
+        load_feature_density(tmp_path / "half.pt")
+
+
+def test_normalized_score_formulas() -> None:
+    density = FeatureDensity({"a": 2, "b": 2}, n_steps=1, hidden=4)
+    density.set_normalization({"a": -10.0, "b": 4.0}, {"a": 2.0, "b": 0.5})
+    lp = {"a": torch.tensor([[[-10.0, -20.0]]]), "b": torch.tensor([[[4.0, 2.0]]])}
+    mean = density.normalized_scores(lp, "mean")
+    assert torch.allclose(mean["a"], torch.tensor([[[0.0, 1.0]]], dtype=torch.float64))
+    assert torch.allclose(mean["b"], torch.tensor([[[0.0, 0.5]]], dtype=torch.float64))
+    z = density.normalized_scores(lp, "zscore")
+    assert torch.allclose(z["a"], torch.tensor([[[0.0, 5.0]]], dtype=torch.float64))
+    assert torch.allclose(z["b"], torch.tensor([[[0.0, 4.0]]], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- planted anomalies
+
+
+def test_two_gaussians_planted_anomalies_auroc() -> None:
+    """In-distribution: two Gaussian clusters; anomalies: a third cluster off both of them.
+
+    The anomalies lie inside the range of every single channel of the inliers (±1.5 per
+    channel), so only the joint density separates them.
+    """
+    torch.manual_seed(0)
+    c = 4
+    axis = torch.ones(c) / 2.0
+    off_axis = torch.tensor([1.0, -1.0, 1.0, -1.0]) / 2.0
+
+    def inliers(n: int) -> Tensor:
+        sign = torch.where(torch.rand(n, 1) < 0.5, -1.0, 1.0)
+        return 3.0 * sign * axis + 0.5 * torch.randn(n, c)
+
+    density = FeatureDensity({"a": c}, n_steps=2, hidden=16).train()
+    optimizer = torch.optim.Adam(density.parameters(), lr=1e-2)
+    inlier = torch.ones(2, 16, 16, dtype=torch.bool)
+    for _ in range(40):
+        feats = inliers(2 * 16 * 16).view(2, 16, 16, c).permute(0, 3, 1, 2)
+        flow_training_step(density, optimizer, {"a": feats}, inlier, {"a": 1}, 512)
+    density.eval()
+    with torch.no_grad():
+        train_lp = density.vector_log_prob("a", inliers(4096))
+    density.set_normalization({"a": float(train_lp.mean())}, {"a": float(train_lp.std())})
+    vectors = inliers(2 * 32 * 32)
+    labels = torch.zeros(2 * 32 * 32, dtype=torch.uint8)
+    planted = torch.randperm(len(vectors))[:200]
+    vectors[planted] = 3.0 * off_axis + 0.5 * torch.randn(200, c)  # > 8 std from both clusters
+    labels[planted] = 1
+    feats = vectors.view(2, 32, 32, c).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        scores = density.normalized_scores(density.log_prob_maps({"a": feats}))["a"]
+    metrics = PixelMetrics(mode="exact")
+    metrics.update(scores, labels.view(2, 32, 32))
+    assert metrics.compute()["auroc"] > 0.99
+    # The anomalies' scores are positive: less likely than a typical training position.
+    assert float(scores.flatten()[planted].median()) > 0
+
+
+# --------------------------------------------------------------------------- baselines and the detector
+
+
+def test_baselines_on_hand_made_logits() -> None:
+    logits = torch.tensor([[10.0, 0, 0], [2, 1, 0], [1, 1, 1], [0.1, 0, 0]]).t().reshape(1, 3, 1, 4)
+    msp, max_logit, entropy = (
+        msp_score(logits)[0, 0],
+        max_logit_score(logits)[0, 0],
+        entropy_score(logits)[0, 0],
+    )
+    assert torch.argsort(msp).tolist() == [0, 1, 3, 2]
+    assert torch.argsort(entropy).tolist() == [0, 1, 3, 2]
+    assert torch.argsort(max_logit).tolist() == [0, 1, 2, 3]  # raw logit scale matters here
+    assert math.isclose(float(msp[2]), 2 / 3, rel_tol=1e-6)
+    assert math.isclose(float(entropy[2]), math.log(3), rel_tol=1e-6)
+    assert torch.allclose(max_logit, torch.tensor([-10.0, -2.0, -1.0, -0.1]))
+    shifted = logits + 5.0
+    assert torch.allclose(msp_score(shifted), msp_score(logits), atol=1e-6)
+    assert torch.allclose(entropy_score(shifted), entropy_score(logits), atol=1e-5)
+    assert torch.allclose(max_logit_score(shifted), max_logit_score(logits) - 5.0)
+
+
+def test_detector_maps_and_ensembles() -> None:
+    density, extractor = _fitted_toy()
+    density.set_normalization({"a": -3.0, "b": -5.0}, {"a": 1.0, "b": 1.0})
+    detector = DenseFeatureDetector(extractor, density)
+    x = torch.rand(2, 3, 16, 24)
+    maps, logits = detector.score_maps(x)
+    assert set(maps) == {"density_a", "density_b", "density_mean", "density_min", *BASELINES}
+    assert all(m.shape == (2, 16, 24) for m in maps.values()) and logits.shape == (2, 6, 16, 24)
+    feats = extractor(x)
+    scores = density.normalized_scores(density.log_prob_maps(feats))
+    expected_a = F.interpolate(
+        scores["a"][:, None].float(), size=(16, 24), mode="bilinear", align_corners=False
+    )
+    assert torch.allclose(maps["density_a"], expected_a[:, 0])
+    layers = torch.stack([maps["density_a"], maps["density_b"]])
+    assert torch.allclose(maps["density_mean"], layers.mean(0))
+    # "min" ensemble: the least likely layer decides = the largest anomaly score.
+    assert torch.equal(maps["density_min"], layers.amax(0))
+    assert (maps["density_min"] >= maps["density_mean"]).all()
+    up = F.interpolate(feats["logits"], size=(16, 24), mode="bilinear", align_corners=False)
+    assert torch.allclose(maps["msp"], msp_score(up))
+
+
+# --------------------------------------------------------------------------- the tools
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
+    """Segmenter → flows → evaluation, two steps each on three CamVid frames at quarter scale."""
+    data = {"root": str(shared_data / "camvid"), "scale": 0.25, "max_frames": 3}
+    seg_cfg = {
+        "output_dir": str(tmp_path / "seg"),
+        "data": {**data, "crop_height": 64, "crop_width": 96},
+        "model": {"backbone": "resnet18", "decoder_channels": 8},
+        "train": {"steps": 2, "batch_size": 2, "log_every": 1, "num_threads": 1},
+    }
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(seg_cfg, sort_keys=False))
+    out = _run("tools/train_segmenter.py", str(tmp_path / "seg.yaml"))
+    assert "test mIoU over 9 in-distribution classes" in out.stdout
+    model, loaded_cfg = load_segmenter(tmp_path / "seg" / "checkpoint.pt")
+    assert model.num_classes == 9 and loaded_cfg.train.steps == 2
+
+    flows_cfg = {
+        "output_dir": str(tmp_path / "flows"),
+        "segmenter": str(tmp_path / "seg" / "checkpoint.pt"),
+        "taps": {"layer3": "backbone.layer3.1.add", "fuse": "fuse.1"},
+        "data": {**data, "crop_height": 0, "crop_width": 0},
+        "flow": {"n_steps": 1, "hidden": 8},
+        "train": {"steps": 2, "batch_size": 2, "max_pixels": 64, "log_every": 1, "num_threads": 1},
+        "eval": {"metrics_mode": "exact", "heatmap_detectors": ["density_min", "entropy"]},
+    }
+    (tmp_path / "flows.yaml").write_text(yaml.safe_dump(flows_cfg, sort_keys=False))
+    out = _run("tools/train_feature_flows.py", str(tmp_path / "flows.yaml"))
+    assert "normalization layer3" in out.stdout
+    density, _ = load_feature_density(tmp_path / "flows" / "feature_flows.pt")
+    assert density.names == ("layer3", "fuse") and density.is_normalized
+
+    out = _run(
+        "tools/evaluate_dense_features.py", str(tmp_path / "flows.yaml"), "--heatmaps", str(tmp_path / "hm")
+    )
+    with open(tmp_path / "flows" / "eval_test" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    names = [r["detector"] for r in rows]
+    assert names == [
+        "density_layer3",
+        "density_fuse",
+        "density_mean",
+        "density_min",
+        "msp",
+        "max_logit",
+        "entropy",
+    ]
+    assert all(0.0 <= float(r["auroc"]) <= 1.0 and int(r["n_anomaly"]) > 0 for r in rows)
+    assert "| density_mean |" in out.stdout
+    assert "| density_min |" in (tmp_path / "flows" / "eval_test" / "metrics.md").read_text()
+    assert len(list((tmp_path / "hm").glob("*.png"))) == 3
