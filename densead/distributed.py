@@ -17,6 +17,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "finish",
     "gather_concat",
     "init_from_env",
     "is_distributed",
@@ -64,6 +65,13 @@ def init_from_env(device: torch.device) -> torch.device:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def finish() -> None:
+    """Wait for every rank, then leave the process group (a rank exiting early aborts gloo/NCCL)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(images)} images scored with {', '.join(scores)} -> {Path(args.out).resolve()}")
         if args.heatmaps:
             print(f"heatmaps -> {Path(args.heatmaps).resolve()}")
+    dist.finish()
     return 0
 
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from densead.config import TrainRunConfig, load_config
+from densead.distributed import finish, is_main
 from densead.train import train_glow
 
 
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(TrainRunConfig, args.config, args.set)
     path = train_glow(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"checkpoint: {path.resolve()}")
+    if is_main():
+        print(f"checkpoint: {path.resolve()}")
+    finish()
     return 0
 
 
