@@ -1,22 +1,33 @@
 """Throughput and memory of the flow core: training, evaluation, dense scoring.
 
     python benchmarks/flow_throughput.py                      # paper-size Glow, batch 64 and 256
-    python benchmarks/flow_throughput.py --levers plain bf16 channels_last compile all
+    python benchmarks/flow_throughput.py --levers plain bf16 channels_last compile fused all
     python benchmarks/flow_throughput.py --small --batch-sizes 16 --iters 3   # quick CPU check
+
+Every lever is a library switch: ``bf16`` is ``TrainConfig.amp`` (autocast),
+the others are modes of ``TrainConfig.fast`` (densead/flows/fast.py):
+``channels_last``, ``compile`` (each flow step compiled in place), ``fused``
+(ActNorm + 1×1 conv as one convolution); ``all`` is ``fast=on`` plus bf16.
 
 Prints one table: per lever and batch size, training images/s (forward +
 backward + Adamax step), evaluation images/s (noise-free log p and per-scale
 maps), peak memory, optional bits/dim after --bpd-steps training steps on real
-CIFAR-10 images, and the speed-up against the plain fp32 path of the same run.
-Then dense scoring: frames/s of the Glow's pixel decomposition and of a
-per-pixel feature flow at road-scene size. Timings are for the device named in
-the header; compare ratios only within one run.
+CIFAR-10 images, the speed-up against the plain fp32 path of the same run, and
+the achieved fraction of the GPU's dense peak FLOP/s (convolution and matmul
+FLOPs counted with FlopCounterMode; bf16 rows against the bf16 peak, others
+against the TF32 peak; "n/a" for devices not in PEAK_FLOPS). Then dense
+scoring: frames/s of the Glow's pixel decomposition and of a per-pixel feature
+flow at road-scene size. Timings are for the device named in the header;
+compare ratios only within one run.
+
+CIFAR-10 comes from --cifar, else $DENSEAD_CIFAR, else ../shared/data/cifar10_test.npz.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -24,13 +35,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from densead.data.transforms import to_model_input
-from densead.flows import FeatureFlow, Glow
+from densead.flows import (
+    FastPath,
+    FeatureFlow,
+    Glow,
+    apply_fast_path,
+    compile_flow_steps,
+    needs_data_init,
+    resolve_fast_path,
+    set_fused,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10_test.npz"
-LEVERS = ("plain", "bf16", "channels_last", "compile", "all")
+# lever -> (TrainConfig.fast mode, TrainConfig.amp)
+LEVERS = {
+    "plain": ("off", False),
+    "bf16": ("off", True),
+    "channels_last": ("channels_last", False),
+    "compile": ("compile", False),
+    "fused": ("fused", False),
+    "all": ("on", True),
+}
+# Dense (no sparsity) peak FLOP/s as (bf16, tf32), from NVIDIA's data sheets, by device-name substring;
+# the first match wins, so the PCIe entry comes before the generic H100 (SXM, "H100 80GB HBM3").
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494.7e12),
+    ("H200", 989e12, 494.7e12),
+)
 
 
 def sync(device: torch.device) -> None:
@@ -44,16 +80,48 @@ def peak_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB → GiB)
 
 
-def build(lever: str, small: bool, device: torch.device) -> tuple[Glow, Callable, bool, bool]:
+def glow(small: bool) -> Glow:
+    return Glow(3, 3, 4, 64) if small else Glow(3, 3, 32, 512)
+
+
+def build(lever: str, small: bool, device: torch.device) -> tuple[Glow, FastPath, bool]:
+    """A new Glow with the lever's library switches (compile deferred until ActNorm is initialized)."""
     torch.manual_seed(0)
-    model = Glow(3, 3, 4, 64) if small else Glow(3, 3, 32, 512)
-    model = model.to(device)
-    bf16 = lever in ("bf16", "all")
-    channels_last = lever in ("channels_last", "all")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fn = torch.compile(model) if lever in ("compile", "all") else model
-    return model, fn, bf16, channels_last
+    torch._dynamo.reset()  # each row compiles from scratch, within dynamo's recompile limit
+    mode, bf16 = LEVERS[lever]
+    fast = resolve_fast_path(mode, device)
+    model = glow(small).to(device)
+    model.set_fast(fused=fast.fused, channels_last=fast.channels_last)
+    return model, fast, bf16
+
+
+def init_then_compile(model: Glow, fast: FastPath) -> None:
+    """As ``train_glow`` does: compile the steps once ActNorm's data-dependent init has run."""
+    if fast.compile and not needs_data_init(model) and not getattr(model, "_steps_compiled", False):
+        compile_flow_steps(model)
+        model._steps_compiled = True
+
+
+def peak_flops(device: torch.device, bf16: bool) -> float:
+    if device.type != "cuda":
+        return math.nan
+    name = torch.cuda.get_device_name(device)
+    for key, bf16_peak, tf32_peak in PEAK_FLOPS:
+        if key in name:
+            return bf16_peak if bf16 else tf32_peak
+    return math.nan
+
+
+def flops_per_image(small: bool) -> tuple[float, float]:
+    """(train, eval) FLOPs per 32×32 image: convolutions and matmuls of forward (+ backward)."""
+    model = glow(small).eval()  # eval: no ActNorm init, identical FLOPs
+    x = torch.rand(1, 3, 32, 32) - 0.5
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x).log_prob()
+    eval_flops = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        model(x).log_prob().sum().backward()
+    return float(counter.get_total_flops()), float(eval_flops)
 
 
 def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
@@ -68,25 +136,24 @@ def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
 
 
 def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
-    model, fn, bf16, cl = build(lever, args.small, device)
+    model, fast, bf16 = build(lever, args.small, device)
     opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
-    x = torch.rand(batch, 3, 32, 32, device=device) - 0.5
-    if cl:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, 32, 32, device=device) - 0.5  # Glow.forward converts to channels_last
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = -fn(x).log_prob().mean()
+            loss = -model(x).log_prob().mean()
         loss.backward()
         opt.step()
+        init_then_compile(model, fast)
 
     @torch.no_grad()
     def eval_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = fn(x)
+            out = model(x)
             out.log_prob()
             out.scale_pixel_maps()
 
@@ -97,6 +164,8 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
     row = {
         "lever": lever,
         "batch": batch,
+        "fast": str(fast),
+        "bf16": bf16,
         "train": batch / t_train,
         "eval": batch / t_eval,
         "peak": peak_gb(device),
@@ -107,10 +176,10 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
 
 def bpd_after(lever: str, batch: int, args: argparse.Namespace, device: torch.device) -> float:
     """Noise-free test bits/dim after --bpd-steps steps on CIFAR-10 test images 0–7999 (test: 8000–9999)."""
-    with np.load(CIFAR) as f:
+    with np.load(args.cifar) as f:
         images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2).contiguous().to(device)
     train, test = images[:8000], images[8000:]
-    model, fn, bf16, cl = build(lever, args.small, device)
+    model, fast, bf16 = build(lever, args.small, device)
     opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
     g = torch.Generator(device=device).manual_seed(0)
     model.train()
@@ -121,33 +190,47 @@ def bpd_after(lever: str, batch: int, args: argparse.Namespace, device: torch.de
             group["lr"] = 5e-4 * min(1.0, (step + 1) / 200)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = -fn(x.contiguous(memory_format=torch.channels_last) if cl else x).log_prob().mean()
+            loss = -model(x).log_prob().mean()
         loss.backward()
         opt.step()
-    model.eval()
+        init_then_compile(model, fast)
+    # Evaluated on the plain fp32 path (an uncompiled copy without levers): rows differ only by training.
+    plain = glow(args.small).to(device)
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(test), 500):
             total += (
-                model(to_model_input(test[i : i + 500], 256, dequantize=False)).bits_per_dim().sum().item()
+                plain(to_model_input(test[i : i + 500], 256, dequantize=False)).bits_per_dim().sum().item()
             )
     return total / len(test)
 
 
 def bench_dense(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, float]]:
+    """Frames/s of dense maps; --dense-fast picks the levers (ActNorms initialized on the input
+    first, so ``fused`` is taken)."""
     h, w = args.dense_size
+    fast = resolve_fast_path(args.dense_fast, device, allow_compile=False)
     rows = []
-    glow = (Glow(3, 3, 4, 64) if args.small else Glow(3, 3, 32, 512)).to(device).eval()
+    model = glow(args.small).to(device)
     x = torch.rand(1, 3, h, w, device=device) - 0.5
+    with torch.no_grad():
+        model.train()(x)
+    apply_fast_path(model.eval(), fast)
 
     @torch.no_grad()
     def glow_map() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dense_bf16):
-            glow(x).pixel_map()
+            model(x).pixel_map()
 
     rows.append(("Glow pixel map (all scales)", f"1×3×{h}×{w}", 1 / timed(glow_map, args.iters, device)))
-    flow = FeatureFlow(256, n_steps=8, hidden=256).to(device).eval()
+    flow = FeatureFlow(256, n_steps=8, hidden=256).to(device)
     feats = torch.randn(1, 256, h // 8, w // 8, device=device)
+    with torch.no_grad():
+        flow.train()(feats)
+    flow.eval()
+    set_fused(flow, fast.fused)  # FeatureFlow has no channels_last switch
 
     @torch.no_grad()
     def feature_map() -> None:
@@ -164,18 +247,27 @@ def bench_dense(args: argparse.Namespace, device: torch.device) -> list[tuple[st
     return rows
 
 
+def percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--levers", nargs="+", default=["plain"], choices=LEVERS)
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[64, 256], help="none: dense table only")
+    p.add_argument("--levers", nargs="+", default=["plain"], choices=list(LEVERS))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--small", action="store_true", help="K=4, 64 hidden instead of the paper's K=32, 512")
     p.add_argument("--bpd-steps", type=int, default=0, help="also train this many steps on CIFAR-10 per row")
+    p.add_argument("--cifar", type=Path, default=Path(os.environ.get("DENSEAD_CIFAR", CIFAR)))
     p.add_argument("--dense-size", type=int, nargs=2, default=None, help="H W of the dense inputs")
     p.add_argument("--dense-bf16", action="store_true")
+    p.add_argument("--dense-fast", default="off", help="TrainConfig.fast mode for dense scoring (no compile)")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense-scoring table")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.bpd_steps and not args.cifar.is_file():
+        p.error(f"--bpd-steps needs CIFAR-10: {args.cifar} not found (set --cifar or DENSEAD_CIFAR)")
     if args.dense_size is None:
         args.dense_size = (1024, 2048) if device.type == "cuda" else (128, 256)
     if device.type == "cuda":
@@ -188,13 +280,19 @@ def main() -> None:
         else f"CPU ({torch.get_num_threads()} threads)"
     )
     size = "K=4, 64 hidden (small)" if args.small else "K=32, L=3, 512 hidden (paper)"
-    n_params = sum(p.numel() for p in (Glow(3, 3, 4, 64) if args.small else Glow(3, 3, 32, 512)).parameters())
+    n_params = sum(p.numel() for p in glow(args.small).parameters())
+    train_flops, eval_flops = flops_per_image(args.small)
     print(
-        f"device: {name}; torch {torch.__version__}; Glow {size}, {n_params / 1e6:.1f}M parameters; 32×32×3"
+        f"device: {name}; torch {torch.__version__}; Glow {size}, {n_params / 1e6:.1f}M parameters; 32×32×3; "
+        f"{train_flops / 1e9:.2f} GFLOP/img train, {eval_flops / 1e9:.2f} GFLOP/img eval"
     )
     peak = "peak GB" if device.type == "cuda" else "peak RSS GB"
-    print(f"\n| lever | batch | train img/s | eval img/s | {peak} | bpd | train speed-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    if args.batch_sizes:
+        print(
+            f"\n| lever | fast | batch | train img/s | eval img/s | {peak} | bpd | train speed-up "
+            "| train % of peak | eval % of peak |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base: dict[int, float] = {}
     for batch in args.batch_sizes:
         for lever in args.levers:
@@ -202,12 +300,19 @@ def main() -> None:
             base.setdefault(batch, r["train"] if lever == "plain" else math.nan)
             speed = r["train"] / base[batch]
             bpd = "—" if math.isnan(r["bpd"]) else f"{r['bpd']:.3f}"
+            peak_fl = peak_flops(device, r["bf16"])
+            fast = r["fast"] + (" +bf16" if r["bf16"] else "")
             print(
-                f"| {lever} | {batch} | {r['train']:.1f} | {r['eval']:.1f} | {r['peak']:.2f} | {bpd} | "
-                f"{speed:.2f}× |",
+                f"| {lever} | {fast} | {batch} | {r['train']:.1f} | {r['eval']:.1f} | {r['peak']:.2f} | "
+                f"{bpd} | {speed:.2f}× | {percent(r['train'] * train_flops / peak_fl)} | "
+                f"{percent(r['eval'] * eval_flops / peak_fl)} |",
                 flush=True,
             )
-    print("\n| dense scoring | input | frames/s |\n|---|---|---:|")
+    if args.no_dense:
+        return
+    dense_fast = str(resolve_fast_path(args.dense_fast, device, allow_compile=False))
+    print(f"\n| dense scoring (fast: {dense_fast}, bf16: {args.dense_bf16}) | input | frames/s |")
+    print("|---|---|---:|")
     for label, shape, fps in bench_dense(args, device):
         print(f"| {label} | {shape} | {fps:.2f} |", flush=True)
 

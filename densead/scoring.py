@@ -17,7 +17,7 @@ from densead import distributed as dist
 from densead.data.images import ImageSet
 from densead.data.transforms import to_model_input
 from densead.detectors.glow import GlowDetector, GlowScorer
-from densead.flows import Glow, GlowOutput
+from densead.flows import Glow, GlowOutput, apply_fast_path, resolve_fast_path
 from densead.io import atomic_write_text
 from densead.viz import heatmap_overlay, save_png
 
@@ -94,10 +94,21 @@ def score_image_set(
 
 
 def glow_outputs(
-    model: Glow, images: ImageSet, batch_size: int, device: torch.device, progress: bool = False
+    model: Glow,
+    images: ImageSet,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+    fast: str = "auto",
 ) -> Iterator[tuple[slice, GlowOutput]]:
-    """Noise-free Glow outputs of an image set, batch by batch."""
+    """Noise-free Glow outputs of an image set, batch by batch.
+
+    ``fast`` switches the speed levers on ``model`` in place, as in
+    :class:`~densead.detectors.glow.GlowScorer` (``auto``: fused and
+    channels_last on CUDA, nothing on CPU, never compile).
+    """
     model.eval()
+    apply_fast_path(model, resolve_fast_path(fast, device, allow_compile=False))
     for sl, x in iter_model_batches(
         images, model.n_bins, batch_size, device, progress, f"eval {images.name}"
     ):

@@ -30,6 +30,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 import yaml
@@ -344,8 +345,6 @@ class Segmenter(nn.Module):
         backbone_checkpoint: str = "",
     ) -> None:
         super().__init__()
-        import timm
-
         self.backbone = timm.create_model(
             backbone, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained
         )

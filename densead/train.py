@@ -44,7 +44,7 @@ from densead.config import (
 )
 from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
-from densead.flows import Glow
+from densead.flows import Glow, apply_fast_path, compile_flow_steps, needs_data_init, resolve_fast_path
 from densead.io import atomic_torch_save
 
 __all__ = [
@@ -321,10 +321,17 @@ def train_glow(
         reference.requires_grad_(False)
 
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
+    fast = resolve_fast_path(tcfg.fast, device, where="train.fast")
+    # fused and channels_last go on before DDP registers the parameters; compile
+    # waits for ActNorm's data-dependent init (below), so each step is traced once.
+    model.set_fast(fused=fast.fused, channels_last=fast.channels_last)
+    compile_pending = fast.compile
     net = model
     if dist.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if reference is not None:
+        apply_fast_path(reference, fast)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -332,6 +339,7 @@ def train_glow(
     def save(finished: bool) -> None:
         if not dist.is_main():
             return
+        # ``model`` is the Glow under any DDP wrapper; compiling in place keeps its keys plain.
         atomic_torch_save(
             {
                 "model": model.state_dict(),
@@ -356,6 +364,9 @@ def train_glow(
         x_out = None
         if ocfg is not None:
             x_out = dist.shard(out_batches.model_input(step, ocfg.data.augment, mcfg.n_bins))
+        if compile_pending and not needs_data_init(model):
+            compile_flow_steps(model)  # in place: ``model.state_dict()`` keeps its plain keys
+            compile_pending = False
         result = training_step(net, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
         step += 1
         if on_step is not None:

@@ -112,7 +112,7 @@ CHECKPOINT_NAME = "feature_flows.pt"
 LOGITS_TAP = "logits"
 MASK_RULES = ("all", "center")
 # Standardization scale floor, relative to the layer's mean channel std: a channel that is
-# (nearly) constant on the training pixels is divided by this instead of by ~0.
+# (nearly) constant on the training pixels is divided by STD_FLOOR × that mean, not by ~0.
 STD_FLOOR = 1e-3
 NORMALIZATIONS = ("mean", "zscore")
 
@@ -131,9 +131,10 @@ class FlowConfig:
 class FlowTrainConfig:
     """Maximum-likelihood training of the flows (Adam, linear warm-up over ``warmup_steps``).
 
-    The learning rate is lower than Glow's 1e-3 on images: Adam's first steps move every entry
-    of a 512×512 invertible 1×1 conv by about ``lr`` at once, and at 1e-3 (even 3e-4) that alone
-    destroyed the density of 512-channel features within a few steps.
+    The default learning rate is lower than Glow's 1e-3 on images: Adam's first steps move every
+    entry of a 512×512 invertible 1×1 conv by about ``lr`` at once; on 512-channel CamVid
+    features 1e-3 destroyed the density within a few steps and 3e-4 was unstable, while 1e-4 was
+    safe (5e-4 was fine for 64 channels and fewer).
 
     Attributes:
         batch_size: frames per step (one frozen-segmenter pass feeds every flow).

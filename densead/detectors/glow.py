@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from densead.flows import Glow, GlowOutput
+from densead.flows import Glow, GlowOutput, apply_fast_path, resolve_fast_path
 
 __all__ = ["DETECTORS", "GlowDetector", "GlowScorer", "MIN_LOG_PROB", "get_detector"]
 
@@ -114,12 +114,23 @@ class GlowScorer:
         model: the in-distribution Glow.
         general: the general-distribution Glow (for ratio detectors).
         amp: run the coupling networks in bf16 (log-dets stay fp32).
+        fast: speed levers of :mod:`densead.flows.fast`, switched on the models
+            in place. ``auto`` pulls ``fused`` and ``channels_last`` on CUDA
+            and nothing on CPU; it leaves ``compile`` off, because scoring is
+            short and sees many input shapes (the last batch, road scenes of
+            several sizes), each a recompilation. Ask for ``compile`` by name.
     """
 
-    def __init__(self, model: Glow, general: Glow | None = None, amp: bool = False) -> None:
+    def __init__(
+        self, model: Glow, general: Glow | None = None, amp: bool = False, fast: str = "auto"
+    ) -> None:
         self.model = model.eval()
         self.general = general.eval() if general is not None else None
         self.amp = amp
+        levers = resolve_fast_path(fast, next(model.parameters()).device, allow_compile=False)
+        for m in (self.model, self.general):
+            if m is not None:
+                apply_fast_path(m, levers)
 
     @torch.no_grad()
     def outputs(self, x: Tensor, need_general: bool) -> tuple[GlowOutput, GlowOutput | None]:

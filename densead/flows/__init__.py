@@ -1,23 +1,37 @@
 """The flow core: invertible layers with per-position log-dets, Glow, feature flow."""
 
 from densead.flows.base import FlowLayer, FlowSequence
+from densead.flows.fast import (
+    FastPath,
+    apply_fast_path,
+    compile_flow_steps,
+    needs_data_init,
+    resolve_fast_path,
+)
 from densead.flows.feature_flow import FeatureFlow
-from densead.flows.glow import Glow, GlowOutput, flow_step, spread_to_input_grid
+from densead.flows.glow import FlowStep, Glow, GlowOutput, flow_step, set_fused, spread_to_input_grid
 from densead.flows.layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze, glow_coupling_net
 from densead.flows.prior import GaussianPrior
 
 __all__ = [
     "ActNorm",
     "AffineCoupling",
+    "FastPath",
     "FeatureFlow",
     "FlowLayer",
     "FlowSequence",
+    "FlowStep",
     "GaussianPrior",
     "Glow",
     "GlowOutput",
     "InvConv1x1",
     "Squeeze",
+    "apply_fast_path",
+    "compile_flow_steps",
     "flow_step",
     "glow_coupling_net",
+    "needs_data_init",
+    "resolve_fast_path",
+    "set_fused",
     "spread_to_input_grid",
 ]

@@ -27,16 +27,48 @@ from densead.flows.layers import (
     CouplingNetFactory,
     InvConv1x1,
     Squeeze,
+    fused_actnorm_invconv,
     glow_coupling_net,
 )
 from densead.flows.prior import GaussianPrior
 
-__all__ = ["Glow", "GlowOutput", "flow_step", "spread_to_input_grid"]
+__all__ = ["FlowStep", "Glow", "GlowOutput", "flow_step", "set_fused", "spread_to_input_grid"]
 
 
-def flow_step(channels: int, net_factory: CouplingNetFactory) -> FlowSequence:
-    """One Glow step: ActNorm → invertible 1×1 conv → affine coupling."""
-    return FlowSequence([ActNorm(channels), InvConv1x1(channels), AffineCoupling(channels, net_factory)])
+class FlowStep(FlowSequence):
+    """One Glow step: ActNorm → invertible 1×1 conv → affine coupling.
+
+    With ``fused`` set, ActNorm and the 1×1 conv run as one 1×1 convolution
+    (:func:`~densead.flows.layers.fused_actnorm_invconv`) once ActNorm is
+    initialized; before that (its data-dependent init on the first training
+    batch) the step takes the plain path, which stays the reference. ``fused``
+    is a plain attribute, not state: parameters, ``state_dict`` keys and the
+    inverse are the same either way.
+    """
+
+    def __init__(self, actnorm: ActNorm, invconv: InvConv1x1, coupling: AffineCoupling) -> None:
+        super().__init__([actnorm, invconv, coupling])
+        self.fused = False
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        actnorm, invconv, coupling = self.layers
+        if not self.fused or not actnorm.is_initialized():
+            return super().forward(x)
+        y, logdet = fused_actnorm_invconv(actnorm, invconv, x)
+        y, logdet_coupling = coupling(y)
+        return y, logdet + logdet_coupling
+
+
+def flow_step(channels: int, net_factory: CouplingNetFactory) -> FlowStep:
+    """One Glow step of ``channels`` channels; see :class:`FlowStep`."""
+    return FlowStep(ActNorm(channels), InvConv1x1(channels), AffineCoupling(channels, net_factory))
+
+
+def set_fused(module: nn.Module, fused: bool) -> None:
+    """Switch the ActNorm + 1×1 conv fusion of every :class:`FlowStep` inside ``module``."""
+    for m in module.modules():
+        if isinstance(m, FlowStep):
+            m.fused = fused
 
 
 def spread_to_input_grid(contribution: Tensor, factor: int) -> Tensor:
@@ -135,6 +167,9 @@ class Glow(nn.Module):
         hidden: channels of the coupling networks' hidden layers.
         kernel_size: coupling convolution kernel (3 for images).
         n_bins: quantization levels of the data, for the discrete log-likelihood.
+        fused: run ActNorm + 1×1 conv as one convolution (see :meth:`set_fast`).
+        channels_last: keep weights and activations in channels_last memory
+            format (see :meth:`set_fast`).
     """
 
     def __init__(
@@ -145,6 +180,8 @@ class Glow(nn.Module):
         hidden: int = 512,
         kernel_size: int = 3,
         n_bins: int = 256,
+        fused: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if n_scales < 1 or n_steps < 1:
@@ -159,6 +196,33 @@ class Glow(nn.Module):
             scales.append(scale)
             channels = scale.out_channels
         self.scales = nn.ModuleList(scales)
+        self.channels_last = False
+        self.set_fast(fused=fused, channels_last=channels_last)
+
+    def set_fast(self, fused: bool, channels_last: bool) -> Glow:
+        """Switch the fast-path levers that need no compiler; returns ``self``.
+
+        Neither changes parameters, ``state_dict`` keys or checkpoints, and both
+        give the plain path's ``log p`` up to float rounding (tests/test_fast_path.py).
+
+        Args:
+            fused: ActNorm + invertible 1×1 conv as one 1×1 convolution in every
+                step whose ActNorm is initialized (half the memory passes of the
+                two per-position linear maps).
+            channels_last: convolution weights and the activations (inputs are
+                converted in :meth:`forward`) in channels_last (NHWC) memory
+                format, which tensor-core convolutions prefer.
+        """
+        set_fused(self, fused)
+        if channels_last != self.channels_last:
+            self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.channels_last = channels_last
+        return self
+
+    @property
+    def fused(self) -> bool:
+        """Whether the steps fuse ActNorm and the 1×1 conv (see :meth:`set_fast`)."""
+        return all(m.fused for m in self.modules() if isinstance(m, FlowStep))
 
     @property
     def n_scales(self) -> int:
@@ -177,7 +241,7 @@ class Glow(nn.Module):
         """Data ``x`` (B, C, H, W) in ``[−0.5, 0.5)`` → latents and contribution maps."""
         self.check_input(x)
         latents, contributions = [], []
-        h = x
+        h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         for scale in self.scales:
             h, z, contribution = scale(h)
             latents.append(z)

@@ -28,6 +28,7 @@ __all__ = [
     "InvConv1x1",
     "Squeeze",
     "ZeroConv2d",
+    "fused_actnorm_invconv",
     "glow_coupling_net",
 ]
 
@@ -61,6 +62,20 @@ class ActNorm(FlowLayer):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # Host-side mirror of the buffer: reading the buffer is a device sync per
+        # layer and step on CUDA and a graph break under torch.compile. It only
+        # goes False -> True, except when a state_dict is loaded (then re-read).
+        self._initialized_cache = False
+
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent init has happened (reads the buffer until it has)."""
+        if not self._initialized_cache:
+            self._initialized_cache = bool(self.initialized)
+        return self._initialized_cache
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Module hook
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_cache = False
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -77,9 +92,10 @@ class ActNorm(FlowLayer):
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + ACTNORM_EPS))
         self.initialized.fill_(True)
+        self._initialized_cache = True
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
+        if self.training and not self.is_initialized():
             self.initialize(x)
         shape = (1, -1, 1, 1)
         y = (x + self.bias.view(shape).to(x.dtype)) * self.log_scale.exp().view(shape).to(x.dtype)
@@ -204,7 +220,9 @@ class AffineCoupling(FlowLayer):
 class Squeeze(FlowLayer):
     """Space-to-depth: ``(B, C, H, W) -> (B, 4C, H/2, W/2)``; log-det 0.
 
-    Output position (h, w) holds the 2×2 input block at (2h.., 2w..).
+    Output position (h, w) holds the 2×2 input block at (2h.., 2w..). A
+    channels_last input gives a channels_last output (and back in the inverse),
+    so a channels_last Glow stays channels_last at every scale.
     """
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,9 +230,37 @@ class Squeeze(FlowLayer):
         if h % 2 or w % 2:
             raise ValueError(f"Squeeze needs even height and width, got input of shape {tuple(x.shape)}")
         y = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
-        return y, zero_logdet_map(y)
+        return _same_memory_format(y, x), zero_logdet_map(y)
 
     def inverse(self, y: Tensor) -> Tensor:
         b, c4, h, w = y.shape
         c = c4 // 4
-        return y.view(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
+        x = y.view(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
+        return _same_memory_format(x, y)
+
+
+def _same_memory_format(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` in channels_last when ``like`` is (strictly) channels_last, else unchanged."""
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def fused_actnorm_invconv(actnorm: ActNorm, invconv: InvConv1x1, x: Tensor) -> tuple[Tensor, Tensor]:
+    """ActNorm followed by the 1×1 conv as one 1×1 convolution with a bias.
+
+    Both are per-position linear maps, so ``W·((x + b)·s) = W' x + c`` with
+    ``W' = W·diag(s)``, ``s = exp(log_scale)`` and ``c = W'·b``; the log-det per
+    position is ``Σ_c log_scale_c + log|det W|``. Same parameters, same result as
+    ``invconv(actnorm(x))`` up to float rounding, one pass over the activations
+    instead of two. ``W'``, ``c`` and the log-det are built in float32 (float64)
+    with autocast disabled; only the convolution itself follows autocast.
+    ActNorm must already be initialized (its data-dependent init needs the
+    unfused path).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        w = invconv.weight() * actnorm.log_scale.exp()[None, :]
+        bias = w @ actnorm.bias
+        logdet = actnorm.log_scale.sum() + invconv.log_s.sum()
+    y = F.conv2d(x, w.to(x.dtype)[:, :, None, None], bias.to(x.dtype))
+    return y, _per_position(logdet, x)

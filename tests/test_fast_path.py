@@ -1,0 +1,323 @@
+"""The fast path (fused ActNorm + 1×1 conv, channels_last, torch.compile, bf16) against the plain path.
+
+The plain path is the reference: every lever must give its ``log p``, latents
+and log-det maps up to float rounding (bf16 autocast up to a stated tolerance),
+leave checkpoints unchanged, and stay off on CPU unless asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import densead.flows.fast as fast_module
+import densead.flows.glow as glow_module
+import densead.train as train_module
+from densead.config import ConfigError, DataConfig, ModelConfig, TrainConfig, TrainRunConfig, from_dict
+from densead.detectors.glow import GlowScorer, get_detector
+from densead.flows import (
+    ActNorm,
+    FastPath,
+    FlowStep,
+    Glow,
+    apply_fast_path,
+    compile_flow_steps,
+    flow_step,
+    glow_coupling_net,
+    needs_data_init,
+    resolve_fast_path,
+)
+from densead.flows.fast import compile_supported
+from densead.train import load_checkpoint, load_glow, train_glow
+
+# Relative tolerance of fused vs plain: the fused weight W·diag(s) and bias W·diag(s)·b are
+# rounded once more than the two-pass plain path, a few ulps per activation (fp32 ulp ≈ 6e-8)
+# compounded over the steps of a tiny Glow.
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def perturbed(module: nn.Module, x: torch.Tensor, std: float = 0.05) -> nn.Module:
+    """ActNorms initialized on ``x``, then every parameter perturbed (zero-initialized couplings
+    would make the coupling a no-op); eval mode."""
+    module.train()(x)
+    for p in module.parameters():
+        p.add_(std * torch.randn_like(p))
+    return module.eval()
+
+
+def tiny_glow(dtype: torch.dtype, x: torch.Tensor, **kwargs) -> Glow:
+    return perturbed(Glow(3, n_scales=2, n_steps=2, hidden=16, **kwargs).to(dtype), x)
+
+
+def images(dtype: torch.dtype, batch: int = 4, size: int = 16) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, dtype=dtype) - 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_step_matches_plain_step(dtype: torch.dtype) -> None:
+    x = torch.randn(3, 6, 8, 8, dtype=dtype)
+    step = perturbed(flow_step(6, glow_coupling_net(16, 3)).to(dtype), x, std=0.1)
+    y_plain, ld_plain = step(x)
+    step.fused = True
+    y_fused, ld_fused = step(x)
+    assert ld_fused.shape == ld_plain.shape == (3, 8, 8) and ld_fused.dtype == dtype
+    assert rel_err(y_fused, y_plain) < RTOL[dtype]
+    assert rel_err(ld_fused, ld_plain) < RTOL[dtype]
+    assert (step.inverse(y_fused) - x).abs().max() < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_fused_step_logdet_matches_autograd_jacobian() -> None:
+    """The fused map's own Jacobian, not only agreement with the plain path."""
+    x = torch.randn(1, 4, 2, 2, dtype=torch.float64)
+    step = perturbed(flow_step(4, glow_coupling_net(8, 3)).double(), x, std=0.1)
+    step.fused = True
+    jac = torch.autograd.functional.jacobian(lambda v: step(v.view_as(x))[0].flatten(), x.flatten())
+    sign, logabsdet = torch.linalg.slogdet(jac)
+    assert sign != 0
+    assert torch.allclose(step(x)[1].sum(), logabsdet, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_glow_matches_plain_glow(dtype: torch.dtype) -> None:
+    x = images(dtype)
+    model = tiny_glow(dtype, x)
+    plain = model(x)
+    fused = model.set_fast(fused=True, channels_last=False)(x)
+    assert model.fused
+    assert rel_err(fused.log_prob(), plain.log_prob()) < RTOL[dtype]
+    for name in ("latents", "contributions"):
+        for a, b in zip(getattr(fused, name), getattr(plain, name), strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert rel_err(a, b) < RTOL[dtype], name
+    # the log-det maps alone: contribution minus the prior term of the same latents
+    for scale, z, c_f, c_p in zip(
+        model.scales, plain.latents, fused.contributions, plain.contributions, strict=True
+    ):
+        prior = scale.prior.log_prob_map(z)
+        assert rel_err(c_f - prior, c_p - prior) < 10 * RTOL[dtype]
+
+
+def test_fused_glow_inverse_round_trip() -> None:
+    x = images(torch.float64)
+    model = tiny_glow(torch.float64, x, fused=True)
+    out = model(x)
+    assert (model.inverse(out.latents) - x).abs().max() < 1e-10
+    assert torch.isfinite(model.sample(2, 16, 16)).all()
+
+
+def test_fused_before_actnorm_init_falls_back_and_initializes_identically(monkeypatch) -> None:
+    calls = []
+    real = glow_module.fused_actnorm_invconv
+    monkeypatch.setattr(glow_module, "fused_actnorm_invconv", lambda *a: calls.append(1) or real(*a))
+    plain = Glow(3, n_scales=2, n_steps=2, hidden=16)
+    fused = copy.deepcopy(plain).set_fast(fused=True, channels_last=False)
+    x = images(torch.float32)
+    assert needs_data_init(fused)
+    out_plain, out_fused = plain.train()(x), fused.train()(x)
+    assert not calls, "an uninitialized ActNorm must take the plain path"
+    assert not needs_data_init(fused)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), fused.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(out_fused.log_prob(), out_plain.log_prob())
+    fused(x)
+    assert len(calls) == 4, "every initialized step fuses"
+
+
+def test_initialized_flag_is_reread_after_loading_a_state_dict() -> None:
+    model = Glow(3, n_scales=2, n_steps=1, hidden=8)
+    fresh = copy.deepcopy(model.state_dict())  # state_dict() shares storage with the buffers
+    model.train()(images(torch.float32))
+    assert not needs_data_init(model)
+    model.load_state_dict(fresh)
+    assert needs_data_init(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_gradients_match_plain_gradients(dtype: torch.dtype) -> None:
+    x = images(dtype)
+    model = tiny_glow(dtype, x).train()
+
+    def grads(fused: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.set_fast(fused=fused, channels_last=False)
+        (-model(x).log_prob().mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, fused = grads(False), grads(True)
+    assert plain.keys() == fused.keys()
+    # Per tensor, relative to its norm: fp32 gradients sum thousands of rounded terms.
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for name, g in plain.items():
+        assert torch.linalg.norm(fused[name] - g) <= tol * torch.linalg.norm(g) + 1e-12, name
+    actnorm_bias = [n for n in plain if n.endswith("layers.0.bias")]
+    assert actnorm_bias and all(plain[n].abs().sum() > 0 for n in actnorm_bias)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_channels_last_matches_contiguous(fused: bool) -> None:
+    x = images(torch.float32)
+    model = tiny_glow(torch.float32, x)
+    plain = model(x)
+    keys = list(model.state_dict())
+    assert rel_err(model(x.contiguous(memory_format=torch.channels_last)).log_prob(), plain.log_prob()) < 1e-6
+    model.set_fast(fused=fused, channels_last=True)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    out = model(x)
+    assert rel_err(out.log_prob(), plain.log_prob()) < 1e-5
+    for a, b in zip(out.contributions, plain.contributions, strict=True):
+        assert rel_err(a, b) < 1e-5
+    assert (model.inverse(out.latents) - x).abs().max() < 1e-4
+    assert list(model.state_dict()) == keys
+    model.set_fast(fused=False, channels_last=False)
+    assert all(w.is_contiguous() for w in convs)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo compiled since the last reset (0 means everything fell back to eager)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def test_compile_matches_eager() -> None:
+    """Inductor on CPU (gcc), a tiny Glow with every lever: the same log p as the plain eager model.
+
+    Deliberately tiny (1 channel, 8×8, L=1, K=1, 4 hidden): inductor's C++ code
+    generation takes ~15 s for it on a cold cache on a loaded 2-core CPU, more
+    per extra scale. Splits and backward go through ``torch.compile`` in the
+    ``aot_eager`` tests below.
+    """
+    torch._dynamo.reset()
+    x = torch.rand(2, 1, 8, 8) - 0.5
+    model = perturbed(Glow(1, n_scales=1, n_steps=1, hidden=4), x)
+    reference = model(x)
+    keys = list(model.state_dict())
+    assert apply_fast_path(model, FastPath(fused=True, channels_last=True, compile=True)) is model
+    with torch.no_grad():
+        out = model(x)
+    assert compiled_graphs() >= 1
+    assert rel_err(out.log_prob(), reference.log_prob()) < 1e-5
+    for a, b in zip(out.contributions, reference.contributions, strict=True):
+        assert rel_err(a, b) < 1e-5
+    assert list(model.state_dict()) == keys, "compiling in place keeps plain state_dict keys"
+
+
+def test_compiled_training_step_matches_eager_gradients() -> None:
+    """Forward and backward through compiled flow steps (backend ``aot_eager``: inductor's graph
+    capture and autograd without its slow C++ code generation on CPU), fused, two scales."""
+    torch._dynamo.reset()
+    x = images(torch.float32)
+    model = tiny_glow(torch.float32, x).train()
+    model.set_fast(fused=True, channels_last=False)
+    (-model(x).log_prob().mean()).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert compile_flow_steps(model, backend="aot_eager") == 4
+    (-model(x).log_prob().mean()).backward()
+    assert compiled_graphs() >= 1
+    for name, p in model.named_parameters():
+        assert torch.linalg.norm(p.grad - eager[name]) <= 1e-5 * torch.linalg.norm(eager[name]) + 1e-12, name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_autocast_log_p_within_tolerance(fused: bool) -> None:
+    """bf16 keeps 8 significant bits (relative rounding ≤ 2^-9 ≈ 0.2%, ~0.4% per
+    activation after a conv's accumulation); only the coupling networks and the
+    1×1 convs run in it, while log-dets, the LU weight and the prior stay fp32, so
+    per-activation errors average out in the summed ``log p``. 1% of ``log p``
+    (≈ 0.015 bits/dim on 8-bit images) bounds it with a wide margin: this tiny
+    Glow lands near 0.02%."""
+    x = images(torch.float32)
+    model = tiny_glow(torch.float32, x).set_fast(fused=fused, channels_last=False)
+    with torch.no_grad():
+        reference = model(x).log_prob()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.log_prob().dtype == torch.float32
+    assert all(c.dtype == torch.float32 for c in out.contributions)
+    err = ((out.log_prob() - reference) / reference).abs().max()
+    assert 0 < err < 0.01, "bf16 must differ a little (it ran) and not much"
+
+
+def test_auto_mode_is_plain_on_cpu_and_all_levers_on_cuda() -> None:
+    assert resolve_fast_path("auto", "cpu") == FastPath()
+    assert resolve_fast_path("auto", torch.device("cpu")) == FastPath(False, False, False)
+    cuda = resolve_fast_path("auto", torch.device("cuda"))
+    assert cuda.fused and cuda.channels_last and cuda.compile == compile_supported(torch.device("cuda"))
+    assert not resolve_fast_path("auto", "cuda", allow_compile=False).compile
+    assert resolve_fast_path("on", "cpu") == FastPath(True, True, True)
+    assert resolve_fast_path("off", "cuda") == FastPath()
+    assert resolve_fast_path("fused, channels_last", "cpu") == FastPath(True, True, False)
+    assert str(resolve_fast_path("compile", "cpu")) == "compile"
+    with pytest.raises(ValueError, match=r"train\.fast: unknown value 'fuse'"):
+        resolve_fast_path("fuse", "cpu", where="train.fast")
+    assert TrainConfig().fast == "auto"
+    assert from_dict(TrainConfig, {"fast": "fused,compile"}).fast == "fused,compile"
+    with pytest.raises(ConfigError, match="'fastpath'"):
+        from_dict(TrainConfig, {"fastpath": "on"})
+
+
+def test_scorer_auto_is_plain_on_cpu_and_fused_scores_match() -> None:
+    x = images(torch.float32)
+    model = tiny_glow(torch.float32, x)
+    dets = [get_detector("raw"), get_detector("last_scale")]
+    plain = GlowScorer(model).score(x, dets)
+    assert not model.fused and not model.channels_last
+    expected = -model(x).log_prob()
+    assert torch.equal(plain["raw"], expected.detach())
+    fast = GlowScorer(model, fast="fused,channels_last").score(x, dets)
+    assert model.fused and model.channels_last
+    for name in plain:
+        assert rel_err(fast[name], plain[name]) < 1e-5
+
+
+def test_checkpoint_of_compiled_fused_training_loads_into_plain_glow(tmp_path: Path, monkeypatch) -> None:
+    """``train_glow`` with every lever but bf16 (compile through ``aot_eager``, see above): compile
+    waits for ActNorm's init, and the checkpoint has plain keys and loads with ``weights_only=True``
+    into a Glow built without levers."""
+    compiled = []
+    real = fast_module.compile_flow_steps
+
+    def spy(module, backend=None):
+        compiled.append(needs_data_init(module))
+        return real(module, backend)
+
+    monkeypatch.setattr(fast_module, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(train_module, "compile_flow_steps", spy)
+    torch._dynamo.reset()
+    mcfg = ModelConfig(in_channels=1, n_scales=2, n_steps=1, hidden=8, n_bins=17)
+    data = DataConfig(source="sklearn_digits", channels=1, size=8, stop=64)
+    tcfg = TrainConfig(steps=3, batch_size=16, log_every=1, fast="on")
+    ckpt_path = train_glow(TrainRunConfig(str(tmp_path), data, mcfg, tcfg), progress=False)
+    assert compiled == [False], "compiled once, after the data-dependent init"
+    assert compiled_graphs() >= 1
+    raw = torch.load(ckpt_path, weights_only=True)
+    assert not any("_orig_mod" in k for k in raw["model"])
+    plain = Glow(1, n_scales=2, n_steps=1, hidden=8, n_bins=17)
+    plain.load_state_dict(raw["model"])
+    assert not needs_data_init(plain)
+    loaded, _ = load_glow(ckpt_path)
+    assert load_checkpoint(ckpt_path)["step"] == 3
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    assert not loaded.fused and not loaded.channels_last
+    with torch.no_grad():
+        ref = plain.eval()(x).log_prob()
+        assert torch.equal(loaded(x).log_prob(), ref)
+        fast = loaded.set_fast(fused=True, channels_last=True)(x).log_prob()
+    assert rel_err(fast, ref) < 1e-5
+
+
+def test_flow_step_is_a_flow_step_with_plain_state_dict_keys() -> None:
+    step = flow_step(4, glow_coupling_net(8, 3))
+    assert isinstance(step, FlowStep) and isinstance(step.layers[0], ActNorm)
+    assert list(step.state_dict())[:3] == ["layers.0.bias", "layers.0.log_scale", "layers.0.initialized"]
