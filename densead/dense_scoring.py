@@ -1,21 +1,34 @@
-"""Dense anomaly maps of road frames: Glow pixel maps, dataset-level rescaling, files, pixel metrics.
+"""Dense anomaly maps of road frames: map producers, dataset-level rescaling, files, pixel metrics.
 
-**Maps.** A frame (H, W) is padded at the bottom/right (mirrored) to a multiple of
-``downscale · 2^L``, shrunk by ``downscale`` (block means, as in training), and scored by
-:meth:`densead.detectors.GlowScorer.score_maps` — the detectors' own pixel maps (raw, ratio,
-``scale<i>``, ``last_scale``, ...), no second implementation. Each model pixel's value is then
-spread evenly over the ``downscale × downscale`` native pixels it covers (divided by
-``downscale²``, as the Glow spreads its scales) and the padding is cut off. So on the padded
-frame the map sums to the detector's score of the padded, shrunk frame (``−log p`` for ``raw``).
+**Maps** come from a :class:`~densead.frame_scorers.FrameScorer`: frames in, ``{detector: (B, H, W)}``
+maps at the frames' native resolution out (higher = more anomalous), always the detectors' own
+map functions, no second implementation (see :mod:`densead.frame_scorers` for the geometry):
 
-**Files** written by :func:`write_dense_maps` into ``out_dir``::
+* Glow detectors (raw, ratio, ``scale<i>``, ``last_scale``, ...): a frame is padded at the
+  bottom/right (mirrored) to a multiple of ``downscale · 2^L``, shrunk by ``downscale`` (block
+  means, as in training), and scored by :meth:`densead.detectors.GlowScorer.score_maps`. Each
+  model pixel's value is then spread evenly over the ``downscale × downscale`` native pixels it
+  covers (divided by ``downscale²``, as the Glow spreads its scales) and the padding is cut off.
+  So on the padded frame the map sums to the detector's score of the padded, shrunk frame
+  (``−log p`` for ``raw``).
+* Feature-density detectors (``density_<tap>``, ``density_mean``, ``density_min``, ``msp``,
+  ``max_logit``, ``entropy``) of a flows checkpoint: frames resized and padded as the flows run
+  saw them, maps resized back bilinearly.
+* Combinations ``combo:<a>+<b>``: the mean of the components' maps, each standardized on the
+  inlier pixels of calibration frames of another split (:mod:`densead.combined_maps`).
+
+:func:`score_road_dataset` builds the producer from detector names and checkpoints.
+
+**Files** written by :func:`write_frame_maps` into ``out_dir``::
 
     maps/<detector>/<frame>.npy       float16 (H, W) in [0, 1], the frame's own shape
     overlays/<detector>/<frame>.png   the map as a heat map over the frame
     summary.csv                       per frame: name, height, width, anomaly_fraction,
                                       void_fraction, <detector>_mean, <detector>_max (raw units)
     rescale.json                      per detector the [lo, hi] of the rescaling
-    run.json                          provenance: source, checkpoints, detectors, downscale, frames
+    run.json                          provenance: source, checkpoints, detectors, the producer's
+                                      settings (downscale, feature scale, combinations and their
+                                      calibration constants and frames), frames
 
 (``/`` in a frame name becomes ``__`` in file names.)
 
@@ -44,8 +57,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +66,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from densead.combined_maps import (
+    COMBO_PREFIX,
+    CombinedFrameScorer,
+    fit_inlier_stats,
+    parse_combinations,
+    spread_frames,
+)
 from densead.data.road import ANOMALY, VOID, RoadDataset, read_label
-from densead.data.transforms import to_model_input
-from densead.dense import RoadSource, pad_to_multiple, shrink, trained_downscale
-from densead.detectors import MIN_LOG_PROB, GlowDetector, GlowScorer, get_detector
+from densead.dense import RoadSource, trained_downscale
+from densead.detectors import DETECTORS, GlowDetector, GlowScorer, get_detector
+from densead.frame_scorers import (
+    SENTINEL_LIMIT,
+    FeatureFrameScorer,
+    FrameScorer,
+    GlowFrameScorer,
+    StackedFrameScorer,
+    frame_maps,
+    iter_frame_maps,
+)
 from densead.io import atomic_write_text
 from densead.metrics import PixelMetrics
 from densead.scoring import write_scores_csv
@@ -68,17 +96,15 @@ __all__ = [
     "MapRescale",
     "PixelMetricRow",
     "evaluate_dense_run",
+    "SENTINEL_LIMIT",
     "frame_maps",
     "pixel_metrics_markdown",
     "safe_name",
     "score_road_dataset",
     "write_dense_maps",
+    "write_frame_maps",
     "write_pixel_metrics",
 ]
-
-# Scores at or beyond this magnitude are the detectors' stand-in for a non-finite log-density
-# (MIN_LOG_PROB = −1e12); they would squeeze every real score into one float16 value.
-SENTINEL_LIMIT = 0.5 * abs(MIN_LOG_PROB)
 
 RUN_FILE = "run.json"
 RESCALE_FILE = "rescale.json"
@@ -88,65 +114,6 @@ SUMMARY_FILE = "summary.csv"
 def safe_name(name: str) -> str:
     """A frame name as a file stem (``/`` → ``__``)."""
     return name.replace("/", "__")
-
-
-# --------------------------------------------------------------------------- maps of frames
-
-
-def frame_maps(
-    scorer: GlowScorer,
-    images: Sequence[np.ndarray],
-    detectors: Sequence[GlowDetector],
-    downscale: int = 1,
-    device: torch.device | str = "cpu",
-) -> dict[str, np.ndarray]:
-    """``{detector: (B, H, W) float32}`` maps of same-size uint8 RGB frames ``(H, W, 3)``.
-
-    See the module docstring for padding, shrinking and spreading; higher = more anomalous.
-    """
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"frame_maps needs frames of one size, got {sorted(shapes)}")
-    h, w = images[0].shape[:2]
-    unit = downscale * 2**scorer.model.n_scales
-    batch = np.stack([shrink(pad_to_multiple(im, unit), downscale) for im in images])
-    x = to_model_input(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device), scorer.model.n_bins, False)
-    results = scorer.score_maps(x, list(detectors))
-    out = {}
-    for name, (_, m) in results.items():
-        m = m.float().cpu().numpy()
-        if downscale > 1:
-            m = np.repeat(np.repeat(m, downscale, axis=1), downscale, axis=2) / float(downscale * downscale)
-        out[name] = np.ascontiguousarray(m[:, :h, :w], dtype=np.float32)
-    return out
-
-
-def _iter_frame_maps(
-    dataset: RoadDataset,
-    scorer: GlowScorer,
-    detectors: Sequence[GlowDetector],
-    downscale: int,
-    batch_size: int,
-    device: torch.device,
-    progress: bool,
-    desc: str,
-) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    """``(item, {detector: (H, W) map})`` per frame, batching consecutive frames of one size."""
-
-    def flush(items: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-        maps = frame_maps(scorer, [it["image"] for it in items], detectors, downscale, device)
-        for j, it in enumerate(items):
-            yield it, {name: m[j] for name, m in maps.items()}
-
-    pending: list[dict[str, Any]] = []
-    for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False):
-        item = dataset[i]
-        if pending and (len(pending) == batch_size or item["image"].shape != pending[0]["image"].shape):
-            yield from flush(pending)
-            pending = []
-        pending.append(item)
-    if pending:
-        yield from flush(pending)
 
 
 # --------------------------------------------------------------------------- rescaling
@@ -235,16 +202,13 @@ def _label_stats(label: np.ndarray | None) -> tuple[Any, Any]:
     return anomaly, n_void / label.size
 
 
-def write_dense_maps(
+def write_frame_maps(
     dataset: RoadDataset,
-    scorer: GlowScorer,
-    detectors: Sequence[GlowDetector],
+    scorer: FrameScorer,
     out_dir: str | Path,
-    downscale: int = 1,
     rescale: MapRescale | None = None,
     overlays: bool = True,
     batch_size: int = 1,
-    device: torch.device | str = "cpu",
     progress: bool = True,
     info: Mapping[str, Any] | None = None,
 ) -> DenseRun:
@@ -252,28 +216,22 @@ def write_dense_maps(
 
     Args:
         dataset: road frames (labels optional).
-        scorer: the in-distribution (and general) Glow.
-        detectors: which maps.
+        scorer: the map producer (:mod:`densead.frame_scorers`); its ``describe()`` goes into
+            ``run.json``.
         out_dir: output folder (created).
-        downscale: integer shrink factor of the frames before scoring.
         rescale: fixed ``[lo, hi]`` per detector; None calibrates them on ``dataset`` in a first
             pass.
         overlays: also write the heat-map PNGs.
         batch_size: consecutive frames of one size scored together.
-        device: where the models are.
         progress: tqdm bars.
         info: extra provenance for ``run.json`` (e.g. the source and checkpoints).
     """
-    device = torch.device(device)
-    detectors = list(detectors)
-    names = [d.name for d in detectors]
+    names = list(scorer.names)
     if len(set(names)) != len(names):
         raise ValueError(f"detectors repeat: {names}")
     if rescale is None:
         ranges: dict[str, tuple[float, float]] = {}
-        for _, maps in _iter_frame_maps(
-            dataset, scorer, detectors, downscale, batch_size, device, progress, "calibrate"
-        ):
+        for _, maps in iter_frame_maps(dataset, scorer, batch_size, progress, "calibrate"):
             for name, m in maps.items():
                 _update_range(ranges, name, m)
         rescale = MapRescale.fit(ranges)
@@ -292,9 +250,7 @@ def write_dense_maps(
         for n in names:
             columns[f"{n}_mean"], columns[f"{n}_max"] = [], []
         frame_names = []
-        for item, maps in _iter_frame_maps(
-            dataset, scorer, detectors, downscale, batch_size, device, progress, f"score {out_dir.name}"
-        ):
+        for item, maps in iter_frame_maps(dataset, scorer, batch_size, progress, f"score {out_dir.name}"):
             name, stem = item["name"], safe_name(item["name"])
             frame_names.append(name)
             anomaly, void = _label_stats(item["label"])
@@ -319,7 +275,7 @@ def write_dense_maps(
         run = {
             **dict(info or {}),
             "detectors": names,
-            "downscale": downscale,
+            **scorer.describe(),
             "map_dtype": "float16",
             "rescale": {k: list(v) for k, v in rescale.bounds.items()},
             "frames": frame_names,
@@ -334,9 +290,99 @@ def write_dense_maps(
     return DenseRun(out_dir, tuple(frame_names), tuple(names), rescale)
 
 
+def write_dense_maps(
+    dataset: RoadDataset,
+    scorer: GlowScorer,
+    detectors: Sequence[GlowDetector],
+    out_dir: str | Path,
+    downscale: int = 1,
+    rescale: MapRescale | None = None,
+    overlays: bool = True,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    info: Mapping[str, Any] | None = None,
+) -> DenseRun:
+    """:func:`write_frame_maps` of Glow detectors (:class:`~densead.frame_scorers.GlowFrameScorer`)."""
+    glow = GlowFrameScorer(scorer, detectors, downscale, device)
+    return write_frame_maps(dataset, glow, out_dir, rescale, overlays, batch_size, progress, info)
+
+
+FEATURE_DETECTOR_NAMES = "density_<tap>, density_mean, density_min, msp, max_logit, entropy"
+
+
+def _same_frames(a: RoadSource, b: RoadSource) -> bool:
+    """Whether two sources open the same set of frames (``max_frames`` aside)."""
+    return a.name == b.name and Path(a.root).resolve() == Path(b.root).resolve()
+
+
+def _glow_detector(name: str, feature_names: Sequence[str] | None) -> GlowDetector:
+    """The Glow detector ``name``; the error lists every valid name, feature detectors included."""
+    try:
+        return get_detector(name)
+    except ValueError:
+        features = f"{FEATURE_DETECTOR_NAMES} (need feature_flows)" if feature_names is None else ""
+        raise ValueError(
+            f"unknown detector {name!r}; valid: Glow detectors {', '.join(DETECTORS)}, scale<i>, "
+            f"ratio_scale<i>; feature detectors {features or ', '.join(feature_names or ())}"
+        ) from None
+
+
+def _glow_scorer(
+    detectors: Sequence[GlowDetector],
+    checkpoint: str | Path | None,
+    general: str | Path | None,
+    downscale: int | None,
+    device: torch.device,
+) -> tuple[GlowFrameScorer, dict[str, Any]]:
+    if checkpoint is None:
+        raise ValueError(f"detector(s) {[d.name for d in detectors]} need a Glow checkpoint")
+    if any(d.needs_general for d in detectors) and general is None:
+        raise ValueError(f"detector(s) {[d.name for d in detectors if d.needs_general]} need a general Glow")
+    model, _ = load_glow(checkpoint, device)
+    general_model = load_glow(general, device)[0] if general is not None else None
+    if general_model is not None and general_model.n_scales != model.n_scales:
+        raise ValueError(f"{general}: {general_model.n_scales} scales, but {checkpoint} has {model.n_scales}")
+    if downscale is None:
+        downscale = trained_downscale(checkpoint) or 1
+    info = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "general": str(Path(general).resolve()) if general is not None else None,
+    }
+    return GlowFrameScorer(GlowScorer(model, general_model), detectors, downscale, device), info
+
+
+def _feature_scorer(
+    feature_flows: str | Path,
+    needed: Sequence[str],
+    dataset: RoadDataset,
+    source: RoadSource,
+    device: torch.device,
+) -> tuple[FeatureFrameScorer | None, tuple[str, ...], dict[str, Any]]:
+    """(producer of the ``needed`` feature detectors or None, every feature detector name, provenance)."""
+    from densead.detectors.feature_density import load_dense_detector  # pulls in timm (seconds)
+
+    detector, cfg = load_dense_detector(feature_flows, device=device)
+    for key in ("held_out", "void"):  # a segmenter trained on the anomalies would see them
+        ours, theirs = getattr(dataset, key, None), getattr(cfg.data, key)
+        if ours is not None and tuple(ours) != tuple(theirs):
+            raise ValueError(
+                f"{feature_flows}: trained with {key}={list(theirs)}, but {source.name} uses {list(ours)}"
+            )
+    names = [n for n in needed if n in detector.names]
+    scorer = (
+        FeatureFrameScorer(detector, cfg.data.scale, cfg.data.pad_divisor, names, device) if names else None
+    )
+    info = {
+        "feature_flows": str(Path(feature_flows).resolve()),
+        "segmenter": str(Path(cfg.segmenter).resolve()),
+    }
+    return scorer, detector.names, info
+
+
 def score_road_dataset(
     source: RoadSource,
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     out_dir: str | Path,
     detectors: Sequence[str] = ("raw",),
     general: str | Path | None = None,
@@ -346,48 +392,75 @@ def score_road_dataset(
     batch_size: int = 1,
     device: str = "auto",
     progress: bool = True,
+    feature_flows: str | Path | None = None,
+    combine: Sequence[str] = (),
+    calibration: RoadSource | None = None,
+    calibration_frames: int = 64,
 ) -> DenseRun:
     """Dense maps of a road dataset (or image folder) from checkpoint(s), by detector names.
 
+    Detector names may mix Glow detectors (from ``checkpoint`` and ``general``) and the
+    feature-density detectors of ``feature_flows`` (``density_<tap>``, ``density_mean``,
+    ``density_min``, ``msp``, ``max_logit``, ``entropy``); ``checkpoint`` may be None when no
+    Glow detector is asked for. ``combine`` (or detector names starting with ``combo:``) adds
+    combinations such as ``"density_cls+ratio"`` (:mod:`densead.combined_maps`), standardized on
+    the inlier pixels of ``calibration_frames`` frames spread over ``calibration`` (default: the
+    ``train`` split of ``source``), which must not be the frames under test.
+
     ``downscale=None`` takes the factor the in-distribution Glow was trained with (1 for
-    checkpoints that do not record one). Everything else: :func:`write_dense_maps`.
+    checkpoints that do not record one). Everything else: :func:`write_frame_maps`.
+
+    Raises:
+        ValueError: an unknown detector or component (the message lists the valid ones), a
+            detector whose checkpoint is missing, or calibration on the frames under test.
     """
-    dets = [get_detector(n) for n in detectors]
-    if any(d.needs_general for d in dets) and general is None:
-        raise ValueError(f"detector(s) {[d.name for d in dets if d.needs_general]} need a general Glow")
-    dataset = source.open()
+    combos = parse_combinations([*combine, *(d for d in detectors if d.startswith(COMBO_PREFIX))])
+    plain = [d for d in detectors if not d.startswith(COMBO_PREFIX)]
+    needed = list(dict.fromkeys([*plain, *(c for combo in combos for c in combo.components)]))
     dev = resolve_device(device)
-    model, _ = load_glow(checkpoint, dev)
-    general_model = load_glow(general, dev)[0] if general is not None else None
-    if general_model is not None and general_model.n_scales != model.n_scales:
-        raise ValueError(f"{general}: {general_model.n_scales} scales, but {checkpoint} has {model.n_scales}")
-    if downscale is None:
-        downscale = trained_downscale(checkpoint) or 1
-    if downscale < 1:
-        raise ValueError(f"downscale must be a positive integer, got {downscale}")
-    info = {
-        "source": asdict(source),
-        "set_name": source.name,
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "general": str(Path(general).resolve()) if general is not None else None,
-    }
+    info: dict[str, Any] = {"source": asdict(source), "set_name": source.name}
     info["source"]["root"] = str(Path(source.root).resolve())
+    dataset = source.open()
     for key in ("held_out", "void"):  # the dataset's effective protocol, defaults included
         if hasattr(dataset, key):
             info["source"][key] = list(getattr(dataset, key))
-    return write_dense_maps(
-        dataset,
-        GlowScorer(model, general_model),
-        dets,
-        out_dir,
-        downscale,
-        rescale,
-        overlays,
-        batch_size,
-        dev,
-        progress,
-        info,
-    )
+
+    scorers: list[FrameScorer] = []
+    feature_names: tuple[str, ...] = ()
+    if feature_flows is not None:
+        feature, feature_names, feature_info = _feature_scorer(feature_flows, needed, dataset, source, dev)
+        scorers += [feature] if feature is not None else []
+        info.update(feature_info)
+    glow_dets = [
+        _glow_detector(n, feature_names if feature_flows else None) for n in needed if n not in feature_names
+    ]
+    if glow_dets:
+        glow, glow_info = _glow_scorer(glow_dets, checkpoint, general, downscale, dev)
+        scorers.insert(0, glow)
+        info.update(glow_info)
+    if not scorers:
+        raise ValueError("no detectors asked for")
+
+    scorer: FrameScorer
+    if combos:
+        calibration = calibration or replace(source, split="train", max_frames=0)
+        if _same_frames(calibration, source):
+            raise ValueError(
+                f"calibration set {calibration.name} is the set under test: its labels must not be used"
+            )
+        cal_dataset = spread_frames(calibration.open(), calibration_frames)
+        info["calibration_source"] = asdict(calibration)
+        info["calibration_source"]["root"] = str(Path(calibration.root).resolve())
+        for key in ("held_out", "void"):
+            if hasattr(cal_dataset, key):
+                info["calibration_source"][key] = list(getattr(cal_dataset, key))
+        base = StackedFrameScorer(scorers)
+        components = list(dict.fromkeys(c for combo in combos for c in combo.components))
+        stats = fit_inlier_stats(base, cal_dataset, components, batch_size, progress)
+        scorer = CombinedFrameScorer(base, combos, stats, keep=plain)
+    else:
+        scorer = StackedFrameScorer(scorers, plain)
+    return write_frame_maps(dataset, scorer, out_dir, rescale, overlays, batch_size, progress, info)
 
 
 # --------------------------------------------------------------------------- pixel metrics

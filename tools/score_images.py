@@ -18,6 +18,20 @@ Road mode: dense maps of road frames instead of image scores; --out is a folder.
 writes maps/<detector>/<frame>.npy (float16 in [0, 1], dataset-level min-max), overlays/<detector>/
 <frame>.png, summary.csv, rescale.json and run.json (see densead/dense_scoring.py). --road takes
 camvid, cityscapes, fishyscapes_laf, smiyc, lostandfound, road_anomaly or folder (any image folder).
+
+Feature-density detectors (density_<tap>, density_mean, density_min, msp, max_logit, entropy) come
+from --feature-flows (a checkpoint of tools/train_feature_flows.py; frames are resized and padded
+as that run saw them). --detector may mix them with Glow detectors; --checkpoint is needed only for
+Glow detectors. --combine adds combo:<a>+<b> maps: the mean of the components after standardizing
+each on the inlier pixels of --calibration-frames frames of --calibration-split (never the split
+under test; see densead/combined_maps.py):
+
+    python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \
+        --feature-flows runs/ff_long_head/feature_flows.pt --checkpoint runs/camvid_glow/checkpoint.pt \
+        --general runs/camvid_glow_general/checkpoint.pt --detector density_cls,msp,ratio,last_scale \
+        --combine density_cls+ratio,density_cls+last_scale --out runs/camvid_combined_scores
+
+Then: python tools/evaluate.py --pixel runs/camvid_combined_scores --out runs/camvid_combined_eval
 """
 
 from __future__ import annotations
@@ -40,7 +54,7 @@ from densead.train import load_glow, resolve_device
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="in-distribution Glow checkpoint")
+    p.add_argument("--checkpoint", help="in-distribution Glow checkpoint (road mode: for Glow detectors)")
     p.add_argument("--general", help="general-distribution Glow checkpoint (ratio detectors)")
     p.add_argument("--detector", default="raw", help="comma-separated detector names")
     src = p.add_mutually_exclusive_group(required=True)
@@ -66,11 +80,26 @@ def main(argv: list[str] | None = None) -> int:
     road.add_argument("--max-frames", type=int, default=0, help="only the first N frames (0: all)")
     road.add_argument("--rescale-from", help="rescale.json of another run (default: calibrate on this set)")
     road.add_argument("--no-overlays", action="store_true", help="write maps and summary only")
+    road.add_argument(
+        "--feature-flows", help="feature-density checkpoint (density_*, msp, max_logit, entropy)"
+    )
+    road.add_argument(
+        "--combine", default="", help="combinations, e.g. density_cls+ratio,density_mean+last_scale"
+    )
+    road.add_argument(
+        "--calibration-split", default="train", help="split whose inlier pixels standardize --combine"
+    )
+    road.add_argument("--calibration-frames", type=int, default=64, help="frames spread over it (0: all)")
     args = p.parse_args(argv)
     if args.road:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             p.error("road mode runs in one process; torchrun is supported for image scoring")
         return _road_main(p, args)
+    if not args.checkpoint:
+        p.error("--checkpoint is required (except in road mode with feature detectors only)")
+    for flag in ("feature_flows", "combine"):
+        if getattr(args, flag):
+            p.error(f"--{flag.replace('_', '-')} is for road mode (--road)")
     if args.batch_size is None:
         args.batch_size = 256
 
@@ -132,25 +161,29 @@ def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.heatmaps:
         p.error("--heatmaps is for images; road mode writes overlays into <--out>/overlays")
     detectors = [name.strip() for name in args.detector.split(",") if name.strip()]
-    needs_general = [d for d in detectors if get_detector(d).needs_general]
-    if needs_general and not args.general:
-        p.error(f"detector(s) {needs_general} need --general")
-    source = RoadSource(
-        args.road, args.root, args.split, _names(args.held_out), _names(args.void), args.max_frames
-    )
-    run = score_road_dataset(
-        source,
-        args.checkpoint,
-        args.out,
-        detectors,
-        general=args.general,
-        downscale=args.downscale,
-        rescale=MapRescale.load(args.rescale_from) if args.rescale_from else None,
-        overlays=not args.no_overlays,
-        batch_size=args.batch_size or 1,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    held_out, void = _names(args.held_out), _names(args.void)
+    source = RoadSource(args.road, args.root, args.split, held_out, void, args.max_frames)
+    calibration = RoadSource(args.road, args.root, args.calibration_split, held_out, void)
+    try:
+        run = score_road_dataset(
+            source,
+            args.checkpoint,
+            args.out,
+            detectors,
+            general=args.general,
+            downscale=args.downscale,
+            rescale=MapRescale.load(args.rescale_from) if args.rescale_from else None,
+            overlays=not args.no_overlays,
+            batch_size=args.batch_size or 1,
+            device=args.device,
+            progress=not args.no_progress,
+            feature_flows=args.feature_flows,
+            combine=[c for c in args.combine.split(",") if c.strip()],
+            calibration=calibration,
+            calibration_frames=args.calibration_frames,
+        )
+    except ValueError as err:  # bad names or missing checkpoints: a usage error, not a crash
+        p.error(str(err))
     dets = ", ".join(run.detectors)
     print(f"{len(run.names)} frames of {source.name} scored with {dets} -> {run.out_dir.resolve()}")
     return 0

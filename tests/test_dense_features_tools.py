@@ -1,0 +1,371 @@
+"""Feature-density and combined maps in the dense pipeline: geometry, calibration, tools end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_dense import fake_camvid, random_glow, save_tiny_checkpoint
+
+from densead.combined_maps import Combination, CombinedFrameScorer, fit_inlier_stats, spread_frames
+from densead.data.road import CamVid
+from densead.dense import RoadSource
+from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset
+from densead.detectors import GlowScorer, get_detector
+from densead.detectors.feature_density import (
+    DenseFeatureDetector,
+    FeatureDensity,
+    FeatureFlowsRunConfig,
+    FlowConfig,
+    FlowTrainConfig,
+    load_feature_density,
+    train_feature_flows,
+)
+from densead.features import FrozenFeatureExtractor
+from densead.frame_scorers import FeatureFrameScorer, GlowFrameScorer, StackedFrameScorer
+from densead.segmenter import (
+    SceneDataConfig,
+    SegmenterConfig,
+    SegmenterRunConfig,
+    SegmenterTrainConfig,
+    build_segmenter,
+    iter_eval_batches,
+    load_scene_arrays,
+    train_segmenter,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_feature_detector(seed: int = 0) -> DenseFeatureDetector:
+    """An untrained tiny segmenter (resnet18, 8-channel head) with perturbed, normalized flows."""
+    torch.manual_seed(seed)
+    segmenter = build_segmenter(SegmenterConfig(decoder_channels=8), num_classes=9).eval()
+    taps = {"fuse": "fuse.1", "cls": "classifier", "logits": "classifier"}
+    extractor = FrozenFeatureExtractor.from_module(segmenter, taps)
+    density = FeatureDensity({n: extractor.channels[n] for n in ("fuse", "cls")}, n_steps=1, hidden=8)
+    with torch.no_grad():
+        for p in density.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    density.set_normalization({"fuse": -12.0, "cls": -20.0}, {"fuse": 3.0, "cls": 5.0})
+    return DenseFeatureDetector(extractor, density)
+
+
+# --------------------------------------------------------------------------- feature maps
+
+
+def test_feature_maps_are_the_detectors_maps_in_training_geometry(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=3)  # 22×30 frames
+    detector = tiny_feature_detector()
+    scorer = FeatureFrameScorer(detector, scale=0.5, pad_divisor=32)
+    frames = [CamVid(root, "test")[i]["image"] for i in range(3)]
+
+    # The input is exactly what the flows run evaluated on: load_scene_arrays + iter_eval_batches.
+    arrays = load_scene_arrays(SceneDataConfig(root=str(root), scale=0.5), "test")
+    _, x_train, _, _ = next(iter_eval_batches(arrays, 3, 32))
+    x = scorer.model_input(frames)
+    assert x.shape == (3, 3, 32, 32) and torch.equal(x, x_train)
+
+    # By hand: resize (area), zero-pad, score, cut the padding, resize back bilinearly.
+    small = np.stack([cv2.resize(f, (15, 11), interpolation=cv2.INTER_AREA) for f in frames])
+    padded = np.zeros((3, 32, 32, 3), np.uint8)
+    padded[:, :11, :15] = small
+    expected, _ = detector.score_maps(torch.from_numpy(padded).permute(0, 3, 1, 2).float() / 255.0)
+    maps = scorer.maps(frames)
+    assert list(maps) == list(detector.names)
+    for name, m in maps.items():
+        assert m.shape == (3, 22, 30) and m.dtype == np.float32, name
+        by_hand = F.interpolate(
+            expected[name][:, None, :11, :15], size=(22, 30), mode="bilinear", align_corners=False
+        )[:, 0]
+        np.testing.assert_allclose(m, by_hand.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+    # The padding is cut before resizing back: stretching the padded map would differ.
+    stretched = F.interpolate(
+        expected["density_cls"][:, None], size=(22, 30), mode="bilinear", align_corners=False
+    )[:, 0]
+    assert not np.allclose(maps["density_cls"], stretched.numpy(), atol=1e-3)
+
+    # At scale 1 on a frame of a whole number of 32s there is nothing to resize, pad or cut.
+    big = np.random.default_rng(0).integers(0, 256, (2, 64, 32, 3), dtype=np.uint8)
+    direct, _ = detector.score_maps(torch.from_numpy(big).permute(0, 3, 1, 2).float() / 255.0)
+    one = FeatureFrameScorer(detector, 1.0, 32, names=["msp", "density_fuse"]).maps(list(big))
+    assert list(one) == ["msp", "density_fuse"]
+    assert np.array_equal(one["msp"], direct["msp"].numpy())
+    with pytest.raises(ValueError, match=r"unknown feature detector\(s\) \['ratio'\]; valid: density_fuse"):
+        FeatureFrameScorer(detector, 1.0, 32, names=["ratio"])
+
+
+# --------------------------------------------------------------------------- combinations
+
+
+class PixelScorer:
+    """A fake producer whose maps depend on each pixel alone, so label masking is exact."""
+
+    names = ("red", "bright", "flat")
+
+    def maps(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        x = np.stack(images).astype(np.float32)
+        red, bright = x[..., 0] / 255.0, (x.sum(-1) / 100.0) ** 2
+        return {"red": red, "bright": bright, "flat": np.ones_like(red)}
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+class Frames:
+    """A road dataset held in memory."""
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> None:
+        self.items = [
+            {"name": f"m{i}", "image": im, "label": lab}
+            for i, (im, lab) in enumerate(zip(images, labels, strict=True))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def test_combination_is_the_mean_of_inlier_standardized_components(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=3, split="train")
+    camvid = CamVid(root, "train")
+    items = [camvid[i] for i in range(3)]
+    images, labels = [it["image"] for it in items], [it["label"] for it in items]
+    stats = fit_inlier_stats(PixelScorer(), Frames(images, labels), ["red", "bright"], batch_size=2)
+    # By hand: all inlier pixels of all frames pooled, population std.
+    maps = PixelScorer().maps(images)
+    inlier = np.stack(labels) == 0
+    assert 0 < inlier.sum() < inlier.size and stats.frames == ("m0", "m1", "m2")
+    for name in ("red", "bright"):
+        values = maps[name][inlier].astype(np.float64)
+        assert stats.count[name] == values.size
+        assert stats.mean[name] == pytest.approx(values.mean(), rel=1e-12)
+        assert stats.std[name] == pytest.approx(values.std(), rel=1e-9)
+    # Values planted on anomaly and void pixels change nothing.
+    wild = [
+        np.where((lab != 0)[..., None], 255, im).astype(np.uint8)
+        for im, lab in zip(images, labels, strict=True)
+    ]
+    assert not np.array_equal(np.stack(wild), np.stack(images))
+    assert fit_inlier_stats(PixelScorer(), Frames(wild, labels), ["red", "bright"]) == stats
+    # ... but the same values on inlier pixels do.
+    assert (
+        fit_inlier_stats(PixelScorer(), Frames(wild, [np.zeros_like(lab) for lab in labels]), ["red"])
+        != stats
+    )
+
+    combo = Combination.parse("red+bright")
+    assert combo.name == "combo:red+bright" and Combination.parse("combo:red+bright") == combo
+    scorer = CombinedFrameScorer(PixelScorer(), [combo], stats, keep=["bright"])
+    out = scorer.maps(images[:2])
+    assert list(out) == list(scorer.names) == ["bright", "combo:red+bright"]
+    z_red = (maps["red"][:2].astype(np.float64) - stats.mean["red"]) / stats.std["red"]
+    z_bright = (maps["bright"][:2].astype(np.float64) - stats.mean["bright"]) / stats.std["bright"]
+    np.testing.assert_allclose(out["combo:red+bright"], (z_red + z_bright) / 2, rtol=1e-5, atol=1e-5)
+    # Standardized on inliers, the combination has mean 0 over them.
+    assert abs(float(scorer.combine(maps, combo)[inlier].mean())) < 1e-4
+
+    with pytest.raises(
+        ValueError, match=r"combo:red\+blue: unknown component 'blue'; valid: red, bright, flat"
+    ):
+        CombinedFrameScorer(PixelScorer(), [Combination.parse("red+blue")], stats)
+    with pytest.raises(ValueError, match="'flat' is constant"):
+        fit_inlier_stats(PixelScorer(), Frames(images, labels), ["flat"])
+    with pytest.raises(ValueError, match="two or more"):
+        Combination.parse("red")
+    with pytest.raises(ValueError, match="no label"):
+        fit_inlier_stats(PixelScorer(), Frames(images, [None] * 3), ["red"])
+
+
+def test_spread_frames_covers_the_split(tmp_path: Path) -> None:
+    dataset = CamVid(fake_camvid(tmp_path / "camvid", n=5, split="train"), "train")
+    assert spread_frames(dataset, 3).names == ["f0", "f2", "f4"]
+    assert dataset.names == ["f0", "f1", "f2", "f3", "f4"]  # the original is untouched
+    assert spread_frames(dataset, 0) is dataset
+
+
+def _relabel(root: Path, split: str, value: int) -> None:
+    """Overwrite every label of ``split`` with one CamVid class id."""
+    for path in (root / f"{split}annot").glob("*.png"):
+        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert cv2.imwrite(str(path), np.full_like(label, value))
+
+
+def test_road_combination_calibrates_on_the_train_split_only(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=3, split="test")
+    fake_camvid(root, n=4, split="train")
+    ckpt, general = save_tiny_checkpoint(tmp_path / "in.pt", 11), save_tiny_checkpoint(tmp_path / "g.pt", 12)
+    source = RoadSource("camvid", str(root), "test")
+
+    def score(out: str, **kwargs: Any) -> dict[str, Any]:
+        kw = {"general": general, "combine": ["raw+ratio"], "progress": False, **kwargs}
+        score_road_dataset(source, ckpt, tmp_path / out, ["raw"], **kw)
+        return json.loads((tmp_path / out / "run.json").read_text())
+
+    run = score("a", calibration_frames=3)
+    assert run["detectors"] == ["raw", "combo:raw+ratio"] and run["combine"] == {
+        "combo:raw+ratio": ["raw", "ratio"]
+    }
+    assert run["calibration"]["frames"] == ["f0", "f2", "f3"]  # spread over the 4 train frames
+    assert run["calibration_source"]["split"] == "train" and run["downscale"] == 1
+    assert not (tmp_path / "a" / "maps" / "ratio").exists()  # a component, not asked for
+
+    # The written combination is the standardized mean of frame_maps, rescaled like any map.
+    mean, std = run["calibration"]["mean"], run["calibration"]["std"]
+    glow = GlowScorer(random_glow(11).float(), random_glow(12).float())
+    rescale = MapRescale.load(tmp_path / "a" / "rescale.json")
+    for i, name in enumerate(run["frames"]):
+        m = frame_maps(glow, [CamVid(root, "test")[i]["image"]], [get_detector("raw"), get_detector("ratio")])
+        combo = (
+            (m["raw"][0] - mean["raw"]) / std["raw"] + (m["ratio"][0] - mean["ratio"]) / std["ratio"]
+        ) / 2
+        written = np.load(tmp_path / "a" / "maps" / "combo:raw+ratio" / f"{name}.npy")
+        assert np.abs(written.astype(np.float64) - rescale.apply("combo:raw+ratio", combo)).max() <= 1e-3
+    # Test labels never reach the constants; train labels do.
+    _relabel(root, "test", 9)  # every test pixel a Pedestrian (anomaly)
+    assert score("b", calibration_frames=3)["calibration"] == run["calibration"]
+    _relabel(root, "train", 9)  # every train pixel an anomaly: nothing left to calibrate on
+    with pytest.raises(ValueError, match="no finite inlier pixel"):
+        score("c", calibration_frames=3)
+
+
+def test_road_scoring_errors_name_the_problem(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=2, split="test")
+    ckpt = save_tiny_checkpoint(tmp_path / "in.pt", 11)
+    source = RoadSource("camvid", str(root), "test")
+    cases = [
+        ({"combine": ["raw+bogus"]}, "unknown detector 'bogus'; valid: Glow detectors raw, ratio"),
+        ({"combine": ["raw+last_scale"], "calibration": source}, "camvid_test is the set under test"),
+        (
+            {"detectors": ["density_cls"]},
+            r"density_mean, density_min, msp, max_logit, entropy \(need feature_flows",
+        ),
+        ({"detectors": ["raw"], "checkpoint": None}, r"\['raw'\] need a Glow checkpoint"),
+    ]
+    for kwargs, message in cases:
+        kw = {"checkpoint": ckpt, "detectors": ["raw"], "progress": False, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            score_road_dataset(source, kw.pop("checkpoint"), tmp_path / "out", kw.pop("detectors"), **kw)
+        assert not (tmp_path / "out").exists()
+
+
+def test_stacked_scorer_mixes_producers() -> None:
+    glow = GlowFrameScorer(GlowScorer(random_glow(1).float()), [get_detector("raw")])
+    stacked = StackedFrameScorer([glow, PixelScorer()], ["red", "raw"])
+    frame = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    maps = stacked.maps([frame])
+    assert list(maps) == ["red", "raw"] and maps["raw"].shape == (1, 16, 24)
+    assert np.array_equal(maps["raw"], glow.maps([frame])["raw"])
+    with pytest.raises(ValueError, match=r"\['raw'\] come from more than one"):
+        StackedFrameScorer([glow, glow])
+
+
+# --------------------------------------------------------------------------- the tools
+
+
+def run_tool(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path) -> None:
+    """Tiny segmenter and flows trained for two steps, a random Glow, 2 CamVid test frames scored."""
+    camvid = shared_data / "camvid"
+    data = SceneDataConfig(root=str(camvid), scale=0.25, max_frames=3, crop_height=64, crop_width=96)
+    seg_cfg = SegmenterRunConfig(
+        str(tmp_path / "seg"),
+        data,
+        SegmenterConfig(decoder_channels=8),
+        SegmenterTrainConfig(steps=2, batch_size=2, log_every=1, num_threads=1),
+    )
+    seg_path, _ = train_segmenter(seg_cfg, progress=False)
+    flows_cfg = FeatureFlowsRunConfig(
+        output_dir=str(tmp_path / "flows"),
+        segmenter=str(seg_path),
+        taps={"fuse": "fuse.1", "cls": "classifier"},
+        data=SceneDataConfig(root=str(camvid), scale=0.25, max_frames=3, crop_height=0, crop_width=0),
+        flow=FlowConfig(n_steps=1, hidden=8),
+        train=FlowTrainConfig(steps=2, batch_size=2, max_pixels=64, log_every=1, num_threads=1),
+    )
+    flows = train_feature_flows(flows_cfg, progress=False)
+    glow, general = save_tiny_checkpoint(tmp_path / "glow.pt", 3), save_tiny_checkpoint(tmp_path / "g.pt", 4)
+    common = [
+        "--road",
+        "camvid",
+        "--root",
+        str(camvid),
+        "--split",
+        "test",
+        "--max-frames",
+        "2",
+        "--no-progress",
+    ]
+
+    out = tmp_path / "scores"
+    run_tool(
+        "tools/score_images.py", *common, "--feature-flows", str(flows), "--checkpoint", str(glow),
+        "--general", str(general), "--downscale", "4", "--detector", "density_cls,msp,ratio",
+        "--combine", "density_cls+ratio,density_mean+last_scale", "--calibration-frames", "2",
+        "--out", str(out),
+    )  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    combos = ["combo:density_cls+ratio", "combo:density_mean+last_scale"]
+    assert run["detectors"] == ["density_cls", "msp", "ratio", *combos]
+    assert run["feature_scale"] == 0.25 and run["downscale"] == 4
+    train_names, test_names = CamVid(camvid, "train").names, CamVid(camvid, "test").names
+    assert len(run["calibration"]["frames"]) == 2 and set(run["calibration"]["frames"]) <= set(train_names)
+    assert not set(run["calibration"]["frames"]) & set(test_names)
+    assert set(run["calibration"]["mean"]) == {"density_cls", "ratio", "density_mean", "last_scale"}
+    for det in run["detectors"]:
+        m = np.load(out / "maps" / det / f"{run['frames'][0]}.npy")
+        assert m.dtype == np.float16 and m.shape == (360, 480) and 0 <= m.min() <= m.max() <= 1, det
+        assert (out / "overlays" / det / f"{run['frames'][0]}.png").stat().st_size > 0, det
+
+    proc = run_tool(
+        "tools/evaluate.py", "--pixel", str(out), "--out", str(tmp_path / "eval"), "--no-progress"
+    )
+    assert "| combo:density_cls+ratio |" in proc.stdout
+    with (tmp_path / "eval" / "pixel_metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["detector"] for r in rows] == run["detectors"]
+    assert all(0 <= float(r["auroc"]) <= 1 and int(r["n_anomaly"]) > 0 for r in rows)
+
+    # Feature detectors alone need no Glow; a Glow detector without --checkpoint is a usage error.
+    density, _ = load_feature_density(flows)
+    assert density.names == ("fuse", "cls")
+    only = tmp_path / "only"
+    run_tool("tools/score_images.py", *common, "--feature-flows", str(flows), "--detector", "entropy",
+             "--no-overlays", "--out", str(only))  # fmt: skip
+    assert json.loads((only / "run.json").read_text())["detectors"] == ["entropy"]
+    assert not (only / "overlays").exists()
+    proc = run_tool("tools/score_images.py", *common, "--feature-flows", str(flows), "--detector",
+                    "entropy,last_scale", "--out", str(tmp_path / "bad"), ok=False)  # fmt: skip
+    assert proc.returncode == 2 and re.search(r"\['last_scale'\] need a Glow checkpoint", proc.stderr)
+    assert not (tmp_path / "bad").exists()
