@@ -1,7 +1,8 @@
-"""Atomic file output: write to a temporary name beside the target, then rename.
+"""Atomic file output (write to a temporary name beside the target, then rename) and checkpoint input.
 
 A crash or a bad input half-way never leaves a truncated file under the final
-name; readers see either the old file or the complete new one.
+name; readers see either the old file or the complete new one. Checkpoints are
+read back with ``weights_only=True`` by :func:`read_checkpoint`, whose errors name the file.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_torch_save"]
+__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text", "read_checkpoint"]
 
 
 @contextlib.contextmanager
@@ -47,3 +48,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    keys: Sequence[str],
+    kind: str = "",
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Load a checkpoint dict with ``weights_only=True`` and check that it holds ``keys``.
+
+    Args:
+        path: the file.
+        keys: entries the checkpoint must have.
+        kind: what it should be (``"segmenter"``, ``"feature-flow"``; empty: a Glow), for the messages.
+        device: ``map_location``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, not a dict, or a key is missing; the message names the file.
+    """
+    path = Path(path)
+    label = f"{kind} checkpoint" if kind else "checkpoint"
+    if not path.is_file():
+        raise FileNotFoundError(f"{label} not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"{path}: not a readable {kind or 'densead'} checkpoint ({err})") from None
+    for key in keys:
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            raise ValueError(f"{path}: not a densead {label} (missing {key!r})")
+    return ckpt

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from densead.config import from_dict, save_config, to_dict
 from densead.data.road import CAMVID_CLASSES, VOID, CamVid
 from densead.features import load_weights
-from densead.io import atomic_torch_save, atomic_write_text
+from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
 from densead.train import resolve_device
 
 __all__ = [
@@ -398,14 +398,7 @@ def load_segmenter(
         ValueError: not a segmenter checkpoint, or weights that do not fit (names the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmenter checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path}: not a readable segmenter checkpoint ({err})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a densead segmenter checkpoint (needs 'model' and 'config')")
+    ckpt = read_checkpoint(path, ("model", "config"), "segmenter", device)
     cfg = from_dict(SegmenterRunConfig, ckpt["config"], f"{path} (config)")
     # The weights come from the checkpoint: neither timm downloads nor the backbone file are needed.
     model_cfg = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint="")

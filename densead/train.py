@@ -45,7 +45,7 @@ from densead.config import (
 from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
 from densead.flows import Glow, apply_fast_path, compile_flow_steps, needs_data_init, resolve_fast_path
-from densead.io import atomic_torch_save
+from densead.io import atomic_torch_save, read_checkpoint
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -96,18 +96,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Read a densead checkpoint (``weights_only=True``); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path}: not a readable densead checkpoint ({err})") from None
-    for key in ("model", "model_config"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise ValueError(f"{path}: not a densead checkpoint (missing {key!r})")
-    return ckpt
+    """Read a densead Glow checkpoint (``weights_only=True``); errors name the file."""
+    return read_checkpoint(path, ("model", "model_config"), device=device)
 
 
 def start_or_resume(

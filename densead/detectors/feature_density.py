@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from densead.data.road import ANOMALY, INLIER, VOID
 from densead.detectors.glow import MIN_LOG_PROB
 from densead.features import FrozenFeatureExtractor
 from densead.flows import ActNorm, FeatureFlow
-from densead.io import atomic_torch_save, atomic_write_text
+from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
 from densead.metrics import PixelMetrics
 from densead.segmenter import (
     SceneArrays,
@@ -559,6 +559,18 @@ def _build_extractor(
     return FrozenFeatureExtractor.from_module(segmenter, nodes)
 
 
+def _features_and_inliers(
+    extractor: FrozenFeatureExtractor,
+    arrays: SceneArrays,
+    batch_size: int,
+    divisor: int,
+    device: torch.device | str,
+) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """Every frame of ``arrays`` in order, padded to ``divisor``: (``{tap: features}``, inlier pixel mask)."""
+    for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
+        yield extractor(x.to(device)), torch.from_numpy(labels == INLIER).to(device)
+
+
 def fit_standardization(
     extractor: FrozenFeatureExtractor,
     density: FeatureDensity,
@@ -575,9 +587,7 @@ def fit_standardization(
     """
     sums: dict[str, list[Tensor]] = {}
     with torch.no_grad():
-        for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
-            feats = extractor(x.to(device))
-            inlier = torch.from_numpy(labels == INLIER).to(device)
+        for feats, inlier in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
             for name in density.names:
                 f = feats[name]
                 valid = valid_feature_mask(inlier, f.shape[-2:], extractor.strides[name], rule)
@@ -614,9 +624,7 @@ def fit_normalization(
     stats = LogProbStats(density.names)
     density.eval()
     with torch.no_grad():
-        for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
-            feats = extractor(x.to(device))
-            inlier = torch.from_numpy(labels == INLIER).to(device)
+        for feats, inlier in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
             log_probs = density.log_prob_maps(feats)
             for name, lp in log_probs.items():
                 valid = valid_feature_mask(inlier, lp.shape[-2:], extractor.strides[name], rule)
@@ -737,15 +745,7 @@ def load_feature_density(
             normalization constants (the message names the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature-flow checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path}: not a readable feature-flow checkpoint ({err})") from None
-    for key in ("density", "config", "channels"):
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            raise ValueError(f"{path}: not a densead feature-flow checkpoint (missing {key!r})")
+    ckpt = read_checkpoint(path, ("density", "config", "channels"), "feature-flow", device)
     cfg = from_dict(FeatureFlowsRunConfig, ckpt["config"], f"{path} (config)")
     density = FeatureDensity(ckpt["channels"], cfg.flow.n_steps, cfg.flow.hidden)
     try:
