@@ -1,17 +1,23 @@
 """Throughput and memory of the flow core: training, evaluation, dense scoring.
 
     python benchmarks/flow_throughput.py                      # paper-size Glow, batch 64 and 256
-    python benchmarks/flow_throughput.py --levers plain bf16 channels_last compile fused all
+    python benchmarks/flow_throughput.py --levers plain bf16 channels_last compile fused recompute all
+    python benchmarks/flow_throughput.py --batch-sizes 1024 --levers all all+recompute all+cudagraphs
     python benchmarks/flow_throughput.py --small --batch-sizes 16 --iters 3   # quick CPU check
 
 Every lever is a library switch: ``bf16`` is ``TrainConfig.amp`` (autocast),
 the others are modes of ``TrainConfig.fast`` (densead/flows/fast.py):
 ``channels_last``, ``compile`` (each flow step compiled in place), ``fused``
-(ActNorm + 1×1 conv as one convolution); ``all`` is ``fast=on`` plus bf16.
+(ActNorm + 1×1 conv as one convolution), ``recompute`` (activations recomputed
+in the backward pass: less memory, more compute), ``cudagraphs`` (compile with
+CUDA graphs; CUDA only, its rows are skipped elsewhere); ``all`` is ``fast=on``
+plus bf16, ``all+X`` adds lever X.
 
 Prints one table: per lever and batch size, training images/s (forward +
 backward + Adamax step), evaluation images/s (noise-free log p and per-scale
-maps), peak memory, optional bits/dim after --bpd-steps training steps on real
+maps), peak memory (CUDA allocator; process RSS on CPU), activation memory
+kept for the backward pass per image (saved-tensor hooks, any device),
+optional bits/dim after --bpd-steps training steps on real
 CIFAR-10 images, the speed-up against the plain fp32 path of the same run, and
 the achieved fraction of the GPU's dense peak FLOP/s (convolution and matmul
 FLOPs counted with FlopCounterMode; bf16 rows against the bf16 peak, others
@@ -38,16 +44,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from densead.data.transforms import to_model_input
-from densead.flows import (
-    FastPath,
-    FeatureFlow,
-    Glow,
-    apply_fast_path,
-    compile_flow_steps,
-    needs_data_init,
-    resolve_fast_path,
-    set_fused,
-)
+from densead.flows import FastTraining, FeatureFlow, Glow, apply_fast_path, resolve_fast_path, set_fused
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10_test.npz"
@@ -58,7 +55,11 @@ LEVERS = {
     "channels_last": ("channels_last", False),
     "compile": ("compile", False),
     "fused": ("fused", False),
+    "recompute": ("recompute", False),
+    "cudagraphs": ("cudagraphs", False),
     "all": ("on", True),
+    "all+recompute": ("on,recompute", True),
+    "all+cudagraphs": ("on,cudagraphs", True),
 }
 # Dense (no sparsity) peak FLOP/s as (bf16, tf32), from NVIDIA's data sheets, by device-name substring;
 # the first match wins, so the PCIe entry comes before the generic H100 (SXM, "H100 80GB HBM3").
@@ -84,22 +85,14 @@ def glow(small: bool) -> Glow:
     return Glow(3, 3, 4, 64) if small else Glow(3, 3, 32, 512)
 
 
-def build(lever: str, small: bool, device: torch.device) -> tuple[Glow, FastPath, bool]:
-    """A new Glow with the lever's library switches (compile deferred until ActNorm is initialized)."""
+def build(lever: str, small: bool, device: torch.device) -> tuple[Glow, FastTraining, bool]:
+    """A new Glow with the lever's library switches, as ``train_glow`` pulls them (compile once
+    ActNorm is initialized: call ``before_step`` before every step)."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # each row compiles from scratch, within dynamo's recompile limit
     mode, bf16 = LEVERS[lever]
-    fast = resolve_fast_path(mode, device)
     model = glow(small).to(device)
-    model.set_fast(fused=fast.fused, channels_last=fast.channels_last)
-    return model, fast, bf16
-
-
-def init_then_compile(model: Glow, fast: FastPath) -> None:
-    """As ``train_glow`` does: compile the steps once ActNorm's data-dependent init has run."""
-    if fast.compile and not needs_data_init(model) and not getattr(model, "_steps_compiled", False):
-        compile_flow_steps(model)
-        model._steps_compiled = True
+    return model, FastTraining(model, resolve_fast_path(mode, device)), bf16
 
 
 def peak_flops(device: torch.device, bf16: bool) -> float:
@@ -124,6 +117,29 @@ def flops_per_image(small: bool) -> tuple[float, float]:
     return float(counter.get_total_flops()), float(eval_flops)
 
 
+def saved_mb_per_image(lever: str, small: bool, device: torch.device, batch: int = 8) -> float:
+    """MiB per image that autograd keeps from the forward pass for the backward pass (activation
+    memory, counted with saved-tensor hooks on an eager model with the lever's switches; the same
+    on every device, so CPU runs show the memory levers too)."""
+    mode, bf16 = LEVERS[lever]
+    fast = resolve_fast_path(mode, device)
+    model = glow(small).to(device).set_fast(fast.fused, fast.channels_last, fast.recompute)
+    x = torch.rand(batch, 3, 32, 32, device=device) - 0.5
+    with torch.no_grad():
+        model.train()(x)  # ActNorm init first: fused and recompute wait for it
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        model(x).log_prob().mean()
+    return total / batch / 2**20
+
+
 def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
     fn()  # warm-up (compilation, cuDNN autotuning, ActNorm init)
     fn()
@@ -143,12 +159,12 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
         torch.cuda.reset_peak_memory_stats(device)
 
     def train_step() -> None:
+        fast.before_step()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = -model(x).log_prob().mean()
         loss.backward()
         opt.step()
-        init_then_compile(model, fast)
 
     @torch.no_grad()
     def eval_step() -> None:
@@ -164,11 +180,12 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
     row = {
         "lever": lever,
         "batch": batch,
-        "fast": str(fast),
+        "fast": str(fast.fast),
         "bf16": bf16,
         "train": batch / t_train,
         "eval": batch / t_eval,
         "peak": peak_gb(device),
+        "saved": saved_mb_per_image(lever, args.small, device),
     }
     row["bpd"] = bpd_after(lever, batch, args, device) if args.bpd_steps else float("nan")
     return row
@@ -188,12 +205,12 @@ def bpd_after(lever: str, batch: int, args: argparse.Namespace, device: torch.de
         x = to_model_input(train[idx], 256, dequantize=True, generator=g)
         for group in opt.param_groups:
             group["lr"] = 5e-4 * min(1.0, (step + 1) / 200)
+        fast.before_step()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = -model(x).log_prob().mean()
         loss.backward()
         opt.step()
-        init_then_compile(model, fast)
     # Evaluated on the plain fp32 path (an uncompiled copy without levers): rows differ only by training.
     plain = glow(args.small).to(device)
     plain.load_state_dict(model.state_dict())
@@ -289,13 +306,18 @@ def main() -> None:
     peak = "peak GB" if device.type == "cuda" else "peak RSS GB"
     if args.batch_sizes:
         print(
-            f"\n| lever | fast | batch | train img/s | eval img/s | {peak} | bpd | train speed-up "
-            "| train % of peak | eval % of peak |"
+            f"\n| lever | fast | batch | train img/s | eval img/s | {peak} | saved MiB/img | bpd "
+            "| train speed-up | train % of peak | eval % of peak |"
         )
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base: dict[int, float] = {}
     for batch in args.batch_sizes:
         for lever in args.levers:
+            try:
+                resolve_fast_path(LEVERS[lever][0], device)
+            except ValueError as err:  # cudagraphs off CUDA
+                print(f"| {lever} | skipped: {err} | {batch} |" + " — |" * 8, flush=True)
+                continue
             r = bench_lever(lever, batch, args, device)
             base.setdefault(batch, r["train"] if lever == "plain" else math.nan)
             speed = r["train"] / base[batch]
@@ -304,6 +326,7 @@ def main() -> None:
             fast = r["fast"] + (" +bf16" if r["bf16"] else "")
             print(
                 f"| {lever} | {fast} | {batch} | {r['train']:.1f} | {r['eval']:.1f} | {r['peak']:.2f} | "
+                f"{r['saved']:.2f} | "
                 f"{bpd} | {speed:.2f}× | {percent(r['train'] * train_flops / peak_fl)} | "
                 f"{percent(r['eval'] * eval_flops / peak_fl)} |",
                 flush=True,

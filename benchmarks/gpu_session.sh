@@ -25,16 +25,21 @@
 #     a few variants (3 scale shapes, train/eval, bf16); assume 30–60 s per row, ~3 min for 4 rows;
 #   * dense: 1×3×1024×2048 is 16.5 TFLOP per frame (8.0 GFLOP per 32×32 tile × 2048 tiles), ~1 s per
 #     frame plain, 12 frames per measurement, 4 measurements (plain / fast+bf16), ~1 min.
-#   Total ≈ 6–7 min plus start-up. Batch 256 runs first (the reference's batch); if compile is slower
+#   * large batch (the 6,000 img/s target): batch 1024, rows all / all+recompute / all+cudagraphs,
+#     timing only (no bpd), ~1 min with compile;
+#   Total ≈ 7–8 min plus start-up. Batch 256 runs first (the reference's batch); if compile is slower
 #   than assumed, the per-part timeouts cut the later parts rather than the session.
+#   The ≤ 0.01 bpd check after 2,000 steps does not fit in this call: run it separately,
+#     BPD_STEPS=2000 bash benchmarks/gpu_session.sh ... with LEVERS="plain all" ONLY=bpd
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 CIFAR="${1:-${DENSEAD_CIFAR:-runs/gpu_data/cifar10_test.npz}}"
 OUT_DIR="${OUT:-runs/gpu_session}"
 BUDGET="${SESSION_BUDGET_S:-480}"
-LEVERS="plain bf16 channels_last compile fused all"
+LEVERS="${LEVERS:-plain bf16 channels_last compile fused recompute cudagraphs all}"
 BPD_STEPS="${BPD_STEPS:-50}"
+ONLY="${ONLY:-}"  # "bpd": only the bits/dim comparison at batch 64 (BPD_STEPS steps per lever)
 EXTRA=(${EXTRA_ARGS:-})  # e.g. EXTRA_ARGS="--small --iters 1" for a CPU smoke test of this script
 mkdir -p "$OUT_DIR"
 START=$SECONDS
@@ -70,11 +75,19 @@ part() {  # part NAME SHARE_OF_REMAINING_PERCENT COMMAND...: run with a timeout,
 cat "$OUT_DIR/environment.txt"
 
 export DENSEAD_CIFAR="$CIFAR"
-# Shares of the time left when each part starts: 256 gets 60%, 64 then 75% of what remains, dense the rest.
-part throughput_b256 60 $PY benchmarks/flow_throughput.py --batch-sizes 256 --levers $LEVERS \
+if [[ "$ONLY" == bpd ]]; then
+    part bpd_b64 95 $PY benchmarks/flow_throughput.py --batch-sizes 64 --levers $LEVERS \
+        --bpd-steps "$BPD_STEPS" --iters 2 --no-dense "${EXTRA[@]}"
+    echo "total $((SECONDS - START))s; tables in $OUT_DIR"
+    exit 0
+fi
+# Shares of the time left when each part starts: 256 gets 50%, 64 then 55%, batch 1024 50%, dense the rest.
+part throughput_b256 50 $PY benchmarks/flow_throughput.py --batch-sizes 256 --levers $LEVERS \
     --bpd-steps "$BPD_STEPS" --iters 10 --no-dense "${EXTRA[@]}"
-part throughput_b64 75 $PY benchmarks/flow_throughput.py --batch-sizes 64 --levers $LEVERS \
+part throughput_b64 55 $PY benchmarks/flow_throughput.py --batch-sizes 64 --levers $LEVERS \
     --bpd-steps "$BPD_STEPS" --iters 10 --no-dense "${EXTRA[@]}"
+part throughput_b1024 50 $PY benchmarks/flow_throughput.py --batch-sizes 1024 \
+    --levers plain all all+recompute all+cudagraphs --iters 5 --no-dense "${EXTRA[@]}"
 # --batch-sizes with no value: dense table only
 part dense_plain 45 $PY benchmarks/flow_throughput.py --batch-sizes --iters 10 --dense-fast off "${EXTRA[@]}"
 part dense_fast 95 $PY benchmarks/flow_throughput.py --batch-sizes --iters 10 --dense-fast auto --dense-bf16 \

@@ -148,14 +148,23 @@ class TrainConfig:
     ``compile`` (``torch.compile`` of the model). ``auto`` (default) pulls all
     three on CUDA (``compile`` only with Triton) and none on CPU, so CPU runs
     are the plain fp32 path; ``on`` / ``off`` force all or none; a
-    comma-separated subset (``fused,channels_last``) picks levers. Checkpoints
-    are the same with any value. The image training loop (``train_glow``) reads
-    it; the road-scene loop (``densead/dense.py``) does not yet.
+    comma-separated list picks levers (``fused,channels_last``, or
+    ``auto,recompute`` to add activation recomputation for batches that do not
+    fit otherwise; ``cudagraphs`` compiles with CUDA graphs, CUDA only).
+    Checkpoints are the same with any value. Both training loops read it
+    (images: ``densead.train``; road scenes: ``densead.dense``).
+
+    ``lr_scaling`` adapts ``lr`` to the batch size for large-batch runs:
+    ``none`` (``lr`` as given), ``linear`` (``lr · batch_size / lr_reference_batch``)
+    or ``sqrt`` (``lr · sqrt(batch_size / lr_reference_batch)``, the usual rule for
+    Adam-type optimizers); ``lr`` is then the rate tuned at ``lr_reference_batch``.
     """
 
     steps: int = 1000
     batch_size: int = 64
     lr: float = 5e-4
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 64
     weight_decay: float = 5e-5
     warmup_steps: int = 0
     seed: int = 0

@@ -68,11 +68,12 @@ from densead.config import DataConfig, ModelConfig, TrainConfig, save_config, to
 from densead.data.images import ImageSet, load_image_set
 from densead.data.road import INLIER, ROAD_DATASETS, VOID, RoadDataset
 from densead.data.transforms import to_model_input
-from densead.flows import Glow, GlowOutput
+from densead.flows import FastTraining, Glow, GlowOutput, resolve_fast_path
 from densead.io import atomic_torch_save
 from densead.train import (
     CHECKPOINT_NAME,
     MAX_DROPPED_FRACTION,
+    learning_rate,
     load_checkpoint,
     resolve_device,
     start_or_resume,
@@ -523,6 +524,9 @@ def train_road_glow(
     )
 
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
+    learning_rate(tcfg, 0)  # a bad lr_scaling fails before the first step
+    # Crops have one fixed size, so compiled steps are traced once per scale.
+    fast_training = FastTraining(model, resolve_fast_path(tcfg.fast, device, where="train.fast"))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
 
@@ -545,9 +549,10 @@ def train_road_glow(
     bar = tqdm(total=tcfg.steps, initial=step, desc=desc, disable=not progress, leave=False)
     while step < tcfg.steps:
         for group in optimizer.param_groups:
-            group["lr"] = tcfg.lr * min(1.0, (step + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else tcfg.lr
+            group["lr"] = learning_rate(tcfg, step)
         x, keep = batches.batch(step)
         if keep.any():  # on the CPU: no device sync
+            fast_training.before_step()
             result = masked_training_step(
                 model, optimizer, x.to(device), keep.to(device), tcfg.amp, tcfg.max_grad_norm
             )

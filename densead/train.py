@@ -44,7 +44,7 @@ from densead.config import (
 )
 from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
-from densead.flows import Glow, apply_fast_path, compile_flow_steps, needs_data_init, resolve_fast_path
+from densead.flows import FastTraining, Glow, apply_fast_path, resolve_fast_path
 from densead.io import atomic_torch_save, read_checkpoint
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "StepResult",
     "build_glow",
     "build_optimizer",
+    "learning_rate",
     "load_checkpoint",
     "load_glow",
     "outlier_loss",
@@ -93,6 +94,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): ``cfg.lr`` scaled to the batch size by
+    ``cfg.lr_scaling``, times the linear warm-up factor ``min(1, (step + 1) / warmup_steps)``."""
+    if cfg.lr_scaling not in LR_SCALINGS:
+        raise ValueError(f"train.lr_scaling: unknown {cfg.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}")
+    if cfg.lr_reference_batch < 1:
+        raise ValueError(f"train.lr_reference_batch must be >= 1, got {cfg.lr_reference_batch}")
+    ratio = cfg.batch_size / cfg.lr_reference_batch
+    lr = cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+    return lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else lr
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
@@ -312,10 +328,8 @@ def train_glow(
 
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
     fast = resolve_fast_path(tcfg.fast, device, where="train.fast")
-    # fused and channels_last go on before DDP registers the parameters; compile
-    # waits for ActNorm's data-dependent init (below), so each step is traced once.
-    model.set_fast(fused=fast.fused, channels_last=fast.channels_last)
-    compile_pending = fast.compile
+    learning_rate(tcfg, 0)  # a bad lr_scaling fails before any data moves
+    fast_training = FastTraining(model, fast)  # before DDP registers the parameters
     net = model
     if dist.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
@@ -349,14 +363,12 @@ def train_glow(
     bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {out_dir.name}", disable=not show, leave=False)
     while step < tcfg.steps:
         for group in optimizer.param_groups:
-            group["lr"] = tcfg.lr * min(1.0, (step + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else tcfg.lr
+            group["lr"] = learning_rate(tcfg, step)
         x = dist.shard(batches.model_input(step, cfg.data.augment, mcfg.n_bins))
         x_out = None
         if ocfg is not None:
             x_out = dist.shard(out_batches.model_input(step, ocfg.data.augment, mcfg.n_bins))
-        if compile_pending and not needs_data_init(model):
-            compile_flow_steps(model)  # in place: ``model.state_dict()`` keeps its plain keys
-            compile_pending = False
+        fast_training.before_step()
         result = training_step(net, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
         step += 1
         if on_step is not None:

@@ -8,6 +8,7 @@ leave checkpoints unchanged, and stay off on CPU unless asked for.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,6 @@ from torch import nn
 
 import densead.flows.fast as fast_module
 import densead.flows.glow as glow_module
-import densead.train as train_module
 from densead.config import ConfigError, DataConfig, ModelConfig, TrainConfig, TrainRunConfig, from_dict
 from densead.detectors.glow import GlowScorer, get_detector
 from densead.flows import (
@@ -288,12 +288,12 @@ def test_checkpoint_of_compiled_fused_training_loads_into_plain_glow(tmp_path: P
     compiled = []
     real = fast_module.compile_flow_steps
 
-    def spy(module, backend=None):
+    def spy(module, backend=None, mode=None):
         compiled.append(needs_data_init(module))
-        return real(module, backend)
+        return real(module, backend, mode)
 
     monkeypatch.setattr(fast_module, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(train_module, "compile_flow_steps", spy)
+    monkeypatch.setattr(fast_module, "compile_flow_steps", spy)
     torch._dynamo.reset()
     mcfg = ModelConfig(in_channels=1, n_scales=2, n_steps=1, hidden=8, n_bins=17)
     data = DataConfig(source="sklearn_digits", channels=1, size=8, stop=64)
@@ -321,3 +321,146 @@ def test_flow_step_is_a_flow_step_with_plain_state_dict_keys() -> None:
     step = flow_step(4, glow_coupling_net(8, 3))
     assert isinstance(step, FlowStep) and isinstance(step.layers[0], ActNorm)
     assert list(step.state_dict())[:3] == ["layers.0.bias", "layers.0.log_scale", "layers.0.initialized"]
+
+
+# --------------------------------------------------------------------------- recompute, cudagraphs, lr rule
+
+
+def saved_bytes(model: Glow, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for the backward pass of ``−mean log p`` (and the loss)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = -model(x).log_prob().mean()
+    return total, loss
+
+
+def test_recompute_gives_identical_gradients_and_keeps_less_for_backward() -> None:
+    """Recomputation runs the same operations again: the same loss and gradients to the last
+    bit, each coupling network evaluated twice per training step, and a fraction of the
+    activation memory kept between forward and backward (counted with saved-tensor hooks)."""
+    x = images(torch.float32, batch=8)
+    model = tiny_glow(torch.float32, x).train()
+    plain_bytes, loss = saved_bytes(model, x)
+    loss.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda *_: calls.append(1))
+        for m in model.modules()
+        if isinstance(m, FlowStep)
+    ]
+    model.set_fast(fused=False, channels_last=False, recompute=True)
+    recompute_bytes, loss_r = saved_bytes(model, x)
+    n_forward = len(calls)
+    loss_r.backward()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(loss_r, loss)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, plain_grads[name]), name
+    assert n_forward == 4 and len(calls) == 4, "the hooks see the step module once per forward"
+    assert recompute_bytes < 0.5 * plain_bytes, (recompute_bytes, plain_bytes)
+    with torch.no_grad():  # no gradients recorded: nothing to recompute, same values
+        assert torch.equal(model.eval()(x).log_prob(), loss.new_tensor(0) + model(x).log_prob())
+
+
+def test_recompute_runs_the_coupling_network_again_in_backward() -> None:
+    x = images(torch.float32)
+    model = tiny_glow(torch.float32, x).train().set_fast(fused=True, channels_last=False, recompute=True)
+    nets = [m.layers[2] for m in model.modules() if isinstance(m, FlowStep)]
+    calls = []
+    for net in nets:  # a pre-hook: recomputation stops early, once the tensors it needs exist
+        net.register_forward_pre_hook(lambda *_: calls.append(1))
+    loss = -model(x).log_prob().mean()
+    assert len(calls) == len(nets)
+    loss.backward()
+    assert len(calls) == 2 * len(nets)
+
+
+def test_recompute_waits_for_actnorm_init_and_initializes_identically() -> None:
+    x = images(torch.float32)
+    torch.manual_seed(3)
+    plain = Glow(3, n_scales=2, n_steps=2, hidden=16).train()
+    torch.manual_seed(3)
+    fast = Glow(3, n_scales=2, n_steps=2, hidden=16, recompute=True).train()
+    (-plain(x).log_prob().mean()).backward()
+    (-fast(x).log_prob().mean()).backward()
+    for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+
+def test_recompute_under_compile_matches_eager_gradients() -> None:
+    torch._dynamo.reset()
+    x = images(torch.float32)
+    model = tiny_glow(torch.float32, x).train()
+    (-model(x).log_prob().mean()).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.set_fast(fused=True, channels_last=False, recompute=True)
+    compile_flow_steps(model, backend="aot_eager")
+    (-model(x).log_prob().mean()).backward()
+    assert compiled_graphs() >= 1
+    for name, p in model.named_parameters():
+        assert torch.linalg.norm(p.grad - eager[name]) <= 1e-5 * torch.linalg.norm(eager[name]) + 1e-12, name
+
+
+def test_lever_lists_combine_with_auto_and_cudagraphs_need_cuda() -> None:
+    assert resolve_fast_path("auto,recompute", "cpu") == FastPath(recompute=True)
+    cuda = resolve_fast_path("auto, recompute", "cuda")
+    assert cuda.fused and cuda.channels_last and cuda.recompute and not cuda.cudagraphs
+    assert resolve_fast_path("on,recompute", "cpu") == FastPath(True, True, True, True)
+    assert resolve_fast_path("on", "cpu") == FastPath(True, True, True), "on: the speed levers only"
+    graphs = resolve_fast_path("fused,cudagraphs", "cuda")
+    assert graphs == FastPath(fused=True, compile=True, cudagraphs=True)
+    assert graphs.compile_mode == "reduce-overhead" and FastPath(compile=True).compile_mode is None
+    assert str(graphs) == "fused,compile,cudagraphs"
+    with pytest.raises(ValueError, match=r"train\.fast: cudagraphs needs a CUDA device.*cpu"):
+        resolve_fast_path("cudagraphs", "cpu", where="train.fast")
+    for bad in ("auto,on", "off,fused", "auto,recompte", ""):
+        with pytest.raises(ValueError, match="train.fast: unknown value"):
+            resolve_fast_path(bad, "cpu", where="train.fast")
+
+
+def test_learning_rate_scales_with_the_batch_and_warms_up() -> None:
+    from densead.train import learning_rate
+
+    base = TrainConfig(lr=1e-3, batch_size=256, lr_reference_batch=64)
+    assert learning_rate(base, 0) == 1e-3
+    assert learning_rate(replace(base, lr_scaling="linear"), 5) == pytest.approx(4e-3)
+    assert learning_rate(replace(base, lr_scaling="sqrt"), 5) == pytest.approx(2e-3)
+    warm = replace(base, lr_scaling="sqrt", warmup_steps=10)
+    assert learning_rate(warm, 4) == pytest.approx(2e-3 * 5 / 10)
+    assert learning_rate(warm, 50) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="train.lr_scaling: unknown 'square'"):
+        learning_rate(TrainConfig(lr_scaling="square"), 0)
+    with pytest.raises(ValueError, match="train.lr_reference_batch"):
+        learning_rate(TrainConfig(lr_scaling="linear", lr_reference_batch=0), 0)
+
+
+def test_train_glow_applies_the_scaled_learning_rate(tmp_path: Path) -> None:
+    mcfg = ModelConfig(in_channels=1, n_scales=1, n_steps=1, hidden=8, n_bins=17)
+    data = DataConfig(source="sklearn_digits", channels=1, size=8, stop=64)
+    seen = []
+    tcfg = TrainConfig(
+        steps=2, batch_size=32, lr=1e-3, lr_scaling="linear", lr_reference_batch=8, log_every=1
+    )
+    cfg = TrainRunConfig(str(tmp_path), data, mcfg, tcfg)
+    real_step = torch.optim.Adamax.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adamax, "step", spy)
+        train_glow(cfg, progress=False)
+    assert seen == [pytest.approx(4e-3)] * 2

@@ -3,13 +3,22 @@
 from densead.flows.base import FlowLayer, FlowSequence
 from densead.flows.fast import (
     FastPath,
+    FastTraining,
     apply_fast_path,
     compile_flow_steps,
     needs_data_init,
     resolve_fast_path,
 )
 from densead.flows.feature_flow import FeatureFlow
-from densead.flows.glow import FlowStep, Glow, GlowOutput, flow_step, set_fused, spread_to_input_grid
+from densead.flows.glow import (
+    FlowStep,
+    Glow,
+    GlowOutput,
+    flow_step,
+    set_fused,
+    set_recompute,
+    spread_to_input_grid,
+)
 from densead.flows.layers import ActNorm, AffineCoupling, InvConv1x1, Squeeze, glow_coupling_net
 from densead.flows.prior import GaussianPrior
 
@@ -17,6 +26,7 @@ __all__ = [
     "ActNorm",
     "AffineCoupling",
     "FastPath",
+    "FastTraining",
     "FeatureFlow",
     "FlowLayer",
     "FlowSequence",
@@ -33,5 +43,6 @@ __all__ = [
     "needs_data_init",
     "resolve_fast_path",
     "set_fused",
+    "set_recompute",
     "spread_to_input_grid",
 ]

@@ -5,14 +5,20 @@
 | ``fused`` | ActNorm + invertible 1×1 conv as one 1×1 convolution | float rounding |
 | ``channels_last`` | NHWC weights and activations (tensor-core convolutions) | float rounding |
 | ``compile`` | ``torch.compile`` of every flow step, in place (inductor; Triton on CUDA) | float rounding |
+| ``recompute`` | store only each step's input; recompute its activations in backward | none (same ops) |
+| ``cudagraphs`` | ``compile`` with CUDA graphs (``mode="reduce-overhead"``), CUDA only | float rounding |
 
 bf16 autocast is not among them: it changes ``log p`` by more than rounding, so it
 stays its own switch (``TrainConfig.amp``, ``GlowScorer(amp=...)``).
 
-A mode string selects levers: ``auto`` pulls every lever the device supports
-(all three on CUDA, ``compile`` only where Triton is installed; none on CPU, so a
-CPU run is exactly the plain fp32 path), ``on`` all three on any device, ``off``
-none, or a comma-separated subset such as ``fused,channels_last``. None of them
+A mode string selects levers: ``auto`` pulls every speed lever the device supports
+(``fused``, ``channels_last`` and ``compile`` on CUDA, ``compile`` only where Triton
+is installed; none on CPU, so a CPU run is exactly the plain fp32 path), ``on``
+those three on any device, ``off`` none, or a comma-separated list of levers and
+at most one of ``auto``/``on``, such as ``fused,channels_last`` or ``auto,recompute``.
+``recompute`` trades compute for memory (for batches that do not fit otherwise)
+and ``cudagraphs`` removes per-kernel launch overhead at a fixed batch shape;
+neither is part of ``auto`` or ``on``: ask for them by name. None of them
 changes parameters or ``state_dict`` keys: checkpoints written with and without
 the fast path are interchangeable, and the plain path stays the reference the
 tests compare against.
@@ -40,14 +46,17 @@ __all__ = [
     "FAST_LEVERS",
     "FAST_MODES",
     "FastPath",
+    "FastTraining",
     "apply_fast_path",
     "compile_flow_steps",
     "needs_data_init",
     "resolve_fast_path",
 ]
 
-FAST_LEVERS = ("fused", "channels_last", "compile")
+FAST_LEVERS = ("fused", "channels_last", "compile", "recompute", "cudagraphs")
 FAST_MODES = ("auto", "on", "off")
+# What ``on`` (on any device) and ``auto`` (where supported) pull.
+SPEED_LEVERS = ("fused", "channels_last", "compile")
 
 # torch.compile backend of the compile lever; tests on CPU swap in "aot_eager"
 # (the same graph capture and autograd, without inductor's C++ code generation).
@@ -61,6 +70,13 @@ class FastPath:
     fused: bool = False
     channels_last: bool = False
     compile: bool = False
+    recompute: bool = False
+    cudagraphs: bool = False  # implies compile
+
+    @property
+    def compile_mode(self) -> str | None:
+        """``torch.compile``'s ``mode`` for the flow steps (``reduce-overhead``: CUDA graphs)."""
+        return "reduce-overhead" if self.cudagraphs else None
 
     def __str__(self) -> str:
         on = [name for name in FAST_LEVERS if getattr(self, name)]
@@ -84,30 +100,38 @@ def resolve_fast_path(
     """The levers a mode string asks for on ``device``.
 
     Args:
-        mode: ``auto``, ``on``, ``off``, or a comma-separated subset of
-            ``fused``, ``channels_last``, ``compile``.
+        mode: ``auto``, ``on``, ``off``, or a comma-separated list of levers
+            (:data:`FAST_LEVERS`), optionally with one of ``auto`` / ``on``:
+            ``fused,channels_last``, ``auto,recompute``.
         device: where the model runs; ``auto`` pulls levers only on CUDA.
         allow_compile: ``False`` makes ``auto`` leave ``compile`` off (for short
             runs over many input shapes, where compiling costs more than it
             saves); an explicit ``on`` or ``compile`` still compiles.
         where: the config key, for error messages.
+
+    Raises:
+        ValueError: an unknown name, or ``cudagraphs`` on a device other than CUDA.
     """
     device = torch.device(device)
-    mode = mode.strip()
-    if mode == "off":
-        return FastPath()
-    if mode == "on":
-        return FastPath(True, True, True)
-    if mode == "auto":
-        cuda = device.type == "cuda"
-        return FastPath(cuda, cuda, allow_compile and compile_supported(device))
-    levers = [part.strip() for part in mode.split(",") if part.strip()]
-    unknown = [lever for lever in levers if lever not in FAST_LEVERS]
-    if unknown or not levers:
+    parts = [part.strip() for part in mode.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in FAST_LEVERS + FAST_MODES]
+    bases = [part for part in parts if part in FAST_MODES]
+    if unknown or not parts or len(bases) > 1 or ("off" in bases and len(parts) > 1):
         raise ValueError(
             f"{where}: unknown value {mode!r}; valid: {', '.join(FAST_MODES)} or a comma-separated "
-            f"subset of {', '.join(FAST_LEVERS)}"
+            f"list of {', '.join(FAST_LEVERS)}, optionally with one of auto, on"
         )
+    levers = {part for part in parts if part in FAST_LEVERS}
+    if bases == ["on"]:
+        levers.update(SPEED_LEVERS)
+    elif bases == ["auto"] and device.type == "cuda":
+        levers.update({"fused", "channels_last"})
+        if allow_compile and compile_supported(device):
+            levers.add("compile")
+    if "cudagraphs" in levers:
+        if device.type != "cuda":
+            raise ValueError(f"{where}: cudagraphs needs a CUDA device, the model runs on {device}")
+        levers.add("compile")
     return FastPath(*(lever in levers for lever in FAST_LEVERS))
 
 
@@ -116,8 +140,11 @@ def needs_data_init(module: nn.Module) -> bool:
     return any(not m.is_initialized() for m in module.modules() if isinstance(m, ActNorm))
 
 
-def compile_flow_steps(module: nn.Module, backend: str | None = None) -> int:
+def compile_flow_steps(module: nn.Module, backend: str | None = None, mode: str | None = None) -> int:
     """``torch.compile`` every :class:`FlowStep` inside ``module`` in place; returns how many.
+
+    ``mode`` is ``torch.compile``'s (``reduce-overhead`` records CUDA graphs,
+    see :attr:`FastPath.compile_mode`).
 
     Compile after ActNorm's data-dependent init (see :func:`needs_data_init`):
     an uninitialized step traces the init, breaks its graph there and is
@@ -125,19 +152,40 @@ def compile_flow_steps(module: nn.Module, backend: str | None = None) -> int:
     """
     steps = [m for m in module.modules() if isinstance(m, FlowStep)]
     for step in steps:
-        step.compile(backend=backend or COMPILE_BACKEND)
+        step.compile(backend=backend or COMPILE_BACKEND, mode=mode)
     return len(steps)
 
 
 def apply_fast_path(model: Glow, fast: FastPath) -> Glow:
     """Switch ``model``'s levers in place and return it.
 
-    Under DistributedDataParallel, apply before wrapping (channels_last
-    replaces the parameters' storage). For training from scratch, pull
-    ``compile`` only after the first step (:func:`needs_data_init`), as
-    ``densead.train.train_glow`` does.
+    For a model with initialized ActNorms (scoring, finetuning). To train a
+    model from any state use :class:`FastTraining`, which compiles only once
+    ActNorm's data-dependent init has run.
     """
-    model.set_fast(fused=fast.fused, channels_last=fast.channels_last)
+    model.set_fast(fused=fast.fused, channels_last=fast.channels_last, recompute=fast.recompute)
     if fast.compile:
-        compile_flow_steps(model)
+        compile_flow_steps(model, mode=fast.compile_mode)
     return model
+
+
+class FastTraining:
+    """The fast path of a model about to be trained from any state.
+
+    Pulls ``fused``, ``channels_last`` and ``recompute`` at once (before
+    DistributedDataParallel registers the parameters: channels_last replaces
+    their storage) and ``compile`` in :meth:`before_step`, once ActNorm's
+    data-dependent init has run, so each flow step is traced once. Compiling
+    is in place: ``model.state_dict()`` keeps its plain keys.
+    """
+
+    def __init__(self, model: Glow, fast: FastPath) -> None:
+        self.model, self.fast = model, fast
+        model.set_fast(fused=fast.fused, channels_last=fast.channels_last, recompute=fast.recompute)
+        self.compile_pending = fast.compile
+
+    def before_step(self) -> None:
+        """Call before every training step (cheap: a host-side check once compiled)."""
+        if self.compile_pending and not needs_data_init(self.model):
+            compile_flow_steps(self.model, mode=self.fast.compile_mode)
+            self.compile_pending = False
