@@ -29,8 +29,11 @@
 #     timing only (no bpd), ~1 min with compile;
 #   Total ≈ 7–8 min plus start-up. Batch 256 runs first (the reference's batch); if compile is slower
 #   than assumed, the per-part timeouts cut the later parts rather than the session.
-#   The ≤ 0.01 bpd check after 2,000 steps does not fit in this call: run it separately,
-#     BPD_STEPS=2000 bash benchmarks/gpu_session.sh ... with LEVERS="plain all" ONLY=bpd
+#   The ≤ 0.01 bpd check after 2,000 steps does not fit in this call: run it in a call of its own,
+#     ONLY=bpd LEVERS="all plain" BPD_STEPS=2000 SESSION_BUDGET_S=570 bash benchmarks/gpu_session.sh ...
+#   (timeout_s=600). The fast row goes first; plain fp32 at batch 64 needs 2,000 × 64 / (img/s) seconds —
+#   at the public implementation's 195 img/s that is 656 s, more than a call: if the plain row is cut,
+#   take its img/s from the main table and rerun with BPD_STEPS as large as that allows, both rows.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

@@ -22,3 +22,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         raise FileNotFoundError(f"real test data expected at {SHARED_DATA} (see ../shared/data/README.md)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def compile_spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Flow steps compile through ``aot_eager`` (graph capture and autograd without inductor's slow
+    C++ code generation on CPU); returns a list that gets, per ``compile_flow_steps`` call, whether
+    some ActNorm still waited for its data-dependent init."""
+    import densead.flows.fast as fast_module
+    from densead.flows import needs_data_init
+
+    calls: list[bool] = []
+    real = fast_module.compile_flow_steps
+
+    def spy(module, backend=None, mode=None):
+        calls.append(needs_data_init(module))
+        return real(module, backend, mode)
+
+    monkeypatch.setattr(fast_module, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(fast_module, "compile_flow_steps", spy)
+    torch._dynamo.reset()
+    return calls

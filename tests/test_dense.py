@@ -18,7 +18,6 @@ import pytest
 import torch
 import yaml
 
-import densead.flows.fast as fast_module
 from densead.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from densead.data.road import CamVid
 from densead.data.transforms import to_model_input
@@ -37,7 +36,7 @@ from densead.dense import (
 )
 from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset, write_dense_maps
 from densead.detectors import GlowScorer, get_detector
-from densead.flows import Glow, needs_data_init
+from densead.flows import Glow
 from densead.io import atomic_torch_save
 from densead.train import load_checkpoint
 
@@ -321,26 +320,16 @@ def test_resume_equals_uninterrupted(tmp_path: Path, shared_data: Path) -> None:
     assert b["config"]["data"]["held_out"] == ["Pedestrian", "Bicyclist"]
 
 
-def test_road_training_takes_the_fast_path(tmp_path: Path, shared_data: Path, monkeypatch) -> None:
+def test_road_training_takes_the_fast_path(tmp_path: Path, shared_data: Path, compile_spy: list) -> None:
     """``train.fast`` in the road-scene loop: compiled (aot_eager) once after ActNorm's init, with
     fused steps and recomputation: the same losses as the plain path up to rounding."""
-    compiled = []
-    real = fast_module.compile_flow_steps
-
-    def spy(module, backend=None, mode=None):
-        compiled.append(needs_data_init(module))
-        return real(module, backend, mode)
-
-    monkeypatch.setattr(fast_module, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(fast_module, "compile_flow_steps", spy)
-    torch._dynamo.reset()
     losses = {}
     for mode in ("off", "fused,compile,recompute"):
         cfg = tiny_train_config(tmp_path / mode.replace(",", "_"), 3, general=True)
         cfg = replace(cfg, train=replace(cfg.train, fast=mode))
         losses[mode] = seen = []
         train_road_glow(cfg, progress=False, on_step=lambda step, r, seen=seen: seen.append(float(r.nll)))
-    assert compiled == [False]
+    assert compile_spy == [False]
     assert losses["off"] == pytest.approx(losses["fused,compile,recompute"], rel=1e-4)
 
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-import densead.flows.fast as fast_module
 import densead.flows.glow as glow_module
 from densead.config import ConfigError, DataConfig, ModelConfig, TrainConfig, TrainRunConfig, from_dict
 from densead.detectors.glow import GlowScorer, get_detector
@@ -281,25 +280,15 @@ def test_scorer_auto_is_plain_on_cpu_and_fused_scores_match() -> None:
         assert rel_err(fast[name], plain[name]) < 1e-5
 
 
-def test_checkpoint_of_compiled_fused_training_loads_into_plain_glow(tmp_path: Path, monkeypatch) -> None:
+def test_checkpoint_of_compiled_fused_training_loads_into_plain_glow(tmp_path: Path, compile_spy) -> None:
     """``train_glow`` with every lever but bf16 (compile through ``aot_eager``, see above): compile
     waits for ActNorm's init, and the checkpoint has plain keys and loads with ``weights_only=True``
     into a Glow built without levers."""
-    compiled = []
-    real = fast_module.compile_flow_steps
-
-    def spy(module, backend=None, mode=None):
-        compiled.append(needs_data_init(module))
-        return real(module, backend, mode)
-
-    monkeypatch.setattr(fast_module, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(fast_module, "compile_flow_steps", spy)
-    torch._dynamo.reset()
     mcfg = ModelConfig(in_channels=1, n_scales=2, n_steps=1, hidden=8, n_bins=17)
     data = DataConfig(source="sklearn_digits", channels=1, size=8, stop=64)
     tcfg = TrainConfig(steps=3, batch_size=16, log_every=1, fast="on")
     ckpt_path = train_glow(TrainRunConfig(str(tmp_path), data, mcfg, tcfg), progress=False)
-    assert compiled == [False], "compiled once, after the data-dependent init"
+    assert compile_spy == [False], "compiled once, after the data-dependent init"
     assert compiled_graphs() >= 1
     raw = torch.load(ckpt_path, weights_only=True)
     assert not any("_orig_mod" in k for k in raw["model"])
