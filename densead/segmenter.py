@@ -45,6 +45,7 @@ from densead.train import resolve_device
 __all__ = [
     "CHECKPOINT_NAME",
     "SceneArrays",
+    "SCENE_PROTOCOLS",
     "SceneDataConfig",
     "Segmenter",
     "SegmenterConfig",
@@ -59,6 +60,7 @@ __all__ = [
     "in_distribution_classes",
     "iter_eval_batches",
     "load_scene_arrays",
+    "scene_frames",
     "load_segmenter",
     "mean_iou",
     "pad_to_multiple",
@@ -88,6 +90,13 @@ class SceneDataConfig:
         scale_jitter: random rescale by a factor in ``[1 − s, 1 + s]`` before cropping (0: off).
         pad_divisor: evaluation frames are padded bottom/right to multiples of this
             (the backbone's largest stride).
+        protocol: which frames the roles ``train`` / ``val`` / ``test`` name
+            (:data:`SCENE_PROTOCOLS`): ``splits``, CamVid's own split files; or
+            ``sequences``, whole drives held out — train on 0006R0 + 0016E5 (406
+            frames of CamVid's train and val), select on 0001TP (124 frames of train
+            and test), test on Seq05VD (171). CamVid's ``val`` is frames of a
+            training drive (0016E5), so selection on it favours whatever memorizes
+            the training drives (docs/results_camvid_features.md).
     """
 
     root: str = "../shared/data/camvid"
@@ -101,6 +110,18 @@ class SceneDataConfig:
     color_jitter: float = 0.2
     scale_jitter: float = 0.0
     pad_divisor: int = 32
+    protocol: str = "splits"
+
+
+# role -> (CamVid split files read, drives kept); drives are the frame-name prefix before "_".
+SCENE_PROTOCOLS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None] = {
+    "splits": None,
+    "sequences": {
+        "train": (("train", "val"), ("0006R0", "0016E5")),
+        "val": (("train", "test"), ("0001TP",)),
+        "test": (("test",), ("Seq05VD",)),
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -195,13 +216,39 @@ class SceneArrays:
         return len(self.names)
 
 
+def scene_frames(cfg: SceneDataConfig, role: str) -> list[tuple[CamVid, int]]:
+    """The frames of ``role`` (``train`` / ``val`` / ``test``) under ``cfg.protocol``, as
+    (dataset, index) pairs in split-file order, ``cfg.max_frames`` applied last."""
+    if cfg.protocol not in SCENE_PROTOCOLS:
+        raise ValueError(f"data.protocol: unknown {cfg.protocol!r}; valid: {', '.join(SCENE_PROTOCOLS)}")
+    table = SCENE_PROTOCOLS[cfg.protocol]
+    if table is None:
+        dataset = CamVid(cfg.root, split=role, held_out=cfg.held_out, void=cfg.void)
+        frames = [(dataset, i) for i in range(len(dataset))]
+    else:
+        if role not in table:
+            raise ValueError(
+                f"data.protocol {cfg.protocol}: unknown split {role!r}; valid: {', '.join(table)}"
+            )
+        splits, drives = table[role]
+        frames = []
+        for split in splits:
+            dataset = CamVid(cfg.root, split=split, held_out=cfg.held_out, void=cfg.void)
+            frames += [(dataset, i) for i, f in enumerate(dataset.frames) if f.name.split("_")[0] in drives]
+        if not frames:
+            raise ValueError(
+                f"{cfg.root}: no frames of drives {', '.join(drives)} in split(s) {', '.join(splits)} "
+                f"(data.protocol {cfg.protocol}, {role})"
+            )
+    return frames if cfg.max_frames <= 0 else frames[: cfg.max_frames]
+
+
 def load_scene_arrays(cfg: SceneDataConfig, split: str) -> SceneArrays:
-    """Load a CamVid split, resized by ``cfg.scale`` (area for images, nearest for labels)."""
-    dataset = CamVid(cfg.root, split=split, held_out=cfg.held_out, void=cfg.void)
-    n = len(dataset) if cfg.max_frames <= 0 else min(cfg.max_frames, len(dataset))
+    """Load the frames of ``split`` (a role under ``cfg.protocol``), resized by ``cfg.scale``
+    (area for images, nearest for labels)."""
     table = _train_id_table(cfg.held_out, cfg.void)
     images, labels, train_ids, names = [], [], [], []
-    for i in range(n):
+    for dataset, i in scene_frames(cfg, split):
         item = dataset[i]
         image, label, semantic = item["image"], item["label"], item["semantic"]
         if cfg.scale != 1.0:

@@ -36,6 +36,7 @@ from densead.detectors.feature_density import (
 from densead.features import FrozenFeatureExtractor
 from densead.frame_scorers import FeatureFrameScorer, GlowFrameScorer, StackedFrameScorer
 from densead.segmenter import (
+    SCENE_PROTOCOLS,
     SceneDataConfig,
     SegmenterConfig,
     SegmenterRunConfig,
@@ -43,6 +44,7 @@ from densead.segmenter import (
     build_segmenter,
     iter_eval_batches,
     load_scene_arrays,
+    scene_frames,
     train_segmenter,
 )
 
@@ -369,3 +371,36 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
                     "entropy,last_scale", "--out", str(tmp_path / "bad"), ok=False)  # fmt: skip
     assert proc.returncode == 2 and re.search(r"\['last_scale'\] need a Glow checkpoint", proc.stderr)
     assert not (tmp_path / "bad").exists()
+
+
+def test_sequence_protocol_holds_out_whole_drives(shared_data: Path) -> None:
+    """``data.protocol: sequences`` on the real CamVid: train on 0006R0 + 0016E5 (train and val
+    files), select on 0001TP (train and test files), test on Seq05VD; no frame in two roles, every
+    frame of the three split files in exactly one role; ``splits`` keeps CamVid's own files."""
+    root = str(shared_data / "camvid")
+    standard = {role: scene_frames(SceneDataConfig(root=root), role) for role in ("train", "val", "test")}
+    assert {role: len(f) for role, f in standard.items()} == {"train": 367, "val": 101, "test": 233}
+    cfg = SceneDataConfig(root=root, protocol="sequences")
+    roles = {
+        role: [ds.frames[i].name for ds, i in scene_frames(cfg, role)]
+        for role in SCENE_PROTOCOLS["sequences"]
+    }
+    drives = {role: {name.split("_")[0] for name in names} for role, names in roles.items()}
+    assert drives == {"train": {"0006R0", "0016E5"}, "val": {"0001TP"}, "test": {"Seq05VD"}}
+    everything = [ds.frames[i].name for frames in standard.values() for ds, i in frames]
+    assert sorted(n for names in roles.values() for n in names) == sorted(everything)
+    assert {role: len(names) for role, names in roles.items()} == {"train": 406, "val": 124, "test": 171}
+    arrays = load_scene_arrays(
+        SceneDataConfig(root=root, protocol="sequences", max_frames=2, scale=0.25), "val"
+    )
+    assert arrays.names == tuple(roles["val"][:2]) and arrays.images.shape == (2, 90, 120, 3)
+
+
+def test_unknown_protocol_or_missing_drives_is_an_error(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=2)  # frames f0, f1: no CamVid drive names
+    with pytest.raises(ValueError, match="data.protocol: unknown 'drives'"):
+        scene_frames(SceneDataConfig(root=str(root), protocol="drives"), "test")
+    with pytest.raises(ValueError, match=r"camvid: no frames of drives Seq05VD in split\(s\) test"):
+        scene_frames(SceneDataConfig(root=str(root), protocol="sequences"), "test")
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        scene_frames(SceneDataConfig(root=str(root), protocol="sequences"), "holdout")
