@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from densead.data.transforms import to_model_input
 from densead.flows import FastTraining, FeatureFlow, Glow, apply_fast_path, resolve_fast_path, set_fused
+from densead.flows.fast import saved_tensor_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10_test.npz"
@@ -127,17 +128,9 @@ def saved_mb_per_image(lever: str, small: bool, device: torch.device, batch: int
     x = torch.rand(batch, 3, 32, 32, device=device) - 0.5
     with torch.no_grad():
         model.train()(x)  # ActNorm init first: fused and recompute wait for it
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with hooks, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with saved_tensor_bytes() as saved, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         model(x).log_prob().mean()
-    return total / batch / 2**20
+    return saved.total / batch / 2**20
 
 
 def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:

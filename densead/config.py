@@ -130,6 +130,10 @@ class OutlierConfig:
     batch_size: int = 0
 
 
+# train.lr_scaling: how lr follows the batch size (TrainConfig).
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimization. Defaults are the paper's (Adamax, lr 5e-4, weight decay 5e-5).
@@ -176,6 +180,14 @@ class TrainConfig:
     max_grad_norm: float = 0.0
     init_from: str = ""
     optimizer: str = "adamax"
+
+    def __post_init__(self) -> None:
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(
+                f"train.lr_scaling: unknown {self.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}"
+            )
+        if self.lr_reference_batch < 1:
+            raise ConfigError(f"train.lr_reference_batch must be >= 1, got {self.lr_reference_batch}")
 
 
 @dataclasses.dataclass(frozen=True)

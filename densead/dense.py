@@ -121,6 +121,8 @@ class RoadSource:
         held_out: CamVid classes labelled anomaly (leave-out protocol); CamVid only.
         void: CamVid classes labelled void; CamVid only.
         max_frames: only the first N frames of the dataset's order (0: all), for smoke runs.
+        protocol: what the split names mean (CamVid: ``splits`` or ``sequences``,
+            :data:`densead.data.road.CAMVID_PROTOCOLS`); None: the dataset's default.
     """
 
     dataset: str
@@ -129,12 +131,16 @@ class RoadSource:
     held_out: tuple[str, ...] | None = None
     void: tuple[str, ...] | None = None
     max_frames: int = 0
+    protocol: str | None = None
 
     @property
     def name(self) -> str:
-        """``<dataset>_<split>`` (or the dataset alone), the set's name in tables."""
-        accepts_split = "split" in inspect.signature(ROAD_DATASETS[self.dataset].__init__).parameters
-        return f"{self.dataset}_{self.split}" if self.split and accepts_split else self.dataset
+        """``<dataset>[_<protocol>]_<split>`` (or the dataset alone), the set's name in tables."""
+        params = inspect.signature(ROAD_DATASETS[self.dataset].__init__).parameters
+        if not (self.split and "split" in params):
+            return self.dataset
+        protocol = self.protocol if "protocol" in params and self.protocol not in (None, "splits") else ""
+        return "_".join(p for p in (self.dataset, protocol, self.split) if p)
 
     def open(self) -> RoadDataset:
         """The dataset; options a dataset class does not take are not passed to it."""
@@ -144,7 +150,7 @@ class RoadSource:
         cls = ROAD_DATASETS[self.dataset]
         params = inspect.signature(cls.__init__).parameters
         kwargs: dict = {"root": self.root}
-        for key in ("split", "held_out", "void"):
+        for key in ("split", "held_out", "void", "protocol"):
             value = getattr(self, key)
             if value is not None and key in params:
                 kwargs[key] = value
@@ -159,7 +165,7 @@ class RoadDataConfig:
     """Road frames to train on and how crops are cut from them.
 
     Attributes:
-        dataset, root, split, held_out, void, max_frames: see :class:`RoadSource`.
+        dataset, root, split, held_out, void, max_frames, protocol: see :class:`RoadSource`.
         downscale: integer factor the frames are shrunk by (area averaging) before cropping;
             scoring uses the same factor (1: native resolution).
         crop_height, crop_width: crop size on the shrunk frames, multiples of ``2^n_scales``;
@@ -173,13 +179,16 @@ class RoadDataConfig:
     held_out: tuple[str, ...] = ("Pedestrian", "Bicyclist")
     void: tuple[str, ...] = ("Unlabelled",)
     max_frames: int = 0
+    protocol: str = "splits"
     downscale: int = 1
     crop_height: int = 64
     crop_width: int = 64
     hflip: bool = True
 
     def source(self) -> RoadSource:
-        return RoadSource(self.dataset, self.root, self.split, self.held_out, self.void, self.max_frames)
+        return RoadSource(
+            self.dataset, self.root, self.split, self.held_out, self.void, self.max_frames, self.protocol
+        )
 
 
 @dataclass(frozen=True)
@@ -524,7 +533,6 @@ def train_road_glow(
     )
 
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
-    learning_rate(tcfg, 0)  # a bad lr_scaling fails before the first step
     # Crops have one fixed size, so compiled steps are traced once per scale.
     fast_training = FastTraining(model, resolve_fast_path(tcfg.fast, device, where="train.fast"))
     out_dir.mkdir(parents=True, exist_ok=True)

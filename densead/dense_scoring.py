@@ -311,9 +311,10 @@ def write_dense_maps(
 FEATURE_DETECTOR_NAMES = "density_<tap>, density_mean, density_min, msp, max_logit, entropy"
 
 
-def _same_frames(a: RoadSource, b: RoadSource) -> bool:
-    """Whether two sources open the same set of frames (``max_frames`` aside)."""
-    return a.name == b.name and Path(a.root).resolve() == Path(b.root).resolve()
+def _shared_frames(a: RoadDataset, b: RoadDataset) -> list[str]:
+    """Names of the frames (same image file) that two opened datasets both hold."""
+    files = {f.image.resolve() for f in b.frames}
+    return [f.name for f in a.frames if f.image.resolve() in files]
 
 
 def _glow_detector(name: str, feature_names: Sequence[str] | None) -> GlowDetector:
@@ -444,11 +445,13 @@ def score_road_dataset(
     scorer: FrameScorer
     if combos:
         calibration = calibration or replace(source, split="train", max_frames=0)
-        if _same_frames(calibration, source):
+        cal_full = calibration.open()
+        if shared := _shared_frames(cal_full, dataset):
             raise ValueError(
-                f"calibration set {calibration.name} is the set under test: its labels must not be used"
+                f"calibration set {calibration.name} holds {len(shared)} frame(s) of the set under test "
+                f"{source.name} (e.g. {shared[0]}): their labels must not be used"
             )
-        cal_dataset = spread_frames(calibration.open(), calibration_frames)
+        cal_dataset = spread_frames(cal_full, calibration_frames)
         info["calibration_source"] = asdict(calibration)
         info["calibration_source"]["root"] = str(Path(calibration.root).resolve())
         for key in ("held_out", "void"):

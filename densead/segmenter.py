@@ -37,7 +37,7 @@ import yaml
 from torch import Tensor, nn
 
 from densead.config import from_dict, save_config, to_dict
-from densead.data.road import CAMVID_CLASSES, VOID, CamVid
+from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid
 from densead.features import load_weights
 from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
 from densead.train import resolve_device
@@ -113,15 +113,8 @@ class SceneDataConfig:
     protocol: str = "splits"
 
 
-# role -> (CamVid split files read, drives kept); drives are the frame-name prefix before "_".
-SCENE_PROTOCOLS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None] = {
-    "splits": None,
-    "sequences": {
-        "train": (("train", "val"), ("0006R0", "0016E5")),
-        "val": (("train", "test"), ("0001TP",)),
-        "test": (("test",), ("Seq05VD",)),
-    },
-}
+# The protocols of data.protocol: CamVid's own split files, or whole drives held out.
+SCENE_PROTOCOLS = CAMVID_PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -221,26 +214,9 @@ def scene_frames(cfg: SceneDataConfig, role: str) -> list[tuple[CamVid, int]]:
     (dataset, index) pairs in split-file order, ``cfg.max_frames`` applied last."""
     if cfg.protocol not in SCENE_PROTOCOLS:
         raise ValueError(f"data.protocol: unknown {cfg.protocol!r}; valid: {', '.join(SCENE_PROTOCOLS)}")
-    table = SCENE_PROTOCOLS[cfg.protocol]
-    if table is None:
-        dataset = CamVid(cfg.root, split=role, held_out=cfg.held_out, void=cfg.void)
-        frames = [(dataset, i) for i in range(len(dataset))]
-    else:
-        if role not in table:
-            raise ValueError(
-                f"data.protocol {cfg.protocol}: unknown split {role!r}; valid: {', '.join(table)}"
-            )
-        splits, drives = table[role]
-        frames = []
-        for split in splits:
-            dataset = CamVid(cfg.root, split=split, held_out=cfg.held_out, void=cfg.void)
-            frames += [(dataset, i) for i, f in enumerate(dataset.frames) if f.name.split("_")[0] in drives]
-        if not frames:
-            raise ValueError(
-                f"{cfg.root}: no frames of drives {', '.join(drives)} in split(s) {', '.join(splits)} "
-                f"(data.protocol {cfg.protocol}, {role})"
-            )
-    return frames if cfg.max_frames <= 0 else frames[: cfg.max_frames]
+    dataset = CamVid(cfg.root, split=role, held_out=cfg.held_out, void=cfg.void, protocol=cfg.protocol)
+    n = len(dataset) if cfg.max_frames <= 0 else min(cfg.max_frames, len(dataset))
+    return [(dataset, i) for i in range(n)]
 
 
 def load_scene_arrays(cfg: SceneDataConfig, split: str) -> SceneArrays:

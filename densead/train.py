@@ -96,16 +96,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-LR_SCALINGS = ("none", "linear", "sqrt")
-
-
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """The learning rate of step ``step`` (0-based): ``cfg.lr`` scaled to the batch size by
     ``cfg.lr_scaling``, times the linear warm-up factor ``min(1, (step + 1) / warmup_steps)``."""
-    if cfg.lr_scaling not in LR_SCALINGS:
-        raise ValueError(f"train.lr_scaling: unknown {cfg.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}")
-    if cfg.lr_reference_batch < 1:
-        raise ValueError(f"train.lr_reference_batch must be >= 1, got {cfg.lr_reference_batch}")
+    # cfg.lr_scaling and cfg.lr_reference_batch are checked when the config is built (TrainConfig).
     ratio = cfg.batch_size / cfg.lr_reference_batch
     lr = cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
     return lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else lr
@@ -328,7 +322,6 @@ def train_glow(
 
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
     fast = resolve_fast_path(tcfg.fast, device, where="train.fast")
-    learning_rate(tcfg, 0)  # a bad lr_scaling fails before any data moves
     fast_training = FastTraining(model, fast)  # before DDP registers the parameters
     net = model
     if dist.is_distributed():

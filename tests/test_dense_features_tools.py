@@ -259,7 +259,10 @@ def test_road_scoring_errors_name_the_problem(tmp_path: Path) -> None:
     source = RoadSource("camvid", str(root), "test")
     cases = [
         ({"combine": ["raw+bogus"]}, "unknown detector 'bogus'; valid: Glow detectors raw, ratio"),
-        ({"combine": ["raw+last_scale"], "calibration": source}, "camvid_test is the set under test"),
+        (
+            {"combine": ["raw+last_scale"], "calibration": source},
+            r"calibration set camvid_test holds 2 frame\(s\) of the set under test camvid_test \(e.g. f0\)",
+        ),
         (
             {"detectors": ["density_cls"]},
             r"density_mean, density_min, msp, max_logit, entropy \(need feature_flows",
@@ -367,6 +370,16 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
              "--no-overlays", "--out", str(only))  # fmt: skip
     assert json.loads((only / "run.json").read_text())["detectors"] == ["entropy"]
     assert not (only / "overlays").exists()
+    # --protocol sequences: Seq05VD frames under test, calibration on the training drives.
+    seq = tmp_path / "seq"
+    run_tool("tools/score_images.py", *common, "--protocol", "sequences", "--feature-flows", str(flows),
+             "--detector", "entropy", "--combine", "density_cls+msp", "--calibration-frames", "2",
+             "--no-overlays", "--out", str(seq))  # fmt: skip
+    run = json.loads((seq / "run.json").read_text())
+    assert run["set_name"] == "camvid_sequences_test" and run["source"]["protocol"] == "sequences"
+    assert len(run["frames"]) == 2 and all(f.startswith("Seq05VD_") for f in run["frames"])
+    assert run["calibration_source"]["protocol"] == "sequences"
+    assert {f.split("_")[0] for f in run["calibration"]["frames"]} <= {"0006R0", "0016E5"}
     proc = run_tool("tools/score_images.py", *common, "--feature-flows", str(flows), "--detector",
                     "entropy,last_scale", "--out", str(tmp_path / "bad"), ok=False)  # fmt: skip
     assert proc.returncode == 2 and re.search(r"\['last_scale'\] need a Glow checkpoint", proc.stderr)
@@ -396,11 +409,38 @@ def test_sequence_protocol_holds_out_whole_drives(shared_data: Path) -> None:
     assert arrays.names == tuple(roles["val"][:2]) and arrays.images.shape == (2, 90, 120, 3)
 
 
+def test_road_sources_under_the_sequence_protocol(tmp_path: Path, shared_data: Path) -> None:
+    """The dense pipeline's sources take the protocol too; calibration frames that overlap the
+    frames under test are refused whatever the protocols (0001TP is in CamVid's train and test)."""
+    root = str(shared_data / "camvid")
+    source = RoadSource("camvid", root, "val", protocol="sequences")
+    assert source.name == "camvid_sequences_val" and RoadSource("camvid", root, "val").name == "camvid_val"
+    dataset = source.open()
+    assert len(dataset) == 124 and {n.split("_")[0] for n in dataset.names} == {"0001TP"}
+    assert RoadSource("camvid", root, "val", protocol="splits").name == "camvid_val"
+    assert RoadSource("folder", root, "val", protocol="sequences").name == "folder"
+    ckpt = save_tiny_checkpoint(tmp_path / "in.pt", 11)
+    for calibration, n in (
+        (RoadSource("camvid", root, "train"), 62),
+        (RoadSource("camvid", root, "test"), 62),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"{calibration.name} holds {n} frame\(s\) of the set under test "
+        ):
+            score_road_dataset(source, ckpt, tmp_path / "out", ["raw"], combine=["raw+last_scale"],
+                               calibration=calibration, progress=False)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="unknown CamVid sequences split 'holdout'; valid: train, val, test"):
+        RoadSource("camvid", root, "holdout", protocol="sequences").open()
+    with pytest.raises(ValueError, match="unknown CamVid protocol 'drives'; valid: splits, sequences"):
+        CamVid(root, "test", protocol="drives")
+
+
 def test_unknown_protocol_or_missing_drives_is_an_error(tmp_path: Path) -> None:
     root = fake_camvid(tmp_path / "camvid", n=2)  # frames f0, f1: no CamVid drive names
     with pytest.raises(ValueError, match="data.protocol: unknown 'drives'"):
         scene_frames(SceneDataConfig(root=str(root), protocol="drives"), "test")
     with pytest.raises(ValueError, match=r"camvid: no frames of drives Seq05VD in split\(s\) test"):
         scene_frames(SceneDataConfig(root=str(root), protocol="sequences"), "test")
-    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+    with pytest.raises(ValueError, match="unknown CamVid sequences split 'holdout'"):
         scene_frames(SceneDataConfig(root=str(root), protocol="sequences"), "holdout")

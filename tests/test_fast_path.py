@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 import densead.flows.glow as glow_module
-from densead.config import ConfigError, DataConfig, ModelConfig, TrainConfig, TrainRunConfig, from_dict
+from densead.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainRunConfig,
+    from_dict,
+    to_dict,
+)
 from densead.detectors.glow import GlowScorer, get_detector
 from densead.flows import (
     ActNorm,
@@ -30,7 +38,7 @@ from densead.flows import (
     needs_data_init,
     resolve_fast_path,
 )
-from densead.flows.fast import compile_supported
+from densead.flows.fast import compile_supported, saved_tensor_bytes
 from densead.train import load_checkpoint, load_glow, train_glow
 
 # Relative tolerance of fused vs plain: the fused weight W·diag(s) and bias W·diag(s)·b are
@@ -317,16 +325,9 @@ def test_flow_step_is_a_flow_step_with_plain_state_dict_keys() -> None:
 
 def saved_bytes(model: Glow, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Bytes autograd keeps for the backward pass of ``−mean log p`` (and the loss)."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_tensor_bytes() as saved:
         loss = -model(x).log_prob().mean()
-    return total, loss
+    return saved.total, loss
 
 
 def test_recompute_gives_identical_gradients_and_keeps_less_for_backward() -> None:
@@ -429,10 +430,16 @@ def test_learning_rate_scales_with_the_batch_and_warms_up() -> None:
     warm = replace(base, lr_scaling="sqrt", warmup_steps=10)
     assert learning_rate(warm, 4) == pytest.approx(2e-3 * 5 / 10)
     assert learning_rate(warm, 50) == pytest.approx(2e-3)
-    with pytest.raises(ValueError, match="train.lr_scaling: unknown 'square'"):
-        learning_rate(TrainConfig(lr_scaling="square"), 0)
-    with pytest.raises(ValueError, match="train.lr_reference_batch"):
-        learning_rate(TrainConfig(lr_scaling="linear", lr_reference_batch=0), 0)
+    # Bad values are refused when the config is built, so a run fails before it starts; from a
+    # file, the error names it.
+    with pytest.raises(ConfigError, match="train.lr_scaling: unknown 'square'; valid: none, linear, sqrt"):
+        TrainConfig(lr_scaling="square")
+    with pytest.raises(ConfigError, match="train.lr_reference_batch must be >= 1, got 0"):
+        replace(base, lr_reference_batch=0)
+    data = to_dict(TrainRunConfig("x", DataConfig(source="sklearn_digits"), ModelConfig(), base))
+    data["train"]["lr_scaling"] = "cubic"
+    with pytest.raises(ConfigError, match=r"^run.yaml: train.lr_scaling: unknown 'cubic'"):
+        from_dict(TrainRunConfig, data, "run.yaml")
 
 
 def test_train_glow_applies_the_scaled_learning_rate(tmp_path: Path) -> None:

@@ -32,6 +32,10 @@ under test; see densead/combined_maps.py):
         --combine density_cls+ratio,density_cls+last_scale --out runs/camvid_combined_scores
 
 Then: python tools/evaluate.py --pixel runs/camvid_combined_scores --out runs/camvid_combined_eval
+
+--protocol sequences (CamVid) makes --split and --calibration-split roles of whole held-out drives
+(train 0006R0 + 0016E5, val 0001TP, test Seq05VD), as data.protocol in the segmenter and flow
+configs; calibration frames that are also frames under test are refused under any protocol.
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     road = p.add_argument_group("road mode (--road)")
     road.add_argument("--held-out", help="CamVid classes labelled anomaly (default: Pedestrian,Bicyclist)")
     road.add_argument("--void", help="CamVid classes labelled void (default: Unlabelled)")
+    road.add_argument(
+        "--protocol",
+        help="what --split names (CamVid: splits, the default, or sequences: train 0006R0+0016E5, "
+        "val 0001TP, test Seq05VD)",
+    )
     road.add_argument("--downscale", type=int, help="shrink frames by this factor (default: as trained)")
     road.add_argument("--max-frames", type=int, default=0, help="only the first N frames (0: all)")
     road.add_argument("--rescale-from", help="rescale.json of another run (default: calibrate on this set)")
@@ -162,8 +171,8 @@ def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         p.error("--heatmaps is for images; road mode writes overlays into <--out>/overlays")
     detectors = [name.strip() for name in args.detector.split(",") if name.strip()]
     held_out, void = _names(args.held_out), _names(args.void)
-    source = RoadSource(args.road, args.root, args.split, held_out, void, args.max_frames)
-    calibration = RoadSource(args.road, args.root, args.calibration_split, held_out, void)
+    source = RoadSource(args.road, args.root, args.split, held_out, void, args.max_frames, args.protocol)
+    calibration = RoadSource(args.road, args.root, args.calibration_split, held_out, void, 0, args.protocol)
     try:
         run = score_road_dataset(
             source,

