@@ -21,7 +21,7 @@ from test_dense import fake_camvid, random_glow, save_tiny_checkpoint
 
 from densead.combined_maps import Combination, CombinedFrameScorer, fit_inlier_stats, spread_frames
 from densead.data.road import CamVid
-from densead.dense import RoadSource
+from densead.dense import RoadDataConfig, RoadSource
 from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
 from densead.detectors.feature_density import (
@@ -419,6 +419,9 @@ def test_road_sources_under_the_sequence_protocol(tmp_path: Path, shared_data: P
     assert len(dataset) == 124 and {n.split("_")[0] for n in dataset.names} == {"0001TP"}
     assert RoadSource("camvid", root, "val", protocol="splits").name == "camvid_val"
     assert RoadSource("folder", root, "val", protocol="sequences").name == "folder"
+    # the road Glow's training data (densead.dense) takes it too
+    road = RoadDataConfig(root=root, split="train", protocol="sequences").source()
+    assert road.name == "camvid_sequences_train" and len(road.open()) == 406
     ckpt = save_tiny_checkpoint(tmp_path / "in.pt", 11)
     for calibration, n in (
         (RoadSource("camvid", root, "train"), 62),
