@@ -28,7 +28,9 @@ map functions, no second implementation (see :mod:`densead.frame_scorers` for th
     rescale.json                      per detector the [lo, hi] of the rescaling
     run.json                          provenance: source, checkpoints, detectors, the producer's
                                       settings (downscale, feature scale, combinations and their
-                                      calibration constants and frames), frames
+                                      calibration constants and frames), frames, and for
+                                      feature detectors training_frames_scored: how many
+                                      frames under test trained the flows (a warning if any)
 
 (``/`` in a frame name becomes ``__`` in file names.)
 
@@ -57,6 +59,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -313,8 +316,11 @@ FEATURE_DETECTOR_NAMES = "density_<tap>, density_mean, density_min, msp, max_log
 
 def _shared_frames(a: RoadDataset, b: RoadDataset) -> list[str]:
     """Names of the frames (same image file) that two opened datasets both hold."""
-    files = {f.image.resolve() for f in b.frames}
-    return [f.name for f in a.frames if f.image.resolve() in files]
+    return _frames_in(a, {f.image.resolve() for f in b.frames})
+
+
+def _frames_in(dataset: RoadDataset, files: set[Path]) -> list[str]:
+    return [f.name for f in dataset.frames if f.image.resolve() in files]
 
 
 def _glow_detector(name: str, feature_names: Sequence[str] | None) -> GlowDetector:
@@ -374,11 +380,33 @@ def _feature_scorer(
     scorer = (
         FeatureFrameScorer(detector, cfg.data.scale, cfg.data.pad_divisor, names, device) if names else None
     )
+    seen = _training_frames_scored(cfg.data, dataset)
+    if seen:
+        warnings.warn(
+            f"{len(seen)} of the {len(dataset)} frames of {source.name} (e.g. {seen[0]}) are training frames "
+            f"of the feature flows {feature_flows} (data.protocol {cfg.data.protocol}, role train): their "
+            "maps are no held-out evaluation",
+            stacklevel=3,
+        )
     info = {
         "feature_flows": str(Path(feature_flows).resolve()),
         "segmenter": str(Path(cfg.segmenter).resolve()),
+        "training_frames_scored": None if seen is None else len(seen),
     }
     return scorer, detector.names, info
+
+
+def _training_frames_scored(data: Any, dataset: RoadDataset) -> list[str] | None:
+    """Names of the frames of ``dataset`` that the feature flows were trained on (the ``train``
+    role of their ``data`` config, a :class:`~densead.segmenter.SceneDataConfig`), or None when
+    that config's frames cannot be listed here (e.g. its root is not on this machine)."""
+    from densead.segmenter import scene_frames
+
+    try:
+        train = scene_frames(data, "train")
+    except (FileNotFoundError, ValueError):
+        return None
+    return _frames_in(dataset, {ds.frames[i].image.resolve() for ds, i in train})
 
 
 def score_road_dataset(

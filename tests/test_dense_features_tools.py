@@ -344,6 +344,7 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
     combos = ["combo:density_cls+ratio", "combo:density_mean+last_scale"]
     assert run["detectors"] == ["density_cls", "msp", "ratio", *combos]
     assert run["feature_scale"] == 0.25 and run["downscale"] == 4
+    assert run["training_frames_scored"] == 0
     train_names, test_names = CamVid(camvid, "train").names, CamVid(camvid, "test").names
     assert len(run["calibration"]["frames"]) == 2 and set(run["calibration"]["frames"]) <= set(train_names)
     assert not set(run["calibration"]["frames"]) & set(test_names)
@@ -380,6 +381,18 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
     assert len(run["frames"]) == 2 and all(f.startswith("Seq05VD_") for f in run["frames"])
     assert run["calibration_source"]["protocol"] == "sequences"
     assert {f.split("_")[0] for f in run["calibration"]["frames"]} <= {"0006R0", "0016E5"}
+    assert run["training_frames_scored"] == 0
+    # Frames the flows were trained on (their config's train role: the first 3 train frames)
+    # can be scored, with a warning and the count in run.json.
+    seen = tmp_path / "seen"
+    args = [a if a != "test" else "train" for a in common]
+    proc = run_tool("tools/score_images.py", *args, "--feature-flows", str(flows), "--detector", "entropy",
+                    "--no-overlays", "--out", str(seen))  # fmt: skip
+    first = CamVid(camvid, "train").names[0]
+    assert f"2 of the 2 frames of camvid_train (e.g. {first}) are training frames of the feature flows" in (
+        proc.stderr
+    )
+    assert json.loads((seen / "run.json").read_text())["training_frames_scored"] == 2
     proc = run_tool("tools/score_images.py", *common, "--feature-flows", str(flows), "--detector",
                     "entropy,last_scale", "--out", str(tmp_path / "bad"), ok=False)  # fmt: skip
     assert proc.returncode == 2 and re.search(r"\['last_scale'\] need a Glow checkpoint", proc.stderr)

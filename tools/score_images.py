@@ -35,7 +35,8 @@ Then: python tools/evaluate.py --pixel runs/camvid_combined_scores --out runs/ca
 
 --protocol sequences (CamVid) makes --split and --calibration-split roles of whole held-out drives
 (train 0006R0 + 0016E5, val 0001TP, test Seq05VD), as data.protocol in the segmenter and flow
-configs; calibration frames that are also frames under test are refused under any protocol.
+configs; calibration frames that are also frames under test are refused under any protocol, and
+scoring frames the feature flows were trained on warns (run.json: training_frames_scored).
 """
 
 from __future__ import annotations
