@@ -60,7 +60,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -89,16 +89,19 @@ from densead.frame_scorers import (
     iter_frame_maps,
 )
 from densead.io import atomic_write_text
-from densead.metrics import PixelMetrics
+from densead.metrics import FalsePositivesByClass, PixelMetrics
 from densead.scoring import write_scores_csv
 from densead.train import load_glow, resolve_device
 from densead.viz import heatmap_overlay, save_png
 
 __all__ = [
+    "ClassFalsePositiveRow",
     "DenseRun",
     "MapRescale",
     "PixelMetricRow",
     "evaluate_dense_run",
+    "false_positives_by_class",
+    "false_positives_markdown",
     "SENTINEL_LIMIT",
     "frame_maps",
     "pixel_metrics_markdown",
@@ -106,6 +109,7 @@ __all__ = [
     "score_road_dataset",
     "write_dense_maps",
     "write_frame_maps",
+    "write_false_positives",
     "write_pixel_metrics",
 ]
 
@@ -522,6 +526,53 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     return run
 
 
+def _open_run(
+    run_dir: Path, detectors: Sequence[str] | None
+) -> tuple[dict[str, Any], RoadSource, RoadDataset, list[str]]:
+    """``run.json``, the source and dataset it was scored from, and the detectors asked for."""
+    run = _read_run(run_dir)
+    src = dict(run["source"])
+    for key in ("held_out", "void"):
+        if src.get(key) is not None:
+            src[key] = tuple(src[key])
+    source = RoadSource(**src)
+    dataset = source.open()
+    detectors = list(detectors or run["detectors"])
+    unknown = [d for d in detectors if d not in run["detectors"]]
+    if unknown:
+        raise KeyError(f"{run_dir}: no maps for detector(s) {unknown} (have: {', '.join(run['detectors'])})")
+    return run, source, dataset, detectors
+
+
+def _labelled_maps(
+    run_dir: Path,
+    run: Mapping[str, Any],
+    source: RoadSource,
+    dataset: RoadDataset,
+    detectors: Sequence[str],
+    progress: bool,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]]:
+    """Per frame of the run: (label 0/1/255, semantic ids or None, ``{detector: float16 map}``)."""
+    frames = {f.name: f for f in dataset.frames}
+    for name in tqdm(run["frames"], desc=f"evaluate {run_dir.name}", disable=not progress, leave=False):
+        frame = frames.get(name)
+        if frame is None:
+            raise FileNotFoundError(f"frame {name!r} of {run_dir / RUN_FILE} is not in {source.root}")
+        if frame.label is None:
+            raise ValueError(f"frame {frame.image} has no label: pixel metrics need labelled frames")
+        label, semantic = dataset.map_label(read_label(frame.label))
+        maps = {}
+        for det in detectors:
+            path = run_dir / "maps" / det / f"{safe_name(name)}.npy"
+            if not path.is_file():
+                raise FileNotFoundError(f"score map not found: {path}")
+            m = np.load(path, allow_pickle=False)
+            if m.shape != label.shape:
+                raise ValueError(f"{path}: map of shape {m.shape} but label {frame.label} is {label.shape}")
+            maps[det] = m
+        yield label, semantic, maps
+
+
 def evaluate_dense_run(
     run_dir: str | Path,
     detectors: Sequence[str] | None = None,
@@ -534,33 +585,10 @@ def evaluate_dense_run(
     through one :class:`densead.metrics.PixelMetrics` per detector.
     """
     run_dir = Path(run_dir)
-    run = _read_run(run_dir)
-    src = dict(run["source"])
-    for key in ("held_out", "void"):
-        if src.get(key) is not None:
-            src[key] = tuple(src[key])
-    source = RoadSource(**src)
-    dataset = source.open()
-    frames = {f.name: f for f in dataset.frames}
-    detectors = list(detectors or run["detectors"])
-    unknown = [d for d in detectors if d not in run["detectors"]]
-    if unknown:
-        raise KeyError(f"{run_dir}: no maps for detector(s) {unknown} (have: {', '.join(run['detectors'])})")
+    run, source, dataset, detectors = _open_run(run_dir, detectors)
     metrics = {d: PixelMetrics(mode) for d in detectors}
-    for name in tqdm(run["frames"], desc=f"evaluate {run_dir.name}", disable=not progress, leave=False):
-        frame = frames.get(name)
-        if frame is None:
-            raise FileNotFoundError(f"frame {name!r} of {run_dir / RUN_FILE} is not in {source.root}")
-        if frame.label is None:
-            raise ValueError(f"frame {frame.image} has no label: pixel metrics need labelled frames")
-        label, _ = dataset.map_label(read_label(frame.label))
-        for det in detectors:
-            path = run_dir / "maps" / det / f"{safe_name(name)}.npy"
-            if not path.is_file():
-                raise FileNotFoundError(f"score map not found: {path}")
-            m = np.load(path, allow_pickle=False)
-            if m.shape != label.shape:
-                raise ValueError(f"{path}: map of shape {m.shape} but label {frame.label} is {label.shape}")
+    for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
+        for det, m in maps.items():
             metrics[det].update(m.astype(np.float32), label)
     set_name = run.get("set_name", source.name)
     rows = []
@@ -569,6 +597,79 @@ def evaluate_dense_run(
         values = (r["auroc"], r["ap"], r["fpr95"], r["n_pixels"], r["n_anomaly"])
         rows.append(PixelMetricRow(set_name, det, *values))
     return rows
+
+
+@dataclass(frozen=True)
+class ClassFalsePositiveRow:
+    """One class's part of a detector's false alarms at 95 % TPR (:class:`FalsePositivesByClass`)."""
+
+    set_name: str
+    detector: str
+    class_name: str
+    n_inlier: int
+    n_flagged: int
+    fpr: float
+    share: float
+    threshold: float
+
+
+def false_positives_by_class(
+    run_dir: str | Path, detectors: Sequence[str] | None = None, progress: bool = False
+) -> list[ClassFalsePositiveRow]:
+    """Which in-distribution classes each detector's false alarms at 95 % TPR come from.
+
+    Needs a dataset with semantic labels (CamVid, Cityscapes: ``semantic_classes``); exact on the
+    written float16 maps (:class:`densead.metrics.FalsePositivesByClass`). The rows of a detector
+    follow the class ids; their ``n_flagged`` add up to the FPR95 of :func:`evaluate_dense_run`
+    times the inlier count.
+    """
+    run_dir = Path(run_dir)
+    run, source, dataset, detectors = _open_run(run_dir, detectors)
+    names = dataset.semantic_classes
+    if not names:
+        raise ValueError(f"{source.name} ({type(dataset).__name__}) has no semantic labels to break down by")
+    counters = {d: FalsePositivesByClass(len(names)) for d in detectors}
+    for label, semantic, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
+        for det, m in maps.items():
+            counters[det].update(m, label, semantic)
+    set_name = run.get("set_name", source.name)
+    rows = []
+    for det, counter in counters.items():
+        out = counter.compute()
+        for c in out["classes"]:
+            name = names[c["id"]] if c["id"] != "other" else "other"
+            values = (c["n_inlier"], c["n_flagged"], c["fpr"], c["share"], out["threshold"])
+            rows.append(ClassFalsePositiveRow(set_name, det, name, *values))
+    return rows
+
+
+def false_positives_markdown(rows: Sequence[ClassFalsePositiveRow]) -> str:
+    """Per road set: one row per detector, per class "FPR (share of all false alarms)" in %."""
+    parts = []
+    for set_name in dict.fromkeys(r.set_name for r in rows):
+        sub = [r for r in rows if r.set_name == set_name]
+        classes = list(dict.fromkeys(r.class_name for r in sub))
+        lines = [
+            f"### {set_name}: inlier pixels flagged at 95 % TPR, per class — FPR % (share of all flagged %)",
+            "",
+            "| detector | " + " | ".join(classes) + " |",
+            "|---|" + "---|" * len(classes),
+        ]
+        for det in dict.fromkeys(r.detector for r in sub):
+            cells = {
+                r.class_name: f"{100 * r.fpr:.1f} ({100 * r.share:.1f})" for r in sub if r.detector == det
+            }
+            lines.append(f"| {det} | " + " | ".join(cells.get(c, "—") for c in classes) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_false_positives(out_dir: str | Path, rows: Sequence[ClassFalsePositiveRow]) -> None:
+    """``pixel_fp_by_class.csv`` and ``pixel_fp_by_class.md`` in ``out_dir`` (atomically)."""
+    out_dir = Path(out_dir)
+    fields = list(ClassFalsePositiveRow.__dataclass_fields__)
+    write_scores_csv(out_dir / "pixel_fp_by_class.csv", {f: [getattr(r, f) for r in rows] for f in fields})
+    atomic_write_text(out_dir / "pixel_fp_by_class.md", false_positives_markdown(rows))
 
 
 def pixel_metrics_markdown(rows: Sequence[PixelMetricRow]) -> str:

@@ -14,6 +14,8 @@ Pixel-level metrics (:class:`PixelMetrics`) are streamed over frames. Mode
 ``"exact"`` keeps every (score, label) pair and matches scikit-learn; mode
 ``"binned"`` keeps two fixed-size histograms and uses constant memory whatever
 the number of frames (see the class docstring for how the bins are chosen).
+:class:`FalsePositivesByClass` says which in-distribution classes a pixel
+detector's false alarms at 95 % TPR come from.
 
 Scores must be finite: NaN or ±inf have no well-defined rank, so every entry
 point raises ``ValueError`` with the number of offending values and leaves the
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "FalsePositivesByClass",
     "PixelMetrics",
     "auroc",
     "average_precision",
@@ -530,3 +533,93 @@ class PixelMetrics:
         out["n_pixels"] = n_pixels
         out["n_anomaly"] = n_anomaly
         return out
+
+
+class FalsePositivesByClass:
+    """Where a pixel detector's false alarms come from: the inlier pixels of each semantic class
+    scored at or above the threshold at which the detector finds ``tpr`` of the anomalous pixels.
+
+    That threshold is :func:`fpr_at_tpr`'s (the highest one with TPR ≥ ``tpr``), so the overall
+    FPR equals its FPR95. Per class: ``fpr``, the fraction of the class's inlier pixels flagged,
+    and ``share``, the class's part of all flagged inlier pixels (the shares sum to 1).
+
+    For float16 maps of non-negative values — what the dense pipeline writes (float16 in
+    [0, 1]) — the counts are exact in constant memory: the 16-bit pattern of a non-negative
+    float16 orders it, so each stored value gets its own histogram bin (65,536 bins; one
+    histogram for the anomalies, one per class for the inliers).
+
+    Args:
+        n_classes: semantic ids ``0 .. n_classes − 1`` are classes; inlier pixels with other
+            ids (void ids of the semantic map) count under ``other``.
+        tpr: target true-positive rate in [0, 1].
+    """
+
+    N_VALUES = 1 << 16
+
+    def __init__(self, n_classes: int, tpr: float = 0.95) -> None:
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        self.n_classes = int(n_classes)
+        self.tpr = _check_tpr(tpr)
+        self._anomaly = np.zeros(self.N_VALUES, dtype=np.int64)
+        self._inlier = np.zeros((self.n_classes + 1, self.N_VALUES), dtype=np.int64)
+
+    def update(self, scores: Any, labels: Any, semantic: Any) -> None:
+        """One frame (or batch): float16 ``scores`` ≥ 0, ``labels`` 0/1/255, ``semantic`` class ids,
+        all of one shape."""
+        s, y, c = _to_numpy(scores), _to_numpy(labels), _to_numpy(semantic)
+        if s.dtype != np.float16:
+            raise ValueError(f"scores must be float16 (the dense maps' dtype), got {s.dtype}")
+        if not (s.shape == y.shape == c.shape):
+            raise ValueError(f"scores {s.shape}, labels {y.shape} and semantic {c.shape} differ in shape")
+        bad = ~np.isfinite(s) | (s < 0)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} scores are negative or not finite: expected maps in [0, 1]")
+        bits = (s + np.float16(0)).view(np.uint16).astype(np.int64).ravel()  # + 0 turns -0 into +0
+        y, c = y.ravel(), c.ravel().astype(np.int64)
+        self._anomaly += np.bincount(bits[y == 1], minlength=self.N_VALUES)
+        inlier = y == 0
+        row = np.where((c >= 0) & (c < self.n_classes), c, self.n_classes)[inlier]
+        counts = np.bincount(row * self.N_VALUES + bits[inlier], minlength=self._inlier.size)
+        self._inlier += counts.reshape(self._inlier.shape)
+
+    def compute(self) -> dict[str, Any]:
+        """``{"threshold", "fpr", "n_inlier", "n_anomaly", "classes": [{"id", "n_inlier", "n_flagged",
+        "fpr", "share"}, ...]}``; ``id`` is the class id, or ``"other"``.
+
+        Raises:
+            ValueError: if no inlier or no anomaly pixel has been seen.
+        """
+        n_anomaly, n_inlier = int(self._anomaly.sum()), int(self._inlier.sum())
+        if n_anomaly == 0 or n_inlier == 0:
+            raise ValueError(f"both classes are needed: got {n_anomaly} anomaly and {n_inlier} inlier pixels")
+        # Sweep the stored values from the highest down: the first value at which the anomalies
+        # at or above it reach the target TPR is the threshold.
+        # (The same comparison as fpr_at_tpr: TPR = found / n_anomaly against the target.)
+        tpr = np.cumsum(self._anomaly[::-1]) / n_anomaly
+        top = int(np.searchsorted(tpr, self.tpr, side="left"))
+        cut = self.N_VALUES - 1 - min(top, self.N_VALUES - 1)
+        flagged = self._inlier[:, cut:].sum(axis=1)
+        total = int(flagged.sum())
+        classes = []
+        for i in range(self.n_classes + 1):
+            n = int(self._inlier[i].sum())
+            if n == 0:
+                continue
+            classes.append(
+                {
+                    "id": i if i < self.n_classes else "other",
+                    "n_inlier": n,
+                    "n_flagged": int(flagged[i]),
+                    "fpr": float(flagged[i]) / n,
+                    "share": float(flagged[i]) / total if total else 0.0,
+                }
+            )
+        threshold = float(np.array([cut], dtype=np.uint16).view(np.float16)[0])
+        return {
+            "threshold": threshold,
+            "fpr": total / n_inlier,
+            "n_inlier": n_inlier,
+            "n_anomaly": n_anomaly,
+            "classes": classes,
+        }

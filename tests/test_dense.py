@@ -34,7 +34,13 @@ from densead.dense import (
     shrink,
     train_road_glow,
 )
-from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset, write_dense_maps
+from densead.dense_scoring import (
+    MapRescale,
+    false_positives_by_class,
+    frame_maps,
+    score_road_dataset,
+    write_dense_maps,
+)
 from densead.detectors import GlowScorer, get_detector
 from densead.flows import Glow
 from densead.io import atomic_torch_save
@@ -286,6 +292,21 @@ def test_bad_frame_names_the_file_and_writes_nothing(tmp_path: Path, fault: str)
         rescale = MapRescale.fit({"raw": (-10.0, 10.0)})
         score_road_dataset(source, ckpt, out, ["raw"], rescale=rescale, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_false_alarms_by_class_need_semantic_labels(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=2)
+    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 8)
+    score_road_dataset(
+        RoadSource("folder", str(root / "test")), ckpt, tmp_path / "f", ["raw"], progress=False
+    )
+    with pytest.raises(ValueError, match=r"folder \(ImageFolderFrames\) has no semantic labels"):
+        false_positives_by_class(tmp_path / "f")
+    score_road_dataset(RoadSource("camvid", str(root), "test"), ckpt, tmp_path / "c", ["raw"], progress=False)
+    rows = false_positives_by_class(tmp_path / "c")
+    assert {r.class_name for r in rows} <= set(CamVid.semantic_classes[:9]) and sum(
+        r.share for r in rows
+    ) == (pytest.approx(1.0))
 
 
 # --------------------------------------------------------------------------- training and tools

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from test_dense import fake_camvid, random_glow, save_tiny_checkpoint
 
 from densead.combined_maps import Combination, CombinedFrameScorer, fit_inlier_stats, spread_frames
-from densead.data.road import CamVid
+from densead.data.road import CAMVID_CLASSES, CamVid
 from densead.dense import RoadDataConfig, RoadSource
 from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
@@ -354,14 +354,27 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
         assert m.dtype == np.float16 and m.shape == (360, 480) and 0 <= m.min() <= m.max() <= 1, det
         assert (out / "overlays" / det / f"{run['frames'][0]}.png").stat().st_size > 0, det
 
-    proc = run_tool(
-        "tools/evaluate.py", "--pixel", str(out), "--out", str(tmp_path / "eval"), "--no-progress"
-    )
+    proc = run_tool("tools/evaluate.py", "--pixel", str(out), "--out", str(tmp_path / "eval"),
+                    "--mode", "exact", "--by-class", "--no-progress")  # fmt: skip
     assert "| combo:density_cls+ratio |" in proc.stdout
     with (tmp_path / "eval" / "pixel_metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["detector"] for r in rows] == run["detectors"]
     assert all(0 <= float(r["auroc"]) <= 1 and int(r["n_anomaly"]) > 0 for r in rows)
+    # --by-class: the classes' flagged pixels add up to each detector's FPR95 (exact mode).
+    with (tmp_path / "eval" / "pixel_fp_by_class.csv").open() as f:
+        by_class = list(csv.DictReader(f))
+    assert "inlier pixels flagged at 95 % TPR, per class" in proc.stdout
+    for r in rows:
+        sub = [c for c in by_class if c["detector"] == r["detector"]]
+        assert {c["class_name"] for c in sub} <= set(CAMVID_CLASSES) - {
+            "Pedestrian",
+            "Bicyclist",
+            "Unlabelled",
+        }
+        flagged, inliers = sum(int(c["n_flagged"]) for c in sub), sum(int(c["n_inlier"]) for c in sub)
+        assert inliers == int(r["n_pixels"]) - int(r["n_anomaly"])
+        assert flagged / inliers == pytest.approx(float(r["fpr95"]), abs=1e-12), r["detector"]
 
     # Feature detectors alone need no Glow; a Glow detector without --checkpoint is a usage error.
     density, _ = load_feature_density(flows)

@@ -8,6 +8,7 @@ import torch
 from sklearn import metrics as skm
 
 from densead.metrics import (
+    FalsePositivesByClass,
     PixelMetrics,
     auroc,
     average_precision,
@@ -401,3 +402,55 @@ def test_compute_is_repeatable_and_update_continues() -> None:
         pm.reset()
         with pytest.raises(ValueError, match=r"both classes"):
             pm.compute()
+
+
+# --------------------------------------------------------------------------- false positives by class
+
+
+def test_false_positives_by_class_matches_fpr95_and_counts_each_class() -> None:
+    """The overall FPR is fpr_at_tpr's on the same pixels (ties included: float16 maps hold few
+    distinct values); each class's count is the hand count of its inliers at or above the
+    threshold; streaming in pieces changes nothing; anomalies and void never count as classes."""
+    rng = np.random.default_rng(3)
+    n_frames, shape = 4, (30, 40)
+    labels = rng.choice(np.array([0, 1, 255], dtype=np.uint8), size=(n_frames, *shape), p=[0.8, 0.1, 0.1])
+    semantic = rng.integers(0, 5, size=(n_frames, *shape)).astype(np.uint8)  # 4 classes + id 4 = "other"
+    scores = rng.random((n_frames, *shape)) * 0.5 + 0.4 * (labels == 1) + 0.2 * (semantic == 2)
+    scores = np.round(np.clip(scores, 0, 1) * 50) / 50  # ties
+    scores = scores.astype(np.float16)
+    fp = FalsePositivesByClass(n_classes=4)
+    for i in range(n_frames):
+        fp.update(scores[i], labels[i], semantic[i])
+    out = fp.compute()
+    valid = labels != 255
+    s, y = scores[valid].astype(np.float32), labels[valid] == 1
+    assert out["fpr"] == fpr_at_tpr(s, y)
+    assert out["n_anomaly"] == int(y.sum()) and out["n_inlier"] == int((~y).sum())
+    flagged_total = int(((scores >= np.float16(out["threshold"])) & (labels == 0)).sum())
+    assert flagged_total == round(out["fpr"] * out["n_inlier"])
+    assert (s[y] >= out["threshold"]).mean() >= 0.95 > (s[y] > out["threshold"]).mean()
+    by_id = {c["id"]: c for c in out["classes"]}
+    assert list(by_id) == [0, 1, 2, 3, "other"]
+    for cid, c in by_id.items():
+        in_class = (labels == 0) & ((semantic == 4) if cid == "other" else (semantic == cid))
+        n_flagged = int((in_class & (scores >= np.float16(out["threshold"]))).sum())
+        assert (c["n_inlier"], c["n_flagged"]) == (int(in_class.sum()), n_flagged), cid
+        assert c["fpr"] == n_flagged / c["n_inlier"] and c["share"] == n_flagged / flagged_total
+    assert max(by_id.values(), key=lambda c: c["fpr"])["id"] == 2  # the class planted high
+    whole = FalsePositivesByClass(n_classes=4)
+    whole.update(scores, labels, semantic)
+    assert whole.compute() == out
+
+
+def test_false_positives_by_class_rejects_what_it_cannot_count_exactly() -> None:
+    fp = FalsePositivesByClass(n_classes=2)
+    lab, sem = np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8)
+    with pytest.raises(ValueError, match="scores must be float16"):
+        fp.update(np.zeros((2, 2), np.float32), lab, sem)
+    with pytest.raises(ValueError, match="1 scores are negative or not finite"):
+        fp.update(np.array([[0, 0.5], [-0.5, 1]], np.float16), lab, sem)
+    with pytest.raises(ValueError, match=r"differ in shape"):
+        fp.update(np.zeros((2, 3), np.float16), lab, sem)
+    fp.update(np.zeros((2, 2), np.float16), lab, sem)
+    with pytest.raises(ValueError, match="both classes are needed"):
+        fp.compute()

@@ -13,7 +13,9 @@ their datasets' labels, void pixels excluded, streamed through densead.metrics.P
     python tools/evaluate.py --pixel runs/camvid_scores [more runs ...] --out eval/
 
 prints one AUROC / AP / FPR95 table per road set and writes pixel_metrics.csv and
-pixel_metrics.md to --out.
+pixel_metrics.md to --out. --by-class adds, for sets with semantic labels (CamVid, Cityscapes),
+which in-distribution classes each detector's false alarms at 95 % TPR come from
+(pixel_fp_by_class.csv and .md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from densead.dense_scoring import evaluate_dense_run, pixel_metrics_markdown, write_pixel_metrics
+from densead.dense_scoring import (
+    evaluate_dense_run,
+    false_positives_by_class,
+    false_positives_markdown,
+    pixel_metrics_markdown,
+    write_false_positives,
+    write_pixel_metrics,
+)
 from densead.evaluation import markdown_tables, write_evaluation
 from densead.experiment import DISPLAY_NAMES
 from densead.scoring import read_scores_csv
@@ -46,14 +55,29 @@ def pixel_main(argv: list[str]) -> int:
     p.add_argument("--detectors", nargs="*", help="detectors (default: every map of each run)")
     p.add_argument("--mode", default="binned", choices=["binned", "exact"], help="PixelMetrics mode")
     p.add_argument("--out", required=True, help="folder for pixel_metrics.csv and pixel_metrics.md")
+    p.add_argument(
+        "--by-class",
+        action="store_true",
+        help="also: which in-distribution classes the false alarms at 95%% TPR come from "
+        "(sets with semantic labels; pixel_fp_by_class.csv/.md)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    rows = []
+    rows, by_class = [], []
     for run_dir in args.pixel:
         rows += evaluate_dense_run(run_dir, args.detectors, args.mode, progress=not args.no_progress)
+        if args.by_class:
+            try:
+                by_class += false_positives_by_class(run_dir, args.detectors, progress=not args.no_progress)
+            except ValueError as err:
+                p.error(f"--by-class: {run_dir}: {err}")
     write_pixel_metrics(args.out, rows)
     print(pixel_metrics_markdown(rows))
-    print(f"pixel_metrics.csv, pixel_metrics.md -> {Path(args.out).resolve()}")
+    if args.by_class:
+        write_false_positives(args.out, by_class)
+        print(false_positives_markdown(by_class))
+    written = "pixel_metrics.csv, pixel_metrics.md" + (", pixel_fp_by_class.csv/.md" if args.by_class else "")
+    print(f"{written} -> {Path(args.out).resolve()}")
     return 0
 
 

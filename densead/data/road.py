@@ -50,6 +50,7 @@ __all__ = [
     "CAMVID_CLASSES",
     "CAMVID_PROTOCOLS",
     "CITYSCAPES_LABEL_TO_TRAIN_ID",
+    "CITYSCAPES_TRAIN_CLASSES",
     "INLIER",
     "ROAD_DATASETS",
     "VOID",
@@ -93,6 +94,12 @@ CAMVID_CLASSES: tuple[str, ...] = (
 
 # The official cityscapesScripts table (labels.py), labelId -> trainId. Ids absent here (and the
 # license plate, -1, which never appears in uint8 label images) are void.
+# The 19 evaluation classes of Cityscapes, indexed by trainId.
+CITYSCAPES_TRAIN_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
 CITYSCAPES_LABEL_TO_TRAIN_ID: dict[int, int] = {
     0: 255,  # unlabeled
     1: 255,  # ego vehicle
@@ -289,6 +296,8 @@ class RoadDataset(Dataset[dict[str, Any]]):
 
     LAYOUT: ClassVar[str] = "<dataset-specific>"
     has_semantic: ClassVar[bool] = False
+    #: Names of the ``semantic`` ids 0, 1, ... (empty for sets without semantic labels).
+    semantic_classes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: str | Path, frames: Sequence[RoadFrame], transform: Transform | None = None):
         """Store a frame index.
@@ -452,6 +461,7 @@ class CamVid(RoadDataset):
         "optional root/{train,val,test}.txt listing 'image label' pairs"
     )
     has_semantic = True
+    semantic_classes = CAMVID_CLASSES
     SPLITS: ClassVar[tuple[str, ...]] = ("train", "val", "test")
 
     def __init__(
@@ -564,6 +574,7 @@ class Cityscapes(RoadDataset):
         "root/gtFine/{split}/{city}/*_gtFine_labelIds.png"
     )
     has_semantic = True
+    semantic_classes = CITYSCAPES_TRAIN_CLASSES
     SPLITS: ClassVar[tuple[str, ...]] = ("train", "val", "test")
     _train_ids = _lut(CITYSCAPES_LABEL_TO_TRAIN_ID)
 
