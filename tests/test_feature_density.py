@@ -21,6 +21,8 @@ from densead.detectors.feature_density import (
     FeatureDensity,
     FeatureFlowsRunConfig,
     FlowConfig,
+    FlowTrainConfig,
+    class_balance_table,
     entropy_score,
     fit_normalization,
     fit_standardization,
@@ -28,8 +30,10 @@ from densead.detectors.feature_density import (
     load_feature_density,
     max_logit_score,
     msp_score,
+    position_weights,
     sample_feature_vectors,
     save_feature_density,
+    train_feature_flows,
     valid_feature_mask,
 )
 from densead.features import FrozenFeatureExtractor
@@ -122,6 +126,40 @@ def test_sample_feature_vectors_bounds_and_picks_valid() -> None:
     assert torch.equal(got, torch.stack([features[0, :, 1, 2], features[1, :, 3, 0]]))
     valid[:] = True
     assert sample_feature_vectors(features, valid, max_pixels=7).shape == (7, 3)
+
+
+def test_class_balanced_sampling_draws_rare_classes_as_often_as_common_ones() -> None:
+    """``train.class_balance``: weights f_c^−α from the training pixels' class frequencies, the
+    class of a position is its cell's centre pixel, and α = 1 draws a 2 % class as often as a
+    98 % one (α = 0: uniform); ids that never occur, void and held-out (255) get weight 0."""
+    ids = np.zeros((4, 20, 20), dtype=np.uint8)
+    ids[:, :4, :2] = 1  # 8 of 400 pixels per frame: 2 %
+    ids[:, -1, :] = 255
+    table = class_balance_table(ids, n_classes=3, alpha=1.0)
+    n0, n1 = (ids == 0).sum(), (ids == 1).sum()
+    assert table[0] == pytest.approx((n0 + n1) / n0) and table[1] == pytest.approx((n0 + n1) / n1)
+    assert table[2] == 0 and table[255] == 0  # class 2 never occurs
+    assert torch.equal(class_balance_table(ids, 3, 0.0)[:3], torch.tensor([1.0, 1.0, 0.0]))
+    grid_ids = torch.from_numpy(ids)
+    weights = position_weights(table, grid_ids, (10, 10), stride=2)  # centre pixels: rows/cols 1, 3, ...
+    assert torch.equal(weights, table[grid_ids[:, 1::2, 1::2].long()])
+    assert (weights[:, :2, :1] == table[1]).all() and (weights[:, 2:, :] != table[1]).all()
+    features = grid_ids[:, 1::2, 1::2].float()[:, None]  # the feature is the position's class
+    valid = torch.ones(4, 10, 10, dtype=torch.bool)
+    valid[:, -1, :] = False  # cells with a void pixel: invalid (and of weight 0 anyway)
+    generator = torch.Generator().manual_seed(0)
+    balanced = sample_feature_vectors(features, valid, 80, generator, weights)
+    uniform = sample_feature_vectors(features, valid, 80, generator)
+    assert balanced.shape == uniform.shape == (80, 1)
+    assert (balanced == 1).sum() == 8  # every rare position (2 per frame): as many as exist
+    assert (uniform == 1).sum() < 8
+    few = sample_feature_vectors(features, valid, 1000, generator, weights)
+    assert few.shape == (int(valid.sum()), 1)  # fewer valid positions than asked: all of them
+    bad = FeatureFlowsRunConfig(
+        "unused", "no_segmenter.pt", {"a": "a"}, train=FlowTrainConfig(class_balance=-1)
+    )
+    with pytest.raises(ValueError, match="train.class_balance must be >= 0, got -1"):
+        train_feature_flows(bad, progress=False)
 
 
 def _trained_state(features: Tensor, inlier: Tensor, steps: int = 3) -> dict[str, Tensor]:

@@ -101,6 +101,8 @@ __all__ = [
     "markdown_table",
     "max_logit_score",
     "msp_score",
+    "class_balance_table",
+    "position_weights",
     "sample_feature_vectors",
     "save_feature_density",
     "train_feature_flows",
@@ -145,6 +147,11 @@ class FlowTrainConfig:
         standardize_frames: training frames for the per-channel standardization (0: all).
         norm_frames: training frames used for the normalization constants (0: all).
         num_threads: torch intra-op threads (0: torch's default).
+        class_balance: exponent ``α`` of class-balanced position sampling: a valid position is
+            drawn with weight ``f_c^−α``, ``f_c`` the pixel frequency over the training frames of
+            the class of its cell's centre pixel (0: uniform over positions, the density of the
+            training pixels as they come; 1: every class equally often, so rare known classes
+            are not low-density for being rare).
     """
 
     steps: int = 1000
@@ -161,6 +168,7 @@ class FlowTrainConfig:
     standardize_frames: int = 64
     norm_frames: int = 0
     num_threads: int = 0
+    class_balance: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -267,22 +275,55 @@ def valid_feature_mask(inlier: Tensor, grid: Sequence[int], stride: int, rule: s
 
 
 def sample_feature_vectors(
-    features: Tensor, valid: Tensor, max_pixels: int, generator: torch.Generator | None = None
+    features: Tensor,
+    valid: Tensor,
+    max_pixels: int,
+    generator: torch.Generator | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """``(N, C)`` feature vectors at valid positions, a uniform random subset of at most ``max_pixels``.
+    """``(N, C)`` feature vectors at valid positions, a random subset of at most ``max_pixels``.
 
     Args:
         features: ``(B, C, h, w)``.
         valid: bool ``(B, h, w)``.
         max_pixels: the bound on ``N``.
         generator: CPU generator for the subset (seeded training is reproducible).
+        weights: ``(B, h, w)`` sampling weights ≥ 0 (drawn without replacement in proportion
+            to them; positions of weight 0 never); None: uniform.
     """
     c = features.shape[1]
     index = valid.reshape(-1).nonzero().squeeze(1)
-    if index.numel() > max_pixels:
+    if weights is not None:
+        w = weights.reshape(-1)[index].float().cpu()
+        index = index[(w > 0).to(index.device)]
+        if index.numel() > max_pixels:
+            pick = torch.multinomial(w[w > 0], max_pixels, replacement=False, generator=generator)
+            index = index[pick.to(index.device)]
+    elif index.numel() > max_pixels:
         pick = torch.randperm(index.numel(), generator=generator)[:max_pixels].to(index.device)
         index = index[pick]
     return features.permute(0, 2, 3, 1).reshape(-1, c)[index]
+
+
+def class_balance_table(train_ids: np.ndarray, n_classes: int, alpha: float) -> Tensor:
+    """A 256-entry lookup ``train id → sampling weight f_c^−α`` (``f_c``: pixel frequency of
+    class ``c`` in ``train_ids``; 0 for ids that never occur, void/held-out 255 included)."""
+    counts = np.bincount(train_ids[train_ids < n_classes].ravel(), minlength=n_classes).astype(np.float64)
+    table = torch.zeros(256, dtype=torch.float64)
+    seen = counts > 0
+    freq = counts[seen] / counts.sum()
+    table[:n_classes][torch.from_numpy(seen)] = torch.from_numpy(freq**-alpha)
+    return table.float()
+
+
+def position_weights(table: Tensor, train_ids: Tensor, grid: Sequence[int], stride: int) -> Tensor:
+    """``(B, h, w)`` sampling weights of a tap's positions: the table entry of the class of each
+    cell's centre pixel (pixels past the frame: weight 0)."""
+    h, w = grid
+    centre = train_ids[:, stride // 2 :: stride, stride // 2 :: stride][:, :h, :w].long()
+    out = torch.zeros(train_ids.shape[0], h, w, dtype=table.dtype, device=train_ids.device)
+    out[:, : centre.shape[1], : centre.shape[2]] = table.to(train_ids.device)[centre]
+    return out
 
 
 # --------------------------------------------------------------------------- the density model
@@ -443,6 +484,7 @@ def flow_training_step(
     generator: torch.Generator | None = None,
     max_grad_norm: float = 0.0,
     noise: float = 0.0,
+    balance: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """One maximum-likelihood step of every flow on the valid positions of one batch.
 
@@ -458,6 +500,8 @@ def flow_training_step(
         max_grad_norm: gradient-norm clip over all flows (0: off).
         noise: std of the Gaussian noise added to the standardized features
             (see :meth:`FeatureDensity.log_prob_map`).
+        balance: (:func:`class_balance_table`, train ids ``(B, H, W)``) for class-balanced
+            position sampling; None: uniform.
 
     Returns:
         ``{tap: mean negative log-likelihood per dimension}`` (detached). A step whose loss is not
@@ -468,7 +512,8 @@ def flow_training_step(
     for name in density.names:
         f = features[name]
         valid = valid_feature_mask(inlier, f.shape[-2:], strides[name], rule)
-        vectors = sample_feature_vectors(f, valid, max_pixels, generator)
+        weights = None if balance is None else position_weights(*balance, f.shape[-2:], strides[name])
+        vectors = sample_feature_vectors(f, valid, max_pixels, generator, weights)
         if vectors.shape[0] == 0:
             continue
         # Per dimension, so layers of different widths weigh alike in the summed loss.
@@ -643,6 +688,8 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
     _check_choice(cfg.mask_rule, MASK_RULES, "mask_rule")
     _check_choice(cfg.normalization, NORMALIZATIONS, "normalization")
     tcfg = cfg.train
+    if tcfg.class_balance < 0:
+        raise ValueError(f"train.class_balance must be >= 0, got {tcfg.class_balance}")
     device = resolve_device(tcfg.device)
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
@@ -658,19 +705,25 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
     augment = train_augmentation(cfg.data, tcfg.seed)
     batches = epoch_batches(len(train), tcfg.batch_size, tcfg.seed)
     generator = torch.Generator().manual_seed(tcfg.seed)
+    table = (
+        class_balance_table(train.train_ids, len(train.classes), tcfg.class_balance)
+        if tcfg.class_balance > 0
+        else None
+    )
     density.train()
     start = time.time()
     running: dict[str, Tensor] = {}
     for step in range(tcfg.steps):
-        images, labels, _ = augmented_batch(train, next(batches), augment)
+        images, labels, train_ids = augmented_batch(train, next(batches), augment)
         (x,) = batch_tensors(images)
         feats = extractor(x.to(device))
         inlier = torch.from_numpy(labels == INLIER).to(device)
+        balance = None if table is None else (table, torch.from_numpy(train_ids).to(device))
         for group in optimizer.param_groups:
             group["lr"] = tcfg.lr * min(1.0, (step + 1) / max(1, tcfg.warmup_steps))
         losses = flow_training_step(
             density, optimizer, feats, inlier, extractor.strides, tcfg.max_pixels, cfg.mask_rule,
-            generator, tcfg.max_grad_norm, tcfg.noise,
+            generator, tcfg.max_grad_norm, tcfg.noise, balance,
         )  # fmt: skip
         for name, value in losses.items():
             running[name] = running.get(name, 0.0) + value
