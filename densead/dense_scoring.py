@@ -100,6 +100,7 @@ __all__ = [
     "MapRescale",
     "PixelMetricRow",
     "evaluate_dense_run",
+    "evaluate_dense_run_by_class",
     "false_positives_by_class",
     "false_positives_markdown",
     "SENTINEL_LIMIT",
@@ -584,19 +585,7 @@ def evaluate_dense_run(
     Reads ``run.json`` to reopen the dataset, then streams every frame's ``.npy`` maps and label
     through one :class:`densead.metrics.PixelMetrics` per detector.
     """
-    run_dir = Path(run_dir)
-    run, source, dataset, detectors = _open_run(run_dir, detectors)
-    metrics = {d: PixelMetrics(mode) for d in detectors}
-    for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
-        for det, m in maps.items():
-            metrics[det].update(m.astype(np.float32), label)
-    set_name = run.get("set_name", source.name)
-    rows = []
-    for det, pm in metrics.items():
-        r = pm.compute()
-        values = (r["auroc"], r["ap"], r["fpr95"], r["n_pixels"], r["n_anomaly"])
-        rows.append(PixelMetricRow(set_name, det, *values))
-    return rows
+    return _evaluate_run(Path(run_dir), detectors, progress, mode=mode)[0]
 
 
 @dataclass(frozen=True)
@@ -623,24 +612,54 @@ def false_positives_by_class(
     follow the class ids; their ``n_flagged`` add up to the FPR95 of :func:`evaluate_dense_run`
     times the inlier count.
     """
-    run_dir = Path(run_dir)
+    return _evaluate_run(Path(run_dir), detectors, progress, by_class=True)[1]
+
+
+def evaluate_dense_run_by_class(
+    run_dir: str | Path,
+    detectors: Sequence[str] | None = None,
+    mode: str = "binned",
+    progress: bool = False,
+) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow]]:
+    """:func:`evaluate_dense_run` and :func:`false_positives_by_class` in one pass over the maps."""
+    return _evaluate_run(Path(run_dir), detectors, progress, mode=mode, by_class=True)
+
+
+def _evaluate_run(
+    run_dir: Path,
+    detectors: Sequence[str] | None,
+    progress: bool,
+    mode: str | None = None,
+    by_class: bool = False,
+) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow]]:
+    """One pass over a run's maps: the pixel metrics (``mode`` given) and / or the false alarms by
+    class (``by_class``); what was not asked for comes back empty."""
     run, source, dataset, detectors = _open_run(run_dir, detectors)
     names = dataset.semantic_classes
-    if not names:
+    if by_class and not names:
         raise ValueError(f"{source.name} ({type(dataset).__name__}) has no semantic labels to break down by")
-    counters = {d: FalsePositivesByClass(len(names)) for d in detectors}
+    metrics = {d: PixelMetrics(mode) for d in detectors} if mode is not None else {}
+    counters = {d: FalsePositivesByClass(len(names)) for d in detectors} if by_class else {}
     for label, semantic, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
         for det, m in maps.items():
-            counters[det].update(m, label, semantic)
+            if metrics:
+                metrics[det].update(m.astype(np.float32), label)
+            if counters:
+                counters[det].update(m, label, semantic)
     set_name = run.get("set_name", source.name)
     rows = []
+    for det, pm in metrics.items():
+        r = pm.compute()
+        values = (r["auroc"], r["ap"], r["fpr95"], r["n_pixels"], r["n_anomaly"])
+        rows.append(PixelMetricRow(set_name, det, *values))
+    class_rows = []
     for det, counter in counters.items():
         out = counter.compute()
         for c in out["classes"]:
             name = names[c["id"]] if c["id"] != "other" else "other"
             values = (c["n_inlier"], c["n_flagged"], c["fpr"], c["share"], out["threshold"])
-            rows.append(ClassFalsePositiveRow(set_name, det, name, *values))
-    return rows
+            class_rows.append(ClassFalsePositiveRow(set_name, det, name, *values))
+    return rows, class_rows
 
 
 def false_positives_markdown(rows: Sequence[ClassFalsePositiveRow]) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from densead.dense_scoring import (
     evaluate_dense_run,
-    false_positives_by_class,
+    evaluate_dense_run_by_class,
     false_positives_markdown,
     pixel_metrics_markdown,
     write_false_positives,
@@ -65,12 +65,17 @@ def pixel_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     rows, by_class = [], []
     for run_dir in args.pixel:
-        rows += evaluate_dense_run(run_dir, args.detectors, args.mode, progress=not args.no_progress)
-        if args.by_class:
-            try:
-                by_class += false_positives_by_class(run_dir, args.detectors, progress=not args.no_progress)
-            except ValueError as err:
-                p.error(f"--by-class: {run_dir}: {err}")
+        if not args.by_class:
+            rows += evaluate_dense_run(run_dir, args.detectors, args.mode, progress=not args.no_progress)
+            continue
+        try:  # one pass over the maps for both tables
+            metrics, classes = evaluate_dense_run_by_class(
+                run_dir, args.detectors, args.mode, progress=not args.no_progress
+            )
+        except ValueError as err:
+            p.error(f"--by-class: {run_dir}: {err}")
+        rows += metrics
+        by_class += classes
     write_pixel_metrics(args.out, rows)
     print(pixel_metrics_markdown(rows))
     if args.by_class:
