@@ -12,7 +12,7 @@ detectors' own map functions; none reimplements a score:
   (:class:`~densead.detectors.feature_density.DenseFeatureDetector`: ``density_<tap>``,
   ``density_mean``, ``density_min``, ``msp``, ``max_logit``, ``entropy``). Frames go through the
   same geometry as the flows' training frames: resized by the run's ``data.scale`` with
-  ``INTER_AREA`` (as :func:`densead.segmenter.load_scene_arrays`), zero-padded bottom/right to
+  ``INTER_AREA`` (as :func:`densead.segmenter.load_scene_arrays`), mirror-padded bottom/right to
   ``data.pad_divisor`` (as :func:`densead.segmenter.iter_eval_batches`), scored, the padding cut
   off, and the maps resized back to the native frame bilinearly.
 * :class:`StackedFrameScorer`: several producers side by side (e.g. Glow and feature detectors
@@ -184,7 +184,7 @@ class FeatureFrameScorer:
         return max(1, round(height * self.scale)), max(1, round(width * self.scale))
 
     def model_input(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """The detector's input ``(B, 3, h', w')`` in ``[0, 1]``: resized, zero-padded to the divisor."""
+        """The detector's input ``(B, 3, h', w')`` in ``[0, 1]``: resized, mirror-padded to the divisor."""
         # Imported here: the segmenter module pulls in timm (seconds), which Glow-only runs never need.
         from densead.segmenter import batch_tensors
         from densead.segmenter import pad_to_multiple as pad_batch
@@ -193,7 +193,7 @@ class FeatureFrameScorer:
         hs, ws = self.working_size(h, w)
         if (hs, ws) != (h, w):
             images = [cv2.resize(im, (ws, hs), interpolation=cv2.INTER_AREA) for im in images]
-        (x,) = batch_tensors(pad_batch(np.stack(images), self.pad_divisor, 0))
+        (x,) = batch_tensors(pad_batch(np.stack(images), self.pad_divisor))
         return x
 
     def maps(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

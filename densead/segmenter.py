@@ -45,6 +45,7 @@ from densead.train import resolve_device
 __all__ = [
     "CHECKPOINT_NAME",
     "SceneArrays",
+    "SceneAugmentation",
     "SCENE_PROTOCOLS",
     "SceneDataConfig",
     "Segmenter",
@@ -63,6 +64,7 @@ __all__ = [
     "scene_frames",
     "load_segmenter",
     "mean_iou",
+    "pad_frame",
     "pad_to_multiple",
     "train_augmentation",
     "train_segmenter",
@@ -246,55 +248,91 @@ def load_scene_arrays(cfg: SceneDataConfig, split: str) -> SceneArrays:
     )
 
 
-def pad_to_multiple(array: np.ndarray, divisor: int, fill: int) -> np.ndarray:
-    """Pad the ``H, W`` axes (1 and 2 of ``(N, H, W, ...)``) bottom/right to multiples of ``divisor``."""
+def pad_to_multiple(array: np.ndarray, divisor: int, fill: int | None = None) -> np.ndarray:
+    """Pad the ``H, W`` axes (1 and 2 of ``(N, H, W, ...)``) bottom/right to multiples of ``divisor``.
+
+    ``fill=None`` mirrors the frames (symmetric padding, as :func:`densead.dense.pad_to_multiple`);
+    an int pads with that constant (:data:`VOID` for labels). Images are mirrored, never padded
+    with black: the segmenter is trained on crops that need no padding, so a black band is input
+    it never saw, and it corrupts the features and logits near the bottom and right edges (on
+    CamVid Seq05VD black padding cost the 1200-step segmenter 6 mIoU points and MSP 5 AUROC points;
+    docs/results_camvid_features.md).
+    """
     h, w = array.shape[1:3]
     pad_h, pad_w = -h % divisor, -w % divisor
     if not pad_h and not pad_w:
         return array
     widths = [(0, 0), (0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 3)
+    if fill is None:
+        return np.pad(array, widths, mode="symmetric")
     return np.pad(array, widths, constant_values=fill)
 
 
-def train_augmentation(cfg: SceneDataConfig, seed: int = 0) -> Callable[..., dict[str, Any]]:
-    """albumentations pipeline: colour jitter, scale jitter, pad + random crop, flip.
+def pad_frame(
+    image: np.ndarray, masks: Sequence[np.ndarray], height: int, width: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Pad one ``(H, W, 3)`` frame bottom/right to at least ``height × width``: image mirrored, masks void."""
+    h, w = image.shape[:2]
+    pad_h, pad_w = max(0, height - h), max(0, width - w)
+    if not pad_h and not pad_w:
+        return image, list(masks)
+    padded = np.pad(image, [(0, pad_h), (0, pad_w), (0, 0)], mode="symmetric")
+    return padded, [np.pad(m, [(0, pad_h), (0, pad_w)], constant_values=VOID) for m in masks]
 
-    Masks are padded with 255 (void/ignored) and resized with nearest neighbour.
-    With ``crop_height == 0`` frames are only padded to ``pad_divisor`` (no crop).
+
+class SceneAugmentation:
+    """Training augmentation of a frame with its masks: colour and scale jitter, pad, random crop, flip.
+
+    Called like an albumentations pipeline, ``augment(image=..., mask=..., masks=[...])`` → dict with
+    the same keys. Two albumentations stages around a padding step of its own: frames smaller
+    than the crop (or, without crops, not multiples of ``pad_divisor``) are padded bottom/right
+    with the frame mirrored and the masks void (:func:`pad_frame`). albumentations pads masks
+    the way it pads the image, so mirrored image content would get mirrored labels, and a black
+    border (constant padding) is content evaluation never shows (:func:`pad_to_multiple`).
     """
-    import albumentations as A
 
-    steps: list[Any] = []
-    if cfg.color_jitter > 0:
-        j = cfg.color_jitter
-        # Hue shifts change the class evidence of road scenes (sky, vegetation): kept small.
-        steps.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 10, p=0.8))
-    if cfg.scale_jitter > 0:
-        steps.append(A.RandomScale(scale_limit=cfg.scale_jitter, interpolation=cv2.INTER_LINEAR, p=1.0))
-    pad: dict[str, Any] = {"border_mode": cv2.BORDER_CONSTANT}
-    if "fill_mask" in inspect.signature(A.PadIfNeeded.__init__).parameters:
-        pad.update(fill=0, fill_mask=VOID)
-    else:  # pragma: no cover - albumentations 1.x
-        pad.update(value=0, mask_value=VOID)
-    if cfg.crop_height > 0 and cfg.crop_width > 0:
-        steps.append(A.PadIfNeeded(min_height=cfg.crop_height, min_width=cfg.crop_width, **pad))
-        steps.append(A.RandomCrop(height=cfg.crop_height, width=cfg.crop_width))
-    else:
-        steps.append(
-            A.PadIfNeeded(
-                min_height=None,
-                min_width=None,
-                pad_height_divisor=cfg.pad_divisor,
-                pad_width_divisor=cfg.pad_divisor,
-                position="top_left",
-                **pad,
-            )
-        )
-    if cfg.hflip:
-        steps.append(A.HorizontalFlip(p=0.5))
+    def __init__(self, cfg: SceneDataConfig, seed: int = 0) -> None:
+        import albumentations as A
+
+        before: list[Any] = []
+        if cfg.color_jitter > 0:
+            j = cfg.color_jitter
+            # Hue shifts change the class evidence of road scenes (sky, vegetation): kept small.
+            before.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 10, p=0.8))
+        if cfg.scale_jitter > 0:
+            before.append(A.RandomScale(scale_limit=cfg.scale_jitter, interpolation=cv2.INTER_LINEAR, p=1.0))
+        after: list[Any] = []
+        self.crop = (cfg.crop_height, cfg.crop_width) if cfg.crop_height > 0 and cfg.crop_width > 0 else None
+        if self.crop is not None:
+            after.append(A.RandomCrop(height=self.crop[0], width=self.crop[1]))
+        if cfg.hflip:
+            after.append(A.HorizontalFlip(p=0.5))
+        self.divisor = cfg.pad_divisor
+        self.before = _compose(A, before, seed)
+        self.after = _compose(A, after, seed + 1)
+
+    def __call__(
+        self, *, image: np.ndarray, mask: np.ndarray, masks: Sequence[np.ndarray] = ()
+    ) -> dict[str, Any]:
+        out = self.before(image=image, mask=mask, masks=list(masks))
+        h, w = out["image"].shape[:2]
+        if self.crop is not None:
+            height, width = max(h, self.crop[0]), max(w, self.crop[1])
+        else:
+            height, width = h + (-h % self.divisor), w + (-w % self.divisor)
+        padded, (m, *ms) = pad_frame(out["image"], [out["mask"], *out["masks"]], height, width)
+        return self.after(image=padded, mask=m, masks=ms)
+
+
+def _compose(A: Any, steps: list[Any], seed: int) -> Any:
     if "seed" in inspect.signature(A.Compose.__init__).parameters:
         return A.Compose(steps, seed=seed)
     return A.Compose(steps)  # pragma: no cover - albumentations 1.x draws from numpy's global generator
+
+
+def train_augmentation(cfg: SceneDataConfig, seed: int = 0) -> SceneAugmentation:
+    """The training augmentation of ``cfg`` (:class:`SceneAugmentation`), seeded."""
+    return SceneAugmentation(cfg, seed)
 
 
 def batch_tensors(images: np.ndarray, *masks: np.ndarray) -> tuple[Tensor, ...]:
@@ -322,7 +360,7 @@ def iter_eval_batches(
     """Frames padded to ``divisor`` in order: ``(slice, images, labels, train_ids)``, labels unpadded."""
     for start in range(0, len(arrays), batch_size):
         s = slice(start, min(start + batch_size, len(arrays)))
-        (x,) = batch_tensors(pad_to_multiple(arrays.images[s], divisor, 0))
+        (x,) = batch_tensors(pad_to_multiple(arrays.images[s], divisor))
         yield s, x, arrays.labels[s], arrays.train_ids[s]
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from test_dense import fake_camvid, random_glow, save_tiny_checkpoint
 
 from densead.combined_maps import Combination, CombinedFrameScorer, fit_inlier_stats, spread_frames
-from densead.data.road import CAMVID_CLASSES, CamVid
+from densead.data.road import CAMVID_CLASSES, VOID, CamVid
 from densead.dense import RoadDataConfig, RoadSource
 from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
@@ -37,6 +37,7 @@ from densead.features import FrozenFeatureExtractor
 from densead.frame_scorers import FeatureFrameScorer, GlowFrameScorer, StackedFrameScorer
 from densead.segmenter import (
     SCENE_PROTOCOLS,
+    SceneAugmentation,
     SceneDataConfig,
     SegmenterConfig,
     SegmenterRunConfig,
@@ -44,6 +45,8 @@ from densead.segmenter import (
     build_segmenter,
     iter_eval_batches,
     load_scene_arrays,
+    pad_frame,
+    pad_to_multiple,
     scene_frames,
     train_segmenter,
 )
@@ -73,6 +76,52 @@ def tiny_feature_detector(seed: int = 0) -> DenseFeatureDetector:
     return DenseFeatureDetector(extractor, density)
 
 
+# --------------------------------------------------------------------------- padding
+
+
+def test_frames_are_mirror_padded_labels_void() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (2, 20, 30, 3), dtype=np.uint8)
+    padded = pad_to_multiple(images, 16)
+    assert padded.shape == (2, 32, 32, 3)
+    assert np.array_equal(padded[:, :20, :30], images)
+    assert np.array_equal(padded[:, 20:32, :30], images[:, 19:7:-1])  # rows mirrored about the edge
+    assert np.array_equal(padded[:, :20, 30:32], images[:, :, 29:27:-1])
+    assert padded.min() > 0  # no black band
+    labels = rng.integers(0, 9, (2, 20, 30), dtype=np.uint8)
+    plabels = pad_to_multiple(labels, 16, VOID)
+    assert (plabels[:, 20:] == VOID).all() and (plabels[:, :, 30:] == VOID).all()
+    assert np.array_equal(plabels[:, :20, :30], labels)
+    assert np.array_equal(pad_to_multiple(images[:, :16, :16], 16), images[:, :16, :16])
+
+
+@pytest.mark.parametrize("crop", [(24, 32), (0, 0)])
+def test_training_augmentation_pads_image_mirrored_and_masks_void(crop: tuple[int, int]) -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(1, 256, (20, 30, 3), dtype=np.uint8)
+    mask = rng.integers(0, 9, (20, 30), dtype=np.uint8)
+    other = rng.integers(0, 3, (20, 30), dtype=np.uint8)
+    cfg = SceneDataConfig(crop_height=crop[0], crop_width=crop[1], color_jitter=0.0, pad_divisor=16)
+    # Both settings pad the 20×30 frame to 32 columns; crops pad the rows to 24, the divisor to 32.
+    rows = crop[0] or 32
+    expected_image, (expected_mask, expected_other) = pad_frame(image, [mask, other], rows, 32)
+    assert np.array_equal(expected_image[20:rows, :30], image[19 : 39 - rows : -1])
+    flips = 0
+    for seed in range(6):
+        out = SceneAugmentation(cfg, seed)(image=image, mask=mask, masks=[other])
+        again = SceneAugmentation(cfg, seed)(image=image, mask=mask, masks=[other])
+        assert all(np.array_equal(out[k], again[k]) for k in ("image", "mask"))  # seeded
+        flipped = not np.array_equal(out["image"], expected_image)
+        flips += flipped
+        f = (lambda a: a[:, ::-1]) if flipped else (lambda a: a)
+        assert np.array_equal(out["image"], f(expected_image))
+        assert np.array_equal(out["mask"], f(expected_mask))
+        assert np.array_equal(out["masks"][0], f(expected_other))
+        assert (f(out["mask"])[20:] == VOID).all() and (f(out["mask"])[:, 30:] == VOID).all()
+        assert (f(out["masks"][0])[:, 30:] == VOID).all()
+    assert 0 < flips < 6
+
+
 # --------------------------------------------------------------------------- feature maps
 
 
@@ -88,10 +137,10 @@ def test_feature_maps_are_the_detectors_maps_in_training_geometry(tmp_path: Path
     x = scorer.model_input(frames)
     assert x.shape == (3, 3, 32, 32) and torch.equal(x, x_train)
 
-    # By hand: resize (area), zero-pad, score, cut the padding, resize back bilinearly.
+    # By hand: resize (area), mirror-pad, score, cut the padding, resize back bilinearly.
     small = np.stack([cv2.resize(f, (15, 11), interpolation=cv2.INTER_AREA) for f in frames])
-    padded = np.zeros((3, 32, 32, 3), np.uint8)
-    padded[:, :11, :15] = small
+    padded = np.pad(small, [(0, 0), (0, 21), (0, 17), (0, 0)], mode="symmetric")
+    assert np.array_equal(padded[:, 11:22, :15], small[:, ::-1])
     expected, _ = detector.score_maps(torch.from_numpy(padded).permute(0, 3, 1, 2).float() / 255.0)
     maps = scorer.maps(frames)
     assert list(maps) == list(detector.names)

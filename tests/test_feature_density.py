@@ -211,7 +211,8 @@ def test_standardization_uses_valid_positions_only() -> None:
     density, extractor = _fitted_toy()
     arrays = _toy_arrays()
     fit_standardization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
-    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)])).permute(0, 3, 1, 2) / 255.0
+    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)], mode="symmetric"))
+    x = x.permute(0, 3, 1, 2) / 255.0
     feats = extractor(x.float())
     inlier = torch.from_numpy(arrays.labels == 0)
     for name, stride in [("a", 2), ("b", 4)]:
@@ -237,8 +238,9 @@ def test_normalization_constants_come_from_training_pixels(tmp_path: Path) -> No
     density, extractor = _fitted_toy()
     arrays = _toy_arrays()
     stats = fit_normalization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
-    # By hand: every frame padded to 24×24, all valid positions of each tap pooled.
-    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)])).permute(0, 3, 1, 2) / 255.0
+    # By hand: every frame mirror-padded to 24×24, all valid positions of each tap pooled.
+    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)], mode="symmetric"))
+    x = x.permute(0, 3, 1, 2) / 255.0
     with torch.no_grad():
         maps = density.log_prob_maps(extractor(x.float()))
     inlier = torch.from_numpy(arrays.labels == 0)
