@@ -459,6 +459,13 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
                     "entropy,last_scale", "--out", str(tmp_path / "bad"), ok=False)  # fmt: skip
     assert proc.returncode == 2 and re.search(r"\['last_scale'\] need a Glow checkpoint", proc.stderr)
     assert not (tmp_path / "bad").exists()
+    # The research script of docs/results_camvid_features.md runs on such a flows folder.
+    proc = run_tool(
+        "experiments/camvid_density_resolution.py", str(flows.parent), "--set", "data.max_frames=2"
+    )
+    rows = dict(re.findall(r"^\| (\w+) \| ([\d.]+) \|", proc.stdout, flags=re.M))
+    assert list(rows) == ["density_cls", "density_cls_full", "msp", "msp_grid", "entropy"]
+    assert all(0 <= float(v) <= 100 for v in rows.values())
 
 
 def test_sequence_protocol_holds_out_whole_drives(shared_data: Path) -> None:
