@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import yaml
 from torch import Tensor, nn
 
 from densead.config import from_dict, save_config, to_dict
-from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid
+from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform, pad_frame
 from densead.features import load_weights
 from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
 from densead.train import resolve_device
@@ -268,18 +268,6 @@ def pad_to_multiple(array: np.ndarray, divisor: int, fill: int | None = None) ->
     return np.pad(array, widths, constant_values=fill)
 
 
-def pad_frame(
-    image: np.ndarray, masks: Sequence[np.ndarray], height: int, width: int
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Pad one ``(H, W, 3)`` frame bottom/right to at least ``height × width``: image mirrored, masks void."""
-    h, w = image.shape[:2]
-    pad_h, pad_w = max(0, height - h), max(0, width - w)
-    if not pad_h and not pad_w:
-        return image, list(masks)
-    padded = np.pad(image, [(0, pad_h), (0, pad_w), (0, 0)], mode="symmetric")
-    return padded, [np.pad(m, [(0, pad_h), (0, pad_w)], constant_values=VOID) for m in masks]
-
-
 class SceneAugmentation:
     """Training augmentation of a frame with its masks: colour and scale jitter, pad, random crop, flip.
 
@@ -309,19 +297,18 @@ class SceneAugmentation:
             after.append(A.HorizontalFlip(p=0.5))
         self.divisor = cfg.pad_divisor
         self.before = _compose(A, before, seed)
-        self.after = _compose(A, after, seed + 1)
+        self.pad_and_after = PaddedTransform(self._padded_size, _compose(A, after, seed + 1))
+
+    def _padded_size(self, h: int, w: int) -> tuple[int, int]:
+        if self.crop is not None:
+            return max(h, self.crop[0]), max(w, self.crop[1])
+        return h + -h % self.divisor, w + -w % self.divisor
 
     def __call__(
         self, *, image: np.ndarray, mask: np.ndarray, masks: Sequence[np.ndarray] = ()
-    ) -> dict[str, Any]:
+    ) -> Mapping[str, Any]:
         out = self.before(image=image, mask=mask, masks=list(masks))
-        h, w = out["image"].shape[:2]
-        if self.crop is not None:
-            height, width = max(h, self.crop[0]), max(w, self.crop[1])
-        else:
-            height, width = h + (-h % self.divisor), w + (-w % self.divisor)
-        padded, (m, *ms) = pad_frame(out["image"], [out["mask"], *out["masks"]], height, width)
-        return self.after(image=padded, mask=m, masks=ms)
+        return self.pad_and_after(image=out["image"], mask=out["mask"], masks=out["masks"])
 
 
 def _compose(A: Any, steps: list[Any], seed: int) -> Any:

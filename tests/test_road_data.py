@@ -565,31 +565,37 @@ def test_random_crop_keeps_image_label_semantic_aligned(tmp_path: Path) -> None:
 
 def test_random_crop_pads_labels_with_void(tmp_path: Path) -> None:
     lay = fishyscapes_layout(tmp_path)
+    frame = FishyscapesLostAndFound(lay.kwargs["root"])[0]["image"]
     ds = FishyscapesLostAndFound(
         lay.kwargs["root"], transform=random_crop_transform(H + 8, W + 10, hflip=False)
     )
     item = ds[0]
     label, image = item["label"], item["image"]
     assert label.shape == (H + 8, W + 10) and image.shape == (H + 8, W + 10, 3)
-    # The frame is pure red, so black pixels are exactly the padding (centred, 4 rows and 5
-    # columns each side); all of it is void, and the frame's own labels come through unchanged.
-    padded = image.sum(axis=2) == 0
-    assert int(padded.sum()) == (H + 8) * (W + 10) - H * W
-    assert (label[padded] == 255).all()
-    np.testing.assert_array_equal(label[4 : 4 + H, 5 : 5 + W], lay.expected[0])
+    # Padded bottom/right: 8 rows and 10 columns, all void, the image mirrored into them (no
+    # black band); the frame's own pixels and labels come through unchanged.
+    np.testing.assert_array_equal(image[:H, :W], frame)
+    np.testing.assert_array_equal(image[H:, :W], frame[H - 1 : H - 9 : -1])
+    np.testing.assert_array_equal(image[:H, W:], frame[:, W - 1 : W - 11 : -1])
+    assert (label[H:] == 255).all() and (label[:, W:] == 255).all()
+    np.testing.assert_array_equal(label[:H, :W], lay.expected[0])
 
 
 def test_eval_transform_pads_bottom_right(tmp_path: Path) -> None:
     lay = lostandfound_layout(tmp_path)
+    frame = LostAndFound(tmp_path)[0]["image"]
     ds = LostAndFound(tmp_path, transform=eval_transform(32))
     item = ds[0]
     assert item["image"].shape == (32, 32, 3)
     np.testing.assert_array_equal(item["label"][:H, :W], lay.expected[0])
     assert (item["label"][H:] == 255).all() and (item["label"][:, W:] == 255).all()
-    assert (item["image"][H:] == 0).all() and (item["image"][:, W:] == 0).all()
+    np.testing.assert_array_equal(item["image"][:H, :W], frame)
+    np.testing.assert_array_equal(item["image"][H : 2 * H, :W], frame[::-1])  # mirrored, not black
     np.testing.assert_array_equal(
         LostAndFound(tmp_path, transform=eval_transform(8))[0]["label"], lay.expected[0]
     )
+    # Without labels (unlabelled frames) only the image comes back.
+    assert set(eval_transform(32)(image=frame)) == {"image"}
 
 
 def test_transform_sizes_validated() -> None:

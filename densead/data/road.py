@@ -27,13 +27,13 @@ Supported layouts (``ROAD_DATASETS`` maps short names to the classes):
 * :class:`RoadAnomaly` -- the original Road Anomaly set (Lis et al. 2019).
 * :class:`ImageFolderFrames` -- any folder of unlabelled frames.
 
-:func:`random_crop_transform` and :func:`eval_transform` build albumentations pipelines that pad
-labels with 255 (void), so padded pixels are ignored by training and evaluation alike.
+:func:`random_crop_transform` and :func:`eval_transform` pad frames bottom/right with the image
+mirrored and labels 255 (void, :func:`pad_frame`), so padded pixels are ignored by training and
+evaluation alike and no network sees a black band it was never trained on.
 """
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -64,7 +64,9 @@ __all__ = [
     "RoadFrame",
     "SegmentMeIfYouCan",
     "build_road_dataset",
+    "PaddedTransform",
     "eval_transform",
+    "pad_frame",
     "random_crop_transform",
     "read_label",
     "read_rgb",
@@ -918,27 +920,66 @@ def build_road_dataset(name: str, **kwargs: Any) -> RoadDataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _pad_fill(image_fill: float, mask_fill: float) -> dict[str, float]:
-    """Padding-value keywords for the installed albumentations (2.x ``fill``, 1.x ``value``)."""
-    import albumentations as A
-
-    if "fill_mask" in inspect.signature(A.PadIfNeeded.__init__).parameters:
-        return {"fill": image_fill, "fill_mask": mask_fill}
-    return {"value": image_fill, "mask_value": mask_fill}  # pragma: no cover - albumentations 1.x
-
-
 def _check_positive(**values: int | None) -> None:
     for key, value in values.items():
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
+def pad_frame(
+    image: np.ndarray, masks: Sequence[np.ndarray], height: int, width: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Pad one ``(H, W[, C])`` frame bottom/right to at least ``height × width``: image mirrored, masks void.
+
+    Images are never padded with black: a network trained on frames without padding has never
+    seen a black band, and its outputs near one are wrong (on CamVid, black padding cost a
+    segmenter 4–6 mIoU points; docs/results_camvid_features.md). Masks get :data:`VOID`, so the
+    padding drops out of training losses and metrics.
+    """
+    h, w = image.shape[:2]
+    pad_h, pad_w = max(0, height - h), max(0, width - w)
+    if not pad_h and not pad_w:
+        return image, list(masks)
+    widths = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (image.ndim - 2)
+    padded = np.pad(image, widths, mode="symmetric")
+    return padded, [np.pad(m, [(0, pad_h), (0, pad_w)], constant_values=VOID) for m in masks]
+
+
+class PaddedTransform:
+    """Pad a frame with :func:`pad_frame` (image mirrored, masks void), then an optional albumentations step.
+
+    Called like an albumentations pipeline: ``transform(image=...)``, ``transform(image=...,
+    mask=...)`` or ``transform(image=..., mask=..., masks=[...])`` → a dict with the keys given.
+
+    Args:
+        pad_to: ``(h, w)`` of the frame → ``(height, width)`` to pad to (never smaller).
+        after: applied to the padded frame (e.g. ``RandomCrop`` + ``HorizontalFlip``), or None.
+    """
+
+    def __init__(self, pad_to: Callable[[int, int], tuple[int, int]], after: Transform | None = None):
+        self.pad_to = pad_to
+        self.after = after
+
+    def __call__(
+        self, *, image: np.ndarray, mask: np.ndarray | None = None, masks: Sequence[np.ndarray] | None = None
+    ) -> Mapping[str, Any]:
+        given = ([] if mask is None else [mask]) + list(masks or [])
+        image, padded = pad_frame(image, given, *self.pad_to(*image.shape[:2]))
+        out: dict[str, Any] = {"image": image}
+        if mask is not None:
+            out["mask"], padded = padded[0], padded[1:]
+        if masks is not None:
+            out["masks"] = padded
+        return self.after(**out) if self.after is not None else out
+
+
 def random_crop_transform(height: int, width: int, hflip: bool = True) -> Transform:
     """Training augmentation: pad to at least ``height x width``, random crop, horizontal flip.
 
-    Padding uses image value 0 and label 255, so padded pixels are void and ignored by training
-    (a dataset's ``semantic`` map, passed as ``masks``, is padded with 255 too).
-    albumentations is imported here, not at module import, because only training needs it.
+    Frames smaller than the crop are padded bottom/right with the image mirrored and the labels
+    255 (void), so padded pixels are ignored by training (a dataset's ``semantic`` map, passed as
+    ``masks``, is padded with 255 too); :func:`pad_frame`. albumentations is imported here, not at
+    module import, because only training needs it.
 
     Args:
         height: Crop height.
@@ -946,7 +987,7 @@ def random_crop_transform(height: int, width: int, hflip: bool = True) -> Transf
         hflip: Whether to flip horizontally with probability 0.5.
 
     Returns:
-        An ``albumentations.Compose`` callable (``transform(image=..., mask=...)``).
+        A :class:`PaddedTransform` (``transform(image=..., mask=...)``).
 
     Raises:
         ValueError: Non-positive size.
@@ -954,45 +995,27 @@ def random_crop_transform(height: int, width: int, hflip: bool = True) -> Transf
     _check_positive(height=height, width=width)
     import albumentations as A
 
-    steps: list[Any] = [
-        A.PadIfNeeded(
-            min_height=height, min_width=width, border_mode=cv2.BORDER_CONSTANT, **_pad_fill(0, VOID)
-        ),
-        A.RandomCrop(height=height, width=width),
-    ]
+    steps: list[Any] = [A.RandomCrop(height=height, width=width)]
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
-    return A.Compose(steps)
+    return PaddedTransform(lambda h, w: (max(h, height), max(w, width)), A.Compose(steps))
 
 
 def eval_transform(divisor: int = 32) -> Transform:
     """Evaluation preprocessing: pad bottom/right to multiples of ``divisor`` (e.g. a backbone's stride).
 
-    The frame stays at the top-left, so a score map is cut back with ``scores[:H, :W]``; padded
-    label pixels are 255 (void) and drop out of any metric that ignores void.
+    The frame stays at the top-left, so a score map is cut back with ``scores[:H, :W]``; the image
+    is mirrored into the padding and padded label pixels are 255 (void), so they drop out of any
+    metric that ignores void (:func:`pad_frame`).
 
     Args:
         divisor: Height and width are padded up to multiples of this; 1 leaves frames unchanged.
 
     Returns:
-        An ``albumentations.Compose`` callable.
+        A :class:`PaddedTransform`.
 
     Raises:
         ValueError: Non-positive divisor.
     """
     _check_positive(divisor=divisor)
-    import albumentations as A
-
-    return A.Compose(
-        [
-            A.PadIfNeeded(
-                min_height=None,
-                min_width=None,
-                pad_height_divisor=divisor,
-                pad_width_divisor=divisor,
-                position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                **_pad_fill(0, VOID),
-            )
-        ]
-    )
+    return PaddedTransform(lambda h, w: (h + -h % divisor, w + -w % divisor))
