@@ -169,7 +169,7 @@ class RoadDataConfig:
         downscale: integer factor the frames are shrunk by (area averaging) before cropping;
             scoring uses the same factor (1: native resolution).
         crop_height, crop_width: crop size on the shrunk frames, multiples of ``2^n_scales``;
-            frames smaller than a crop are padded with void.
+            frames smaller than a crop are padded bottom/right (image mirrored, pixels dropped).
         hflip: random horizontal flips.
     """
 
@@ -436,9 +436,10 @@ class RoadBatches:
         for j, i in enumerate(idx):
             img, keep = self.frames[i], self.keeps[i]
             h, w = keep.shape
-            if h < ch or w < cw:  # pad with void
-                img = F.pad(img, (0, max(0, cw - w), 0, max(0, ch - h)))
-                keep = F.pad(keep, (0, max(0, cw - w), 0, max(0, ch - h)), value=False)
+            if h < ch or w < cw:  # pad bottom/right: image mirrored (as at scoring time), pixels dropped
+                ph, pw = max(0, ch - h), max(0, cw - w)
+                img = torch.from_numpy(np.pad(img.numpy(), [(0, 0), (0, ph), (0, pw)], mode="symmetric"))
+                keep = F.pad(keep, (0, pw, 0, ph), value=False)
                 h, w = keep.shape
             top = int(u[j, 0] * (h - ch + 1))
             left = int(u[j, 1] * (w - cw + 1))

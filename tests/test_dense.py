@@ -365,6 +365,19 @@ def test_batches_are_a_pure_function_of_seed_and_step() -> None:
     assert not torch.equal(x1, one.batch(8)[0])
 
 
+def test_crops_larger_than_a_frame_pad_it_mirrored_and_dropped() -> None:
+    frame = torch.randint(1, 256, (3, 10, 14), dtype=torch.uint8)
+    keep = torch.ones(10, 14, dtype=torch.bool)
+    batches = RoadBatches([frame], [keep], (16, 24), 2, seed=0, hflip=False, n_bins=256)
+    images, keeps = batches._road(torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 24) and keeps.shape == (2, 16, 24)
+    for img, k in zip(images, keeps, strict=True):
+        assert torch.equal(img[:, :10, :14], frame) and k[:10, :14].all()
+        assert not k[10:].any() and not k[:, 14:].any()  # padding never enters the loss
+        assert torch.equal(img[:, 10:16, :14], frame[:, 4:10].flip(1))  # mirrored, no black band
+        assert torch.equal(img[:, :10, 14:24], frame[:, :, 4:14].flip(2))
+
+
 def test_bad_crop_size_is_an_error(tmp_path: Path) -> None:
     cfg = tiny_train_config(tmp_path / "x", 1)
     bad = RoadTrainConfig(cfg.output_dir, RoadDataConfig(root=cfg.data.root, crop_height=18), TINY)
