@@ -37,7 +37,7 @@ import yaml
 from torch import Tensor, nn
 
 from densead.config import from_dict, save_config, to_dict
-from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform, pad_frame
+from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform
 from densead.features import load_weights
 from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
 from densead.train import resolve_device
@@ -64,7 +64,6 @@ __all__ = [
     "scene_frames",
     "load_segmenter",
     "mean_iou",
-    "pad_frame",
     "pad_to_multiple",
     "train_augmentation",
     "train_segmenter",
@@ -274,9 +273,10 @@ class SceneAugmentation:
     Called like an albumentations pipeline, ``augment(image=..., mask=..., masks=[...])`` → dict with
     the same keys. Two albumentations stages around a padding step of its own: frames smaller
     than the crop (or, without crops, not multiples of ``pad_divisor``) are padded bottom/right
-    with the frame mirrored and the masks void (:func:`pad_frame`). albumentations pads masks
-    the way it pads the image, so mirrored image content would get mirrored labels, and a black
-    border (constant padding) is content evaluation never shows (:func:`pad_to_multiple`).
+    with the frame mirrored and the masks void (:func:`densead.data.road.pad_frame`, through
+    :class:`densead.data.road.PaddedTransform`). albumentations pads masks the way it pads the
+    image, so mirrored image content would get mirrored labels, and a black border (constant
+    padding) is content evaluation never shows (:func:`pad_to_multiple`).
     """
 
     def __init__(self, cfg: SceneDataConfig, seed: int = 0) -> None:

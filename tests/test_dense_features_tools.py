@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from test_dense import fake_camvid, random_glow, save_tiny_checkpoint
 
 from densead.combined_maps import Combination, CombinedFrameScorer, fit_inlier_stats, spread_frames
-from densead.data.road import CAMVID_CLASSES, VOID, CamVid
+from densead.data.road import CAMVID_CLASSES, VOID, CamVid, pad_frame
 from densead.dense import RoadDataConfig, RoadSource
 from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
@@ -45,7 +45,6 @@ from densead.segmenter import (
     build_segmenter,
     iter_eval_batches,
     load_scene_arrays,
-    pad_frame,
     pad_to_multiple,
     scene_frames,
     train_segmenter,
