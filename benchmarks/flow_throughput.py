@@ -4,14 +4,19 @@
     python benchmarks/flow_throughput.py --levers plain bf16 channels_last compile fused recompute all
     python benchmarks/flow_throughput.py --batch-sizes 1024 --levers all all+recompute all+cudagraphs
     python benchmarks/flow_throughput.py --small --batch-sizes 16 --iters 3   # quick CPU check
+    python benchmarks/flow_throughput.py --batch-sizes 64 --levers all+cudagraphs \
+        --bpd-steps 2000 --bpd-every 250                         # a bits/dim trajectory only
 
 Every lever is a library switch: ``bf16`` is ``TrainConfig.amp`` (autocast),
 the others are modes of ``TrainConfig.fast`` (densead/flows/fast.py):
 ``channels_last``, ``compile`` (each flow step compiled in place), ``fused``
 (ActNorm + 1×1 conv as one convolution), ``recompute`` (activations recomputed
-in the backward pass: less memory, more compute), ``cudagraphs`` (compile with
-CUDA graphs; CUDA only, its rows are skipped elsewhere); ``all`` is ``fast=on``
-plus bf16, ``all+X`` adds lever X.
+in the backward pass: less memory, more compute), ``cudagraphs`` (the whole
+training step replayed from CUDA graphs, ``densead.train.GraphedTrainingStep``,
+and the evaluation forward from one, ``GraphedCall``; CUDA only, its rows are
+skipped elsewhere); ``all`` is ``fast=on`` plus bf16, ``all+X`` adds lever X.
+Every row trains with the library's ``training_step`` (gradient norm and its
+finiteness check included), as ``train_glow`` does.
 
 Prints one table: per lever and batch size, training images/s (forward +
 backward + Adamax step), evaluation images/s (noise-free log p and per-scale
@@ -44,8 +49,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from densead.data.transforms import to_model_input
-from densead.flows import FastTraining, FeatureFlow, Glow, apply_fast_path, resolve_fast_path, set_fused
+from densead.flows import (
+    FastTraining,
+    FeatureFlow,
+    Glow,
+    GraphedCall,
+    apply_fast_path,
+    resolve_fast_path,
+    set_fused,
+)
 from densead.flows.fast import saved_tensor_bytes
+from densead.train import GraphedTrainingStep, StepResult, set_learning_rate, training_step
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10_test.npz"
@@ -96,6 +110,15 @@ def build(lever: str, small: bool, device: torch.device) -> tuple[Glow, FastTrai
     return model, FastTraining(model, resolve_fast_path(mode, device)), bf16
 
 
+def step_function(
+    model: Glow, opt: torch.optim.Optimizer, fast: FastTraining, bf16: bool
+) -> Callable[[torch.Tensor], StepResult]:
+    """The library's training step as ``train_glow`` runs it (graphed with ``cudagraphs``)."""
+    if fast.fast.cudagraphs:
+        return GraphedTrainingStep(model, opt, amp=bf16)
+    return lambda x: training_step(model, opt, x, amp=bf16)
+
+
 def peak_flops(device: torch.device, bf16: bool) -> float:
     if device.type != "cuda":
         return math.nan
@@ -106,10 +129,10 @@ def peak_flops(device: torch.device, bf16: bool) -> float:
     return math.nan
 
 
-def flops_per_image(small: bool) -> tuple[float, float]:
+def flops_per_image(small: bool, device: torch.device) -> tuple[float, float]:
     """(train, eval) FLOPs per 32×32 image: convolutions and matmuls of forward (+ backward)."""
-    model = glow(small).eval()  # eval: no ActNorm init, identical FLOPs
-    x = torch.rand(1, 3, 32, 32) - 0.5
+    model = glow(small).to(device).eval()  # eval: no ActNorm init, identical FLOPs
+    x = torch.rand(1, 3, 32, 32, device=device) - 0.5
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x).log_prob()
     eval_flops = counter.get_total_flops()
@@ -133,9 +156,9 @@ def saved_mb_per_image(lever: str, small: bool, device: torch.device, batch: int
     return saved.total / batch / 2**20
 
 
-def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
-    fn()  # warm-up (compilation, cuDNN autotuning, ActNorm init)
-    fn()
+def timed(fn: Callable[[], None], iters: int, device: torch.device, warmup: int = 2) -> float:
+    for _ in range(warmup):  # compilation, cuDNN autotuning, ActNorm init, graph capture
+        fn()
     sync(device)
     t = time.perf_counter()
     for _ in range(iters):
@@ -151,25 +174,29 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    step = step_function(model, opt, fast, bf16)
+
     def train_step() -> None:
         fast.before_step()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = -model(x).log_prob().mean()
-        loss.backward()
-        opt.step()
+        step(x)
+
+    graphs = fast.fast.cudagraphs  # captured after GraphedTrainingStep's 3 and GraphedCall's 2 warm-ups
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
+            out = model(x)
+            return out.log_prob(), out.scale_pixel_maps()
+
+    graphed = GraphedCall(forward) if graphs else forward
 
     @torch.no_grad()
     def eval_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-            out.log_prob()
-            out.scale_pixel_maps()
+        graphed(x)
 
     model.train()
-    t_train = timed(train_step, args.iters, device)
+    t_train = timed(train_step, args.iters, device, warmup=5 if graphs else 2)
     model.eval()
-    t_eval = timed(eval_step, args.iters, device)
+    t_eval = timed(eval_step, args.iters, device, warmup=4 if graphs else 2)
     row = {
         "lever": lever,
         "batch": batch,
@@ -184,37 +211,60 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
     return row
 
 
-def bpd_after(lever: str, batch: int, args: argparse.Namespace, device: torch.device) -> float:
-    """Noise-free test bits/dim after --bpd-steps steps on CIFAR-10 test images 0–7999 (test: 8000–9999)."""
+def bpd_after(
+    lever: str, batch: int, args: argparse.Namespace, device: torch.device, every: int = 0
+) -> float:
+    """Noise-free test bits/dim after --bpd-steps steps on CIFAR-10 test images 0–7999 (test: 8000–9999).
+
+    With ``every`` > 0, also prints a trajectory row every ``every`` steps (test bits/dim, training
+    images/s so far, evaluation excluded), so a run cut short still compares levers step for step.
+    """
     with np.load(args.cifar) as f:
         images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2).contiguous().to(device)
-    train, test = images[:8000], images[8000:]
+    train_images, test = images[:8000], images[8000:]
     model, fast, bf16 = build(lever, args.small, device)
     opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
     g = torch.Generator(device=device).manual_seed(0)
+    plain = glow(args.small).to(device)  # evaluation: an uncompiled fp32 copy without levers
+
+    def test_bpd(own: bool = False) -> float:
+        """Test bits/dim through the plain copy, or (``own``) through the lever's own eval path."""
+        if own:
+            net = model.eval()
+        else:
+            plain.load_state_dict(model.state_dict())
+            net = plain.eval()
+        total = 0.0
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=own and bf16):
+            for i in range(0, len(test), 500):
+                x = to_model_input(test[i : i + 500], 256, dequantize=False)
+                total += net(x).bits_per_dim().float().sum().item()
+        model.train()
+        return total / len(test)
+
     model.train()
+    train = step_function(model, opt, fast, bf16)
+    train_time, t = 0.0, time.perf_counter()
     for step in range(args.bpd_steps):
-        idx = torch.randint(0, len(train), (batch,), generator=g, device=device)
-        x = to_model_input(train[idx], 256, dequantize=True, generator=g)
-        for group in opt.param_groups:
-            group["lr"] = 5e-4 * min(1.0, (step + 1) / 200)
+        idx = torch.randint(0, len(train_images), (batch,), generator=g, device=device)
+        x = to_model_input(train_images[idx], 256, dequantize=True, generator=g)
+        set_learning_rate(opt, 5e-4 * min(1.0, (step + 1) / 200))
         fast.before_step()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = -model(x).log_prob().mean()
-        loss.backward()
-        opt.step()
-    # Evaluated on the plain fp32 path (an uncompiled copy without levers): rows differ only by training.
-    plain = glow(args.small).to(device)
-    plain.load_state_dict(model.state_dict())
-    plain.eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(test), 500):
-            total += (
-                plain(to_model_input(test[i : i + 500], 256, dequantize=False)).bits_per_dim().sum().item()
-            )
-    return total / len(test)
+        train(x)
+        if every and (step + 1) % every == 0 and step + 1 < args.bpd_steps:
+            sync(device)
+            train_time += time.perf_counter() - t
+            rate = (step + 1) * batch / train_time
+            print(f"| {lever} | {batch} | {step + 1} | {test_bpd():.4f} | {rate:.1f} | — |", flush=True)
+            t = time.perf_counter()
+    sync(device)
+    train_time += time.perf_counter() - t
+    bpd = test_bpd()
+    if every:
+        rate = args.bpd_steps * batch / train_time
+        own = test_bpd(own=True)
+        print(f"| {lever} | {batch} | {args.bpd_steps} | {bpd:.4f} | {rate:.1f} | {own:.4f} |", flush=True)
+    return bpd
 
 
 def bench_dense(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, float]]:
@@ -268,6 +318,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--small", action="store_true", help="K=4, 64 hidden instead of the paper's K=32, 512")
     p.add_argument("--bpd-steps", type=int, default=0, help="also train this many steps on CIFAR-10 per row")
+    p.add_argument(
+        "--bpd-every",
+        type=int,
+        default=0,
+        help="trajectory only: per batch size and lever, train --bpd-steps steps and print the test "
+        "bits/dim every this many steps (no throughput table, no dense table)",
+    )
     p.add_argument("--cifar", type=Path, default=Path(os.environ.get("DENSEAD_CIFAR", CIFAR)))
     p.add_argument("--dense-size", type=int, nargs=2, default=None, help="H W of the dense inputs")
     p.add_argument("--dense-bf16", action="store_true")
@@ -291,7 +348,19 @@ def main() -> None:
     )
     size = "K=4, 64 hidden (small)" if args.small else "K=32, L=3, 512 hidden (paper)"
     n_params = sum(p.numel() for p in glow(args.small).parameters())
-    train_flops, eval_flops = flops_per_image(args.small)
+    if args.bpd_every:
+        if not args.bpd_steps:
+            p.error("--bpd-every needs --bpd-steps")
+        print(f"device: {name}; torch {torch.__version__}; Glow {size}, {n_params / 1e6:.1f}M parameters")
+        print(
+            "\n| lever | batch | step | test bpd | train img/s (incl. compile) | bpd, lever's eval path |"
+            "\n|---|---:|---:|---:|---:|---:|"
+        )
+        for batch in args.batch_sizes:
+            for lever in args.levers:
+                bpd_after(lever, batch, args, device, every=args.bpd_every)
+        return
+    train_flops, eval_flops = flops_per_image(args.small, device)
     print(
         f"device: {name}; torch {torch.__version__}; Glow {size}, {n_params / 1e6:.1f}M parameters; 32×32×3; "
         f"{train_flops / 1e9:.2f} GFLOP/img train, {eval_flops / 1e9:.2f} GFLOP/img eval"
@@ -311,7 +380,15 @@ def main() -> None:
             except ValueError as err:  # cudagraphs off CUDA
                 print(f"| {lever} | skipped: {err} | {batch} |" + " — |" * 8, flush=True)
                 continue
-            r = bench_lever(lever, batch, args, device)
+            try:
+                r = bench_lever(lever, batch, args, device)
+            except (RuntimeError, torch.OutOfMemoryError) as err:  # out of memory, a compile failure
+                msg = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+                print(f"| {lever} | failed: {msg} | {batch} |" + " — |" * 8, flush=True)
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             base.setdefault(batch, r["train"] if lever == "plain" else math.nan)
             speed = r["train"] / base[batch]
             bpd = "—" if math.isnan(r["bpd"]) else f"{r['bpd']:.3f}"

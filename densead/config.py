@@ -154,9 +154,11 @@ class TrainConfig:
     are the plain fp32 path; ``on`` / ``off`` force all or none; a
     comma-separated list picks levers (``fused,channels_last``, or
     ``auto,recompute`` to add activation recomputation for batches that do not
-    fit otherwise; ``cudagraphs`` compiles with CUDA graphs, CUDA only).
+    fit otherwise; ``cudagraphs`` replays whole training steps from CUDA graphs,
+    CUDA only, image Glow, one process: ``densead.train.GraphedTrainingStep``).
     Checkpoints are the same with any value. Both training loops read it
-    (images: ``densead.train``; road scenes: ``densead.dense``).
+    (images: ``densead.train``; road scenes: ``densead.dense``, without
+    ``cudagraphs``).
 
     ``lr_scaling`` adapts ``lr`` to the batch size for large-batch runs:
     ``none`` (``lr`` as given), ``linear`` (``lr · batch_size / lr_reference_batch``)

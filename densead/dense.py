@@ -76,6 +76,7 @@ from densead.train import (
     learning_rate,
     load_checkpoint,
     resolve_device,
+    set_learning_rate,
     start_or_resume,
 )
 
@@ -535,7 +536,12 @@ def train_road_glow(
 
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
     # Crops have one fixed size, so compiled steps are traced once per scale.
-    fast_training = FastTraining(model, resolve_fast_path(tcfg.fast, device, where="train.fast"))
+    fast = resolve_fast_path(tcfg.fast, device, where="train.fast")
+    if fast.cudagraphs:
+        raise ValueError(
+            "train.fast: cudagraphs is for the image Glow's trainer; the road Glow's masked steps run eagerly"
+        )
+    fast_training = FastTraining(model, fast)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
 
@@ -557,8 +563,7 @@ def train_road_glow(
     desc = f"train {out_dir.name}"
     bar = tqdm(total=tcfg.steps, initial=step, desc=desc, disable=not progress, leave=False)
     while step < tcfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(tcfg, step)
+        set_learning_rate(optimizer, learning_rate(tcfg, step))
         x, keep = batches.batch(step)
         if keep.any():  # on the CPU: no device sync
             fast_training.before_step()

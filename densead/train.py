@@ -11,6 +11,9 @@ Design points:
   not finite are the per-sample log-likelihoods inspected; non-finite samples
   are dropped and the step recomputed on the rest, or skipped when more than
   75% would go (paper S4.3, S4.5).
+* ``train.fast: cudagraphs`` replays the step from CUDA graphs
+  (:class:`GraphedTrainingStep`): the same kernels on the same data, without
+  the host's per-kernel launch cost, which otherwise bounds a paper-size Glow.
 * Checkpoints hold ``state_dict``s and the resolved config, are written
   atomically and load with ``weights_only=True``.
 * Under torchrun, ``train.batch_size`` is the global batch: every rank builds
@@ -45,10 +48,12 @@ from densead.config import (
 from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
 from densead.flows import FastTraining, Glow, apply_fast_path, resolve_fast_path
+from densead.flows.fast import on_side_stream
 from densead.io import atomic_torch_save, read_checkpoint
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "GraphedTrainingStep",
     "StepResult",
     "build_glow",
     "build_optimizer",
@@ -57,6 +62,7 @@ __all__ = [
     "load_glow",
     "outlier_loss",
     "resolve_device",
+    "set_learning_rate",
     "start_or_resume",
     "train_glow",
     "training_step",
@@ -94,6 +100,16 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate; in place where it is a tensor (a CUDA graph
+    of the optimizer step reads it from there, see :class:`GraphedTrainingStep`)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -168,14 +184,44 @@ def _per_sample_losses(
     ref_log_prob: Tensor | None,
     ocfg: OutlierConfig | None,
     amp: bool,
+    autocast_cache: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache):
         nll = -model(x).log_prob(discrete=True)
         lo = None
         if x_out is not None:
             lp_out = model(x_out).log_prob(discrete=True)
             lo = outlier_loss(lp_out, ref_log_prob, ocfg.weight, ocfg.temperature)
     return nll, lo
+
+
+def _reference_log_prob(reference: Glow, x_out: Tensor, amp: bool, autocast_cache: bool = True) -> Tensor:
+    with (
+        torch.no_grad(),
+        torch.autocast(x_out.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache),
+    ):
+        return reference(x_out).log_prob(discrete=True)
+
+
+def _backward(
+    model: Glow,
+    params: list[Tensor],
+    x: Tensor,
+    x_out: Tensor | None,
+    ref_log_prob: Tensor | None,
+    ocfg: OutlierConfig | None,
+    amp: bool,
+    max_grad_norm: float,
+    autocast_cache: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Loss, backward and gradient norm (clipped when ``max_grad_norm`` > 0) of one step, on
+    gradients that start at zero or None: the per-sample ``−log p(x)``, outlier losses and the
+    norm. The eager step and the CUDA graph of :class:`GraphedTrainingStep` both run this."""
+    nll, lo = _per_sample_losses(model, x, x_out, ref_log_prob, ocfg, amp, autocast_cache)
+    outlier = lo.mean() if lo is not None else nll.new_zeros(())
+    (nll.mean() + outlier).backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    return nll, lo, norm
 
 
 def training_step(
@@ -194,19 +240,12 @@ def training_step(
     step is skipped when more than 75% would go, or when the gradient is still
     not finite.
     """
-    ref_lp = None
-    if x_out is not None:
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-            ref_lp = reference(x_out).log_prob(discrete=True)
+    ref_lp = _reference_log_prob(reference, x_out, amp) if x_out is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
 
     def attempt(xi: Tensor, xo: Tensor | None, rlp: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         optimizer.zero_grad(set_to_none=True)
-        nll, lo = _per_sample_losses(model, xi, xo, rlp, ocfg, amp)
-        outlier = lo.mean() if lo is not None else nll.new_zeros(())
-        (nll.mean() + outlier).backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-        return nll, lo, norm
+        return _backward(model, params, xi, xo, rlp, ocfg, amp, max_grad_norm)
 
     nll, lo, norm = attempt(x, x_out, ref_lp)
     dropped = 0
@@ -236,6 +275,149 @@ def training_step(
 
 def _mean(t: Tensor | None) -> Tensor:
     return t.detach().mean() if t is not None else torch.zeros(())
+
+
+# Optimizers whose step can be captured in a CUDA graph (``capturable``, learning rate as a tensor).
+GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.Adamax)
+
+
+class GraphedTrainingStep:
+    """:func:`training_step` replayed from CUDA graphs at a fixed batch shape.
+
+    A paper-size Glow's eager step launches about 9,000 kernels, and on an H200
+    the host takes longer to launch them than the GPU takes to run them. Here the
+    first ``warmup`` calls run the eager step on a side stream (cuDNN autotuning,
+    compilation and the optimizer's state happen outside capture); the next call
+    captures two graphs in one memory pool: **A**, forward, backward and the
+    gradient norm (clipping included); **B**, the optimizer step. Every call then
+    copies its batch into A's static inputs, replays A, reads the norm (the step's
+    one host sync, as in the eager step) and replays B when the norm is finite.
+    A non-finite norm, or a batch of another shape, takes the eager
+    :func:`training_step` (dropping non-finite samples as it does); the gradients
+    then point back to the graphs' tensors.
+
+    The graphs run the kernels the eager step runs, on the same data, so the
+    results are the eager step's up to the nondeterminism of cuDNN's algorithms.
+    The optimizer (Adam or Adamax) is switched to ``capturable`` with its
+    learning rate as a device tensor: set it with :func:`set_learning_rate`.
+    One process only (no DistributedDataParallel) and CUDA only.
+    """
+
+    def __init__(
+        self,
+        model: Glow,
+        optimizer: torch.optim.Optimizer,
+        reference: Glow | None = None,
+        ocfg: OutlierConfig | None = None,
+        amp: bool = False,
+        max_grad_norm: float = 0.0,
+        warmup: int = 3,
+    ) -> None:
+        device = next(model.parameters()).device
+        if not isinstance(optimizer, GRAPH_OPTIMIZERS):
+            names = ", ".join(o.__name__.lower() for o in GRAPH_OPTIMIZERS)
+            given = type(optimizer).__name__.lower()
+            raise ValueError(f"train.fast: cudagraphs needs train.optimizer {names}, not {given}")
+        self._check_device(device)
+        if warmup < 1:
+            raise ValueError(f"GraphedTrainingStep: warmup must be at least 1, got {warmup}")
+        self.model, self.optimizer, self.reference, self.ocfg = model, optimizer, reference, ocfg
+        self.amp, self.max_grad_norm, self.warmup = amp, max_grad_norm, warmup
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self._make_capturable(device)
+        self.calls = 0
+        self.replays: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self.shapes: tuple | None = None
+        self.grads: list[Tensor] | None = None
+
+    # The CUDA mechanics, one method each (a CPU test stands in for them to check the rest).
+    def _check_device(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"train.fast: cudagraphs needs a CUDA device, the model is on {device}")
+        if dist.is_distributed():
+            raise ValueError("train.fast: cudagraphs runs in one process; drop it under torchrun")
+
+    def _make_capturable(self, device: torch.device) -> None:
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+        for state in self.optimizer.state.values():  # resumed state: step counters move to the GPU
+            if "step" in state:
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+    def _on_side_stream(self, fn: Callable[[], StepResult]) -> StepResult:
+        return on_side_stream(fn)
+
+    def _record(self, body: Callable[[], None], pool: object) -> Callable[[], None]:
+        """Capture ``body`` (its kernels are recorded, not run) and return the replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+        return graph.replay
+
+    def _new_pool(self) -> object:
+        torch.cuda.synchronize()
+        return torch.cuda.graph_pool_handle()
+
+    def _forward_backward(self) -> None:
+        """Graph A's body: gradients overwritten (not accumulated) on every run."""
+        self.optimizer.zero_grad(set_to_none=False)  # none at capture: backward allocates them there
+        x_out, ref_lp = self.static_x_out, None
+        if x_out is not None:
+            ref_lp = _reference_log_prob(self.reference, x_out, self.amp, autocast_cache=False)
+        nll, lo, self.norm = _backward(
+            self.model,
+            self.params,
+            self.static_x,
+            x_out,
+            ref_lp,
+            self.ocfg,
+            self.amp,
+            self.max_grad_norm,
+            autocast_cache=False,
+        )
+        self.nll = nll.detach().mean()
+        self.outlier = lo.detach().mean() if lo is not None else nll.new_zeros(())
+
+    def _eager(self, x: Tensor, x_out: Tensor | None) -> StepResult:
+        return training_step(
+            self.model, self.optimizer, x, x_out, self.reference, self.ocfg, self.amp, self.max_grad_norm
+        )
+
+    def __call__(self, x: Tensor, x_out: Tensor | None = None) -> StepResult:
+        """One training step on model inputs ``x`` (and outliers ``x_out``), as :func:`training_step`."""
+        shapes = (tuple(x.shape), None if x_out is None else tuple(x_out.shape))
+        self.calls += 1
+        if self.replays is None and self.calls <= self.warmup:
+            return self._on_side_stream(lambda: self._eager(x, x_out))
+        if self.replays is None:
+            self.static_x = x.clone()
+            self.static_x_out = x_out.clone() if x_out is not None else None
+            self.shapes = shapes
+            self.optimizer.zero_grad(set_to_none=True)
+            pool = self._new_pool()
+            self.replays = self._record(self._forward_backward, pool), self._record(self.optimizer.step, pool)
+        if shapes != self.shapes:
+            return self._restoring_grads(x, x_out)
+        self.static_x.copy_(x)
+        if x_out is not None:
+            self.static_x_out.copy_(x_out)
+        forward_backward, update = self.replays
+        forward_backward()
+        if self.grads is None:  # the tensors graph A writes the gradients into
+            self.grads = [p.grad for p in self.params]
+        if not torch.isfinite(self.norm):
+            return self._restoring_grads(x, x_out)
+        update()
+        return StepResult(self.nll.clone(), self.outlier.clone(), False, 0)
+
+    def _restoring_grads(self, x: Tensor, x_out: Tensor | None) -> StepResult:
+        result = self._eager(x, x_out)
+        if self.grads is not None:
+            for p, g in zip(self.params, self.grads, strict=True):
+                p.grad = g
+        return result
 
 
 # --------------------------------------------------------------------------- batches
@@ -323,6 +505,9 @@ def train_glow(
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
     fast = resolve_fast_path(tcfg.fast, device, where="train.fast")
     fast_training = FastTraining(model, fast)  # before DDP registers the parameters
+    graphed = None
+    if fast.cudagraphs:
+        graphed = GraphedTrainingStep(model, optimizer, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
     net = model
     if dist.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
@@ -355,14 +540,16 @@ def train_glow(
     show = progress and dist.is_main()
     bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {out_dir.name}", disable=not show, leave=False)
     while step < tcfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(tcfg, step)
+        set_learning_rate(optimizer, learning_rate(tcfg, step))
         x = dist.shard(batches.model_input(step, cfg.data.augment, mcfg.n_bins))
         x_out = None
         if ocfg is not None:
             x_out = dist.shard(out_batches.model_input(step, ocfg.data.augment, mcfg.n_bins))
         fast_training.before_step()
-        result = training_step(net, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
+        if graphed is not None:
+            result = graphed(x, x_out)
+        else:
+            result = training_step(net, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
         step += 1
         if on_step is not None:
             on_step(step, result)

@@ -35,9 +35,9 @@ def compile_spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     calls: list[bool] = []
     real = fast_module.compile_flow_steps
 
-    def spy(module, backend=None, mode=None):
+    def spy(module, backend=None):
         calls.append(needs_data_init(module))
-        return real(module, backend, mode)
+        return real(module, backend)
 
     monkeypatch.setattr(fast_module, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(fast_module, "compile_flow_steps", spy)

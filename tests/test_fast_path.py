@@ -31,6 +31,7 @@ from densead.flows import (
     FastPath,
     FlowStep,
     Glow,
+    GraphedCall,
     apply_fast_path,
     compile_flow_steps,
     flow_step,
@@ -410,14 +411,125 @@ def test_lever_lists_combine_with_auto_and_cudagraphs_need_cuda() -> None:
     assert resolve_fast_path("on,recompute", "cpu") == FastPath(True, True, True, True)
     assert resolve_fast_path("on", "cpu") == FastPath(True, True, True), "on: the speed levers only"
     graphs = resolve_fast_path("fused,cudagraphs", "cuda")
-    assert graphs == FastPath(fused=True, compile=True, cudagraphs=True)
-    assert graphs.compile_mode == "reduce-overhead" and FastPath(compile=True).compile_mode is None
-    assert str(graphs) == "fused,compile,cudagraphs"
+    assert graphs == FastPath(fused=True, cudagraphs=True), "whole-step graphs: compile stays separate"
+    assert str(graphs) == "fused,cudagraphs"
     with pytest.raises(ValueError, match=r"train\.fast: cudagraphs needs a CUDA device.*cpu"):
         resolve_fast_path("cudagraphs", "cpu", where="train.fast")
     for bad in ("auto,on", "off,fused", "auto,recompte", ""):
         with pytest.raises(ValueError, match="train.fast: unknown value"):
             resolve_fast_path(bad, "cpu", where="train.fast")
+
+
+def test_graphed_steps_refuse_what_they_cannot_capture() -> None:
+    from densead.train import GraphedTrainingStep
+
+    model = Glow(1, 2, 1, 8)
+    with pytest.raises(
+        ValueError, match=r"train\.fast: cudagraphs needs train\.optimizer adam, adamax, not sgd"
+    ):
+        GraphedTrainingStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"train\.fast: cudagraphs needs a CUDA device, the model is on cpu"):
+        GraphedTrainingStep(model, torch.optim.Adamax(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"GraphedCall: inputs must be CUDA tensors, got \['cpu'\]"):
+        GraphedCall(model)(torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="warmup must be at least 1, got 0"):
+        GraphedCall(model, warmup=0)
+    with pytest.raises(ValueError, match="fast: cudagraphs needs a CUDA device, the model runs on cpu"):
+        GlowScorer(model, fast="cudagraphs")
+
+
+class EagerGraphs:
+    """Stands in for GraphedTrainingStep's CUDA mechanics on the CPU: recording returns the body,
+    so a "replay" runs the recorded Python again (as a graph runs its kernels again), warm-up runs
+    on the current stream and the optimizer stays as it is (capturable is CUDA only). Everything
+    else, the control flow around the graphs, is the library's."""
+
+    @staticmethod
+    def subclass():  # noqa: ANN205 - a test helper
+        from densead.train import GraphedTrainingStep
+
+        class Eager(GraphedTrainingStep):
+            recorded: list[str] = []
+
+            def _check_device(self, device: torch.device) -> None:
+                pass
+
+            def _make_capturable(self, device: torch.device) -> None:
+                pass
+
+            def _on_side_stream(self, fn):  # noqa: ANN001, ANN202
+                return fn()
+
+            def _record(self, body, pool):  # noqa: ANN001, ANN202
+                self.recorded.append(body.__name__)
+                return body
+
+            def _new_pool(self) -> None:
+                return None
+
+        return Eager
+
+
+def test_graphed_training_steps_follow_the_eager_steps_through_capture_nan_and_odd_batches() -> None:
+    """Warm-up, capture, replays, a batch with a non-finite sample (dropped by the eager fallback)
+    and a smaller last batch (eager): the same losses, skips and parameters as training_step, and
+    the gradients point back to the graph's tensors after each fallback."""
+    from densead.train import set_learning_rate, training_step
+
+    torch.manual_seed(0)
+    initial = Glow(1, 2, 2, 16)
+    eager_model, graph_model = copy.deepcopy(initial), copy.deepcopy(initial)
+    eager_opt = torch.optim.Adamax(eager_model.parameters(), lr=1e-3, weight_decay=5e-5)
+    graph_opt = torch.optim.Adamax(graph_model.parameters(), lr=1e-3, weight_decay=5e-5)
+    graphed = EagerGraphs.subclass()(graph_model, graph_opt, max_grad_norm=1.0, warmup=2)
+    batches = [torch.rand(8, 1, 8, 8) - 0.5 for _ in range(8)] + [torch.rand(5, 1, 8, 8) - 0.5]
+    batches[5][3] = float("nan")
+    kinds = []
+    for step, x in enumerate(batches):
+        set_learning_rate(eager_opt, 1e-3 * (step + 1) / 4)
+        set_learning_rate(graph_opt, 1e-3 * (step + 1) / 4)
+        want = training_step(eager_model, eager_opt, x, max_grad_norm=1.0)
+        got = graphed(x)
+        assert (got.skipped, got.dropped) == (want.skipped, want.dropped), step
+        torch.testing.assert_close(got.nll, want.nll, rtol=1e-5, atol=1e-5)
+        kinds.append(got.dropped)
+        if graphed.grads is not None:
+            assert all(p.grad is g for p, g in zip(graphed.params, graphed.grads, strict=True)), step
+    assert kinds[5] == 1, "the non-finite sample was dropped"
+    assert graphed.recorded == ["_forward_backward", "step"], "captured once, after the warm-up"
+    for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    moved = [
+        not torch.equal(a, b) for a, b in zip(graph_model.parameters(), initial.parameters(), strict=True)
+    ]
+    assert all(moved)
+
+
+def test_a_learning_rate_tensor_is_set_in_place_and_steps_as_the_float_does() -> None:
+    """The optimizer graph of GraphedTrainingStep reads the learning rate from one tensor:
+    set_learning_rate must fill that tensor (not replace it), and a tensor rate must update the
+    parameters exactly as the float rate does."""
+    from densead.train import set_learning_rate
+
+    torch.manual_seed(0)
+    initial = Glow(1, 2, 1, 8)
+    models = [copy.deepcopy(initial), copy.deepcopy(initial)]
+    as_float = torch.optim.Adamax(models[0].parameters(), lr=1e-3, weight_decay=5e-5)
+    as_tensor = torch.optim.Adamax(models[1].parameters(), lr=torch.tensor(1e-3), weight_decay=5e-5)
+    rate = as_tensor.param_groups[0]["lr"]
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    for step in range(4):
+        for model, opt in zip(models, (as_float, as_tensor), strict=True):
+            set_learning_rate(opt, 1e-3 * (step + 1))
+            opt.zero_grad()
+            (-model(x).log_prob().mean()).backward()
+            opt.step()
+    assert as_tensor.param_groups[0]["lr"] is rate and float(rate) == pytest.approx(4e-3)
+    assert as_float.param_groups[0]["lr"] == pytest.approx(4e-3)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    moved = [not torch.equal(a, b) for a, b in zip(models[1].parameters(), initial.parameters(), strict=True)]
+    assert all(moved), "every parameter took the steps"
 
 
 def test_learning_rate_scales_with_the_batch_and_warms_up() -> None:

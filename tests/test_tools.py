@@ -213,3 +213,24 @@ def test_flow_throughput_benchmark_prints_its_table() -> None:
     assert 0.4 * saved["plain"] < saved["bf16"] < 0.7 * saved["plain"], saved
     assert rows["plain"][7].strip() == "1.00×"
     assert "needs a CUDA device" in rows["cudagraphs"][0]
+
+
+def test_bits_per_dim_trajectory_and_step_profile_run(shared_data: Path) -> None:
+    """--bpd-every prints a trajectory row per checkpoint and, at the last step, the lever's own
+    evaluation path too (the plain path: the same number); profile_step.py prints its table, with
+    the host's dispatched operators counted on a CPU."""
+    result = run_tool(
+        "benchmarks/flow_throughput.py",
+        *("--small", "--batch-sizes", "4", "--levers", "plain", "--bpd-steps", "4", "--bpd-every", "2"),
+        *("--cifar", str(shared_data / "cifar10_test.npz")),
+    )
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| plain")]
+    assert [int(r[2]) for r in rows] == [2, 4]
+    first, last = (float(r[3]) for r in rows)
+    assert 5.0 < last < first < 9.0, "test bits/dim of a fresh small Glow, falling"
+    assert rows[0][5].strip() == "—" and float(rows[1][5]) == pytest.approx(last, abs=1e-4)
+    profile = run_tool(
+        "benchmarks/profile_step.py", "--small", "--batch", "2", "--steps", "1", "--levers", "plain"
+    )
+    row = next(line.split("|") for line in profile.stdout.splitlines() if line.startswith("| plain |"))
+    assert int(row[5]) > 1000, "ATen operators dispatched per step of a 12-step Glow"

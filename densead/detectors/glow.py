@@ -17,12 +17,12 @@ so ``score == map.sum()`` for every detector. Higher = more anomalous.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from densead.flows import Glow, GlowOutput, apply_fast_path, resolve_fast_path
+from densead.flows import Glow, GlowOutput, GraphedCall, apply_fast_path, resolve_fast_path
 
 __all__ = ["DETECTORS", "GlowDetector", "GlowScorer", "MIN_LOG_PROB", "get_detector"]
 
@@ -94,6 +94,17 @@ DETECTORS: dict[str, GlowDetector] = {
     "ratio_last_scale": GlowDetector("ratio_last_scale", needs_general=True, scale=-1),
 }
 
+
+def _copied(out: GlowOutput | None) -> GlowOutput | None:
+    if out is None:
+        return None
+    return replace(
+        out,
+        latents=tuple(t.clone() for t in out.latents),
+        contributions=tuple(t.clone() for t in out.contributions),
+    )
+
+
 _SCALE_NAME = re.compile(r"^(ratio_)?scale(\d+)$")
 
 
@@ -119,6 +130,10 @@ class GlowScorer:
             and nothing on CPU; it leaves ``compile`` off, because scoring is
             short and sees many input shapes (the last batch, road scenes of
             several sizes), each a recompilation. Ask for ``compile`` by name.
+            ``cudagraphs`` (CUDA only, by name too) replays each model's forward
+            from a CUDA graph for batches of the first full batch's shape (other
+            shapes, such as the last batch, run eagerly); outputs are copied out
+            of the graph, so every call's results stay valid.
     """
 
     def __init__(
@@ -131,15 +146,25 @@ class GlowScorer:
         for m in (self.model, self.general):
             if m is not None:
                 apply_fast_path(m, levers)
+        self.graphed: dict[bool, GraphedCall] | None = None
+        if levers.cudagraphs:  # one graph per need_general; autocast's weight cache off inside graphs
+            self.graphed = {need: GraphedCall(self._forward_fn(need, cache=False)) for need in (False, True)}
+
+    def _forward_fn(self, need_general: bool, cache: bool = True):  # noqa: ANN202 - a closure
+        def forward(x: Tensor) -> tuple[GlowOutput, GlowOutput | None]:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache):
+                return self.model(x), self.general(x) if need_general else None
+
+        return forward
 
     @torch.no_grad()
     def outputs(self, x: Tensor, need_general: bool) -> tuple[GlowOutput, GlowOutput | None]:
         if need_general and self.general is None:
             raise ValueError("a ratio detector needs a general-distribution model (--general)")
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out_in = self.model(x)
-            out_g = self.general(x) if need_general else None
-        return out_in, out_g
+        if self.graphed is None:
+            return self._forward_fn(need_general)(x)
+        outs = self.graphed[need_general](x)  # the graph's tensors: the next replay overwrites them
+        return tuple(_copied(out) for out in outs)
 
     def score(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, Tensor]:
         """``{name: (B,) scores}`` for model inputs ``x``."""

@@ -4,6 +4,7 @@ from densead.flows.base import FlowLayer, FlowSequence
 from densead.flows.fast import (
     FastPath,
     FastTraining,
+    GraphedCall,
     apply_fast_path,
     compile_flow_steps,
     needs_data_init,
@@ -27,6 +28,7 @@ __all__ = [
     "AffineCoupling",
     "FastPath",
     "FastTraining",
+    "GraphedCall",
     "FeatureFlow",
     "FlowLayer",
     "FlowSequence",
