@@ -181,9 +181,10 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
         step(x)
 
     graphs = fast.fast.cudagraphs  # captured after GraphedTrainingStep's 3 and GraphedCall's 2 warm-ups
+    # (autocast's weight cache off, as in the library's steps: graphs must not capture it)
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             out = model(x)
             return out.log_prob(), out.scale_pixel_maps()
 

@@ -75,6 +75,7 @@ from densead.train import (
     MAX_DROPPED_FRACTION,
     learning_rate,
     load_checkpoint,
+    portable_optimizer_state,
     resolve_device,
     set_learning_rate,
     start_or_resume,
@@ -549,7 +550,7 @@ def train_road_glow(
         atomic_torch_save(
             {
                 "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": portable_optimizer_state(optimizer),
                 "step": step,
                 "finished": finished,
                 "history": history,

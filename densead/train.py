@@ -61,6 +61,7 @@ __all__ = [
     "load_checkpoint",
     "load_glow",
     "outlier_loss",
+    "portable_optimizer_state",
     "resolve_device",
     "set_learning_rate",
     "start_or_resume",
@@ -110,6 +111,24 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` as a checkpoint keeps it: learning rates as floats, not
+    ``capturable``, step counters on the CPU. A run trained with CUDA graphs
+    (:class:`GraphedTrainingStep` makes the optimizer capturable) then resumes with or without
+    them, on any device; the live optimizer is not changed."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group.get("lr"), Tensor):
+            group["lr"] = float(group["lr"])
+        if group.get("capturable"):
+            group["capturable"] = False
+    state["state"] = {
+        key: {k: v.cpu() if k == "step" and isinstance(v, Tensor) else v for k, v in value.items()}
+        for key, value in state["state"].items()
+    }
+    return state
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -184,9 +203,10 @@ def _per_sample_losses(
     ref_log_prob: Tensor | None,
     ocfg: OutlierConfig | None,
     amp: bool,
-    autocast_cache: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache):
+    # Autocast's weight cache stays off, in every step: a CUDA graph must not capture it, and a
+    # compiled flow step guards on the autocast state, so warm-up and capture must agree.
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
         nll = -model(x).log_prob(discrete=True)
         lo = None
         if x_out is not None:
@@ -195,10 +215,10 @@ def _per_sample_losses(
     return nll, lo
 
 
-def _reference_log_prob(reference: Glow, x_out: Tensor, amp: bool, autocast_cache: bool = True) -> Tensor:
+def _reference_log_prob(reference: Glow, x_out: Tensor, amp: bool) -> Tensor:
     with (
         torch.no_grad(),
-        torch.autocast(x_out.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache),
+        torch.autocast(x_out.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False),
     ):
         return reference(x_out).log_prob(discrete=True)
 
@@ -212,12 +232,11 @@ def _backward(
     ocfg: OutlierConfig | None,
     amp: bool,
     max_grad_norm: float,
-    autocast_cache: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Loss, backward and gradient norm (clipped when ``max_grad_norm`` > 0) of one step, on
     gradients that start at zero or None: the per-sample ``−log p(x)``, outlier losses and the
     norm. The eager step and the CUDA graph of :class:`GraphedTrainingStep` both run this."""
-    nll, lo = _per_sample_losses(model, x, x_out, ref_log_prob, ocfg, amp, autocast_cache)
+    nll, lo = _per_sample_losses(model, x, x_out, ref_log_prob, ocfg, amp)
     outlier = lo.mean() if lo is not None else nll.new_zeros(())
     (nll.mean() + outlier).backward()
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
@@ -365,7 +384,7 @@ class GraphedTrainingStep:
         self.optimizer.zero_grad(set_to_none=False)  # none at capture: backward allocates them there
         x_out, ref_lp = self.static_x_out, None
         if x_out is not None:
-            ref_lp = _reference_log_prob(self.reference, x_out, self.amp, autocast_cache=False)
+            ref_lp = _reference_log_prob(self.reference, x_out, self.amp)
         nll, lo, self.norm = _backward(
             self.model,
             self.params,
@@ -375,7 +394,6 @@ class GraphedTrainingStep:
             self.ocfg,
             self.amp,
             self.max_grad_norm,
-            autocast_cache=False,
         )
         self.nll = nll.detach().mean()
         self.outlier = lo.detach().mean() if lo is not None else nll.new_zeros(())
@@ -525,7 +543,7 @@ def train_glow(
         atomic_torch_save(
             {
                 "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": portable_optimizer_state(optimizer),
                 "step": step,
                 "finished": finished,
                 "history": history,

@@ -505,6 +505,36 @@ def test_graphed_training_steps_follow_the_eager_steps_through_capture_nan_and_o
     assert all(moved)
 
 
+def test_a_graphed_runs_optimizer_state_resumes_without_graphs(tmp_path: Path) -> None:
+    """GraphedTrainingStep turns the optimizer capturable with a tensor learning rate; the
+    checkpointed state has neither, so a resume without graphs (here on the CPU, where a
+    capturable Adamax refuses to step) trains on; the live optimizer keeps its settings."""
+    from densead.train import portable_optimizer_state
+
+    model = Glow(1, 2, 1, 8)
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    (-model(x).log_prob().mean()).backward()
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(2e-3)  # what GraphedTrainingStep sets (on the GPU)
+    opt.param_groups[0]["capturable"] = True
+    torch.save(portable_optimizer_state(opt), tmp_path / "opt.pt")
+    state = torch.load(tmp_path / "opt.pt", weights_only=True)
+    group = state["param_groups"][0]
+    assert type(group["lr"]) is float and group["lr"] == pytest.approx(2e-3) and group["capturable"] is False
+    assert all(s["step"].device.type == "cpu" for s in state["state"].values())
+    assert opt.param_groups[0]["capturable"] and isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    resumed = copy.deepcopy(model)
+    fresh = torch.optim.Adamax(resumed.parameters(), lr=1.0)
+    fresh.load_state_dict(state)
+    before = [p.detach().clone() for p in resumed.parameters()]
+    fresh.zero_grad()
+    (-resumed(x).log_prob().mean()).backward()
+    fresh.step()
+    assert float(fresh.state[next(iter(resumed.parameters()))]["step"]) == 2.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, resumed.parameters(), strict=True))
+
+
 def test_a_learning_rate_tensor_is_set_in_place_and_steps_as_the_float_does() -> None:
     """The optimizer graph of GraphedTrainingStep reads the learning rate from one tensor:
     set_learning_rate must fill that tensor (not replace it), and a tensor rate must update the

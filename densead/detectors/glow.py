@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -147,22 +148,22 @@ class GlowScorer:
             if m is not None:
                 apply_fast_path(m, levers)
         self.graphed: dict[bool, GraphedCall] | None = None
-        if levers.cudagraphs:  # one graph per need_general; autocast's weight cache off inside graphs
-            self.graphed = {need: GraphedCall(self._forward_fn(need, cache=False)) for need in (False, True)}
+        if levers.cudagraphs:  # one graph per need_general
+            self.graphed = {
+                need: GraphedCall(partial(self._forward, need_general=need)) for need in (False, True)
+            }
 
-    def _forward_fn(self, need_general: bool, cache: bool = True):  # noqa: ANN202 - a closure
-        def forward(x: Tensor) -> tuple[GlowOutput, GlowOutput | None]:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache):
-                return self.model(x), self.general(x) if need_general else None
-
-        return forward
+    def _forward(self, x: Tensor, need_general: bool) -> tuple[GlowOutput, GlowOutput | None]:
+        # Autocast's weight cache off: a CUDA graph must not capture it.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            return self.model(x), self.general(x) if need_general else None
 
     @torch.no_grad()
     def outputs(self, x: Tensor, need_general: bool) -> tuple[GlowOutput, GlowOutput | None]:
         if need_general and self.general is None:
             raise ValueError("a ratio detector needs a general-distribution model (--general)")
         if self.graphed is None:
-            return self._forward_fn(need_general)(x)
+            return self._forward(x, need_general)
         outs = self.graphed[need_general](x)  # the graph's tensors: the next replay overwrites them
         return tuple(_copied(out) for out in outs)
 
