@@ -204,8 +204,9 @@ def _per_sample_losses(
     ocfg: OutlierConfig | None,
     amp: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    # Autocast's weight cache stays off, in every step: a CUDA graph must not capture it, and a
-    # compiled flow step guards on the autocast state, so warm-up and capture must agree.
+    # Autocast's weight cache stays off, in every step: a CUDA graph must not capture it, and
+    # warm-up and capture run the same autocast state (a compiled flow step guarding on it would
+    # otherwise recompile during capture).
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
         nll = -model(x).log_prob(discrete=True)
         lo = None
@@ -303,7 +304,7 @@ GRAPH_OPTIMIZERS = (torch.optim.Adam, torch.optim.Adamax)
 class GraphedTrainingStep:
     """:func:`training_step` replayed from CUDA graphs at a fixed batch shape.
 
-    A paper-size Glow's eager step launches about 9,000 kernels, and on an H200
+    A paper-size Glow's eager step launches about 10,000 kernels, and on an H200
     the host takes longer to launch them than the GPU takes to run them. Here the
     first ``warmup`` calls run the eager step on a side stream (cuDNN autotuning,
     compilation and the optimizer's state happen outside capture); the next call

@@ -19,10 +19,11 @@ at most one of ``auto``/``on``, such as ``fused,channels_last`` or ``auto,recomp
 ``recompute`` trades compute for memory (for batches that do not fit otherwise)
 and ``cudagraphs`` removes the host's per-kernel launch overhead at a fixed batch
 shape (:class:`densead.train.GraphedTrainingStep`: forward, backward and optimizer
-step captured once, replayed every step; the image Glow's trainer uses it, other
-loops and the scorers ignore it); neither is part of ``auto`` or ``on``: ask for
+step captured once, replayed every step, in the image Glow's trainer;
+:class:`GraphedCall` for :class:`~densead.detectors.glow.GlowScorer`'s forwards;
+the road Glow's trainer refuses it); neither is part of ``auto`` or ``on``: ask for
 them by name. Why whole steps: on an H200 the paper-size Glow's eager training
-step at batch 256 issues about 9,000 kernels and its host time exceeds its GPU
+step at batch 256 issues about 10,000 kernels and its host time exceeds its GPU
 time (232 ms wall vs 141 ms of kernels in fp32; 276 vs 77 ms with bf16, fused and
 channels_last), and compiling each flow step with ``mode="reduce-overhead"`` fails
 outright: all 96 steps share one compiled graph, so each replay overwrites the
