@@ -18,13 +18,15 @@
 # (8 files in all, the most that come back from the device; names without '+', which do not come back).
 #
 # Parts, in order, each with a timeout (seconds of SESSION_BUDGET_S, default 570, the whole call):
+#   checks      benchmarks/cuda_graph_check.py --small: graphed training steps and forwards against the
+#               eager path (cudagraphs, all+cudagraphs; capture, replays, fallbacks), ≤ 60 s
 #   throughput  batch 256, levers plain all+cudagraphs cudagraphs all bf16 channels_last fused compile
 #               recompute (the rows that matter most first: a cut loses the last); timing only, ≤ 300 s
 #   dense       1×3×1024×2048 Glow pixel map and a 256-d feature flow at stride 8, plain then the fast
 #               path (fused, channels_last, bf16), ≤ 40 s each
 #   large       batch 1024, all+cudagraphs and all, ≤ 75 s
 #   profile     benchmarks/profile_step.py: wall vs GPU-kernel time per step, plain / all / all+cudagraphs,
-#               batch 256, ≤ 45 s
+#               batch 256, ≤ 45 s (appended to checks.md: 8 files in all)
 #   bpd         bits/dim trajectories at batch 64, test bits/dim every 250 steps, as processes side by
 #               side on the GPU (their img/s are then not clean: take speeds from the throughput table):
 #               all+cudagraphs 2000 steps, cudagraphs 2000 steps (fp32, the plain path's kernels
@@ -104,12 +106,13 @@ case "$ONLY" in
 bpd) bpd ;;
 large) large $(($(left) - 5)) ;;
 "")
+    part checks 60 $PY benchmarks/cuda_graph_check.py --small
     part throughput_b256 300 $PY "${BENCH[@]}" --batch-sizes 256 --levers $LEVERS --iters 20 --no-dense \
         "${EXTRA[@]}"
     part dense 40 $PY "${BENCH[@]}" --batch-sizes --iters 10 --dense-fast off "${EXTRA[@]}"
     part dense 40 $PY "${BENCH[@]}" --batch-sizes --iters 10 --dense-fast auto --dense-bf16 "${EXTRA[@]}"
     large 75
-    part profile 45 $PY benchmarks/profile_step.py --levers plain all all+cudagraphs --batch 256 \
+    part checks 45 $PY benchmarks/profile_step.py --levers plain all all+cudagraphs --batch 256 \
         "${EXTRA_PROFILE[@]}"
     bpd
     ;;

@@ -416,7 +416,16 @@ class GraphedTrainingStep:
             self.shapes = shapes
             self.optimizer.zero_grad(set_to_none=True)
             pool = self._new_pool()
-            self.replays = self._record(self._forward_backward, pool), self._record(self.optimizer.step, pool)
+            try:
+                self.replays = (
+                    self._record(self._forward_backward, pool),
+                    self._record(self.optimizer.step, pool),
+                )
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"train.fast: cudagraphs could not capture the training step of a batch of shape "
+                    f"{tuple(x.shape)} ({err}); train without cudagraphs"
+                ) from err
         if shapes != self.shapes:
             return self._restoring_grads(x, x_out)
         self.static_x.copy_(x)

@@ -496,6 +496,7 @@ def test_graphed_training_steps_follow_the_eager_steps_through_capture_nan_and_o
         if graphed.grads is not None:
             assert all(p.grad is g for p, g in zip(graphed.params, graphed.grads, strict=True)), step
     assert kinds[5] == 1, "the non-finite sample was dropped"
+    assert graphed.calls == len(batches)
     assert graphed.recorded == ["_forward_backward", "step"], "captured once, after the warm-up"
     for a, b in zip(eager_model.parameters(), graph_model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
@@ -503,6 +504,20 @@ def test_graphed_training_steps_follow_the_eager_steps_through_capture_nan_and_o
         not torch.equal(a, b) for a, b in zip(graph_model.parameters(), initial.parameters(), strict=True)
     ]
     assert all(moved)
+
+
+def test_a_failed_capture_says_what_failed_and_what_to_do() -> None:
+    class Refusing(EagerGraphs.subclass()):
+        def _record(self, body, pool):  # noqa: ANN001, ANN202
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = Glow(1, 2, 1, 8)
+    graphed = Refusing(model, torch.optim.Adamax(model.parameters(), lr=1e-3), warmup=1)
+    graphed(torch.rand(4, 1, 8, 8) - 0.5)  # warm-up, eager
+    with pytest.raises(
+        RuntimeError, match=r"cudagraphs could not capture .* shape \(4, 1, 8, 8\) \(operation not"
+    ):
+        graphed(torch.rand(4, 1, 8, 8) - 0.5)
 
 
 def test_a_graphed_runs_optimizer_state_resumes_without_graphs(tmp_path: Path) -> None:
@@ -602,3 +617,36 @@ def test_train_glow_applies_the_scaled_learning_rate(tmp_path: Path) -> None:
         mp.setattr(torch.optim.Adamax, "step", spy)
         train_glow(cfg, progress=False)
     assert seen == [pytest.approx(4e-3)] * 2
+
+
+def test_the_gpu_graph_check_script_compares_graphed_and_eager_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/cuda_graph_check.py, run with the CPU stand-ins for CUDA's mechanics, passes on
+    the plain and fused levers and fails when the graphed step diverges (a doubled learning rate)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cuda_graph_check as check
+
+    class Call:
+        def __init__(self, fn) -> None:  # noqa: ANN001
+            self.fn, self.graph = fn, object()
+
+        def __call__(self, *inputs: torch.Tensor):  # noqa: ANN204
+            return self.fn(*inputs)
+
+    monkeypatch.setattr(check, "GraphedTrainingStep", EagerGraphs.subclass())
+    monkeypatch.setattr(check, "GraphedCall", Call)
+    args = argparse.Namespace(small=True, batch=4, steps=3, tol_fp32=1e-4, tol_bf16=3e-2)
+    for lever in ("plain", "fused"):
+        ok, row = check.check_case(lever, args, torch.device("cpu"))
+        assert ok and row.endswith("| pass |"), row
+
+    class Diverging(EagerGraphs.subclass()):
+        def __call__(self, x, x_out=None):  # noqa: ANN001, ANN204
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * 2
+            return super().__call__(x, x_out)
+
+    monkeypatch.setattr(check, "GraphedTrainingStep", Diverging)
+    ok, row = check.check_case("plain", args, torch.device("cpu"))
+    assert not ok and row.endswith("| FAIL |"), row
