@@ -59,7 +59,7 @@ from densead.flows import (
     set_fused,
 )
 from densead.flows.fast import saved_tensor_bytes
-from densead.train import GraphedTrainingStep, StepResult, set_learning_rate, training_step
+from densead.train import set_learning_rate, step_function
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10_test.npz"
@@ -108,15 +108,6 @@ def build(lever: str, small: bool, device: torch.device) -> tuple[Glow, FastTrai
     mode, bf16 = LEVERS[lever]
     model = glow(small).to(device)
     return model, FastTraining(model, resolve_fast_path(mode, device)), bf16
-
-
-def step_function(
-    model: Glow, opt: torch.optim.Optimizer, fast: FastTraining, bf16: bool
-) -> Callable[[torch.Tensor], StepResult]:
-    """The library's training step as ``train_glow`` runs it (graphed with ``cudagraphs``)."""
-    if fast.fast.cudagraphs:
-        return GraphedTrainingStep(model, opt, amp=bf16)
-    return lambda x: training_step(model, opt, x, amp=bf16)
 
 
 def peak_flops(device: torch.device, bf16: bool) -> float:
@@ -174,13 +165,13 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    step = step_function(model, opt, fast, bf16)
+    step = step_function(model, opt, fast.fast, amp=bf16)  # as train_glow runs it
 
     def train_step() -> None:
         fast.before_step()
         step(x)
 
-    graphs = fast.fast.cudagraphs  # captured after GraphedTrainingStep's 3 and GraphedCall's 2 warm-ups
+    graphs = fast.fast.cudagraphs  # GraphedTrainingStep / GraphedCall capture after their warm-ups
     # (autocast's weight cache off, as in the library's steps: graphs must not capture it)
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -195,9 +186,10 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
         graphed(x)
 
     model.train()
-    t_train = timed(train_step, args.iters, device, warmup=5 if graphs else 2)
+    # Timed after the graphs' own eager warm-up calls, the capture and one replay.
+    t_train = timed(train_step, args.iters, device, warmup=step.warmup + 2 if graphs else 2)
     model.eval()
-    t_eval = timed(eval_step, args.iters, device, warmup=4 if graphs else 2)
+    t_eval = timed(eval_step, args.iters, device, warmup=graphed.warmup + 2 if graphs else 2)
     row = {
         "lever": lever,
         "batch": batch,
@@ -244,7 +236,7 @@ def bpd_after(
         return total / len(test)
 
     model.train()
-    train = step_function(model, opt, fast, bf16)
+    train = step_function(model, opt, fast.fast, amp=bf16)
     train_time, t = 0.0, time.perf_counter()
     for step in range(args.bpd_steps):
         idx = torch.randint(0, len(train_images), (batch,), generator=g, device=device)

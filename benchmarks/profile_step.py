@@ -24,9 +24,11 @@ import argparse
 import time
 
 import torch
-from flow_throughput import LEVERS, build, step_function  # benchmarks/ is on sys.path
+from flow_throughput import LEVERS, build  # benchmarks/ is on sys.path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+from densead.train import step_function
 
 
 def main() -> None:
@@ -51,7 +53,7 @@ def main() -> None:
         try:
             model, fast, bf16 = build(lever, args.small, device)
             opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
-            step = step_function(model, opt, fast, bf16)
+            step = step_function(model, opt, fast.fast, amp=bf16)
         except ValueError as err:  # cudagraphs off CUDA
             rows.append(f"| {lever} | skipped: {err} | — | — | — | — |")
             continue

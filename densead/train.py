@@ -47,7 +47,7 @@ from densead.config import (
 )
 from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
-from densead.flows import FastTraining, Glow, apply_fast_path, resolve_fast_path
+from densead.flows import FastPath, FastTraining, Glow, apply_fast_path, resolve_fast_path
 from densead.flows.fast import on_side_stream
 from densead.io import atomic_torch_save, read_checkpoint
 
@@ -65,6 +65,7 @@ __all__ = [
     "resolve_device",
     "set_learning_rate",
     "start_or_resume",
+    "step_function",
     "train_glow",
     "training_step",
 ]
@@ -448,6 +449,29 @@ class GraphedTrainingStep:
         return result
 
 
+def step_function(
+    model: Glow,
+    optimizer: torch.optim.Optimizer,
+    fast: FastPath,
+    reference: Glow | None = None,
+    ocfg: OutlierConfig | None = None,
+    amp: bool = False,
+    max_grad_norm: float = 0.0,
+    net: torch.nn.Module | None = None,
+) -> Callable[..., StepResult]:
+    """The step ``train_glow`` runs, called ``step(x, x_out=None)``: a :class:`GraphedTrainingStep`
+    with ``fast.cudagraphs``, else :func:`training_step` on ``net`` (``model`` or its
+    DistributedDataParallel wrapper)."""
+    if fast.cudagraphs:
+        return GraphedTrainingStep(model, optimizer, reference, ocfg, amp, max_grad_norm)
+    net = model if net is None else net
+
+    def step(x: Tensor, x_out: Tensor | None = None) -> StepResult:
+        return training_step(net, optimizer, x, x_out, reference, ocfg, amp, max_grad_norm)
+
+    return step
+
+
 # --------------------------------------------------------------------------- batches
 
 
@@ -533,13 +557,11 @@ def train_glow(
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
     fast = resolve_fast_path(tcfg.fast, device, where="train.fast")
     fast_training = FastTraining(model, fast)  # before DDP registers the parameters
-    graphed = None
-    if fast.cudagraphs:
-        graphed = GraphedTrainingStep(model, optimizer, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
     net = model
     if dist.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    train_step = step_function(model, optimizer, fast, reference, ocfg, tcfg.amp, tcfg.max_grad_norm, net=net)
     if reference is not None:
         apply_fast_path(reference, fast)
     if dist.is_main():
@@ -574,10 +596,7 @@ def train_glow(
         if ocfg is not None:
             x_out = dist.shard(out_batches.model_input(step, ocfg.data.augment, mcfg.n_bins))
         fast_training.before_step()
-        if graphed is not None:
-            result = graphed(x, x_out)
-        else:
-            result = training_step(net, optimizer, x, x_out, reference, ocfg, tcfg.amp, tcfg.max_grad_norm)
+        result = train_step(x, x_out)
         step += 1
         if on_step is not None:
             on_step(step, result)
