@@ -79,6 +79,10 @@ part() {  # part NAME SECONDS COMMAND...: run with a timeout (at most the time l
 
 bpd() {  # the trajectories of BPD_RUNS, side by side
     local limit=$(($(left) - 15)) run lever
+    if ((limit < 20)); then
+        echo "skipped bpd: ${limit}s left"
+        return
+    fi
     echo "== bpd (timeout ${limit}s): $BPD_RUNS; batch $BPD_BATCH"
     for run in $BPD_RUNS; do
         lever=${run%%:*}
