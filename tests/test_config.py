@@ -88,7 +88,7 @@ def _config_class(name: str) -> type:
         from densead.segmenter import SegmenterRunConfig
 
         return SegmenterRunConfig
-    if name == "camvid_feature_flows.yaml":
+    if name.startswith("camvid_feature_flows"):
         from densead.detectors.feature_density import FeatureFlowsRunConfig
 
         return FeatureFlowsRunConfig

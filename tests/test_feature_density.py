@@ -433,6 +433,20 @@ def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
     density, _ = load_feature_density(tmp_path / "flows" / "feature_flows.pt")
     assert density.names == ("layer3", "fuse") and density.is_normalized
 
+    # With auxiliary outliers: Tiny ImageNet photos pasted into the frames, the outlier term logged.
+    photos = {"source": "npz", "path": str(shared_data / "tinyimagenet_val_32.npz"), "stop": 50}
+    oe_cfg = {
+        **flows_cfg,
+        "output_dir": str(tmp_path / "flows_oe"),
+        "outliers": {"data": photos, "per_frame": 2, "min_size": 16, "max_size": 24},
+    }
+    (tmp_path / "flows_oe.yaml").write_text(yaml.safe_dump(oe_cfg, sort_keys=False))
+    out = _run("tools/train_feature_flows.py", str(tmp_path / "flows_oe.yaml"))
+    assert "fuse_out" in out.stdout and "layer3_out" in out.stdout
+    density, oe_loaded = load_feature_density(tmp_path / "flows_oe" / "feature_flows.pt")
+    assert density.is_normalized and oe_loaded.outliers is not None
+    assert oe_loaded.outliers.data.stop == 50 and oe_loaded.outliers.max_size == 24
+
     out = _run(
         "tools/evaluate_dense_features.py", str(tmp_path / "flows.yaml"), "--heatmaps", str(tmp_path / "hm")
     )
