@@ -740,12 +740,10 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
         extractor, density, std_arrays, cfg.eval.batch_size, cfg.data.pad_divisor, cfg.mask_rule, device
     )
     augment = train_augmentation(cfg.data, tcfg.seed)
-    paster = None if cfg.outliers is None else PhotoPaster(cfg.outliers, tcfg.seed)
-    outlier_loss = (
-        (0.0, 1.0, 0.0)
-        if cfg.outliers is None
-        else (cfg.outliers.weight, cfg.outliers.temperature, cfg.outliers.margin)
-    )
+    paster, outlier_args = None, {}
+    if (o := cfg.outliers) is not None:
+        paster = PhotoPaster(o, tcfg.seed)
+        outlier_args = {"outlier_loss": (o.weight, o.temperature, o.margin)}
     batches = epoch_batches(len(train), tcfg.batch_size, tcfg.seed)
     generator = torch.Generator().manual_seed(tcfg.seed)
     table = (
@@ -771,7 +769,7 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
             group["lr"] = tcfg.lr * min(1.0, (step + 1) / max(1, tcfg.warmup_steps))
         losses = flow_training_step(
             density, optimizer, feats, inlier, extractor.strides, tcfg.max_pixels, cfg.mask_rule,
-            generator, tcfg.max_grad_norm, tcfg.noise, balance, outlier, outlier_loss,
+            generator, tcfg.max_grad_norm, tcfg.noise, balance, outlier, **outlier_args,
         )  # fmt: skip
         for name, value in losses.items():
             running[name] = running.get(name, 0.0) + value
