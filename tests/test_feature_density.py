@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from densead.detectors.feature_density import (
     BASELINES,
+    STD_FLOOR,
     DenseFeatureDetector,
     FeatureDensity,
     FeatureFlowsRunConfig,
@@ -433,18 +434,23 @@ def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
     density, _ = load_feature_density(tmp_path / "flows" / "feature_flows.pt")
     assert density.names == ("layer3", "fuse") and density.is_normalized
 
-    # With auxiliary outliers: Tiny ImageNet photos pasted into the frames, the outlier term logged.
+    # With auxiliary outliers (Tiny ImageNet photos pasted into the frames, the outlier term
+    # logged) and floored log-posteriors on a logits tap, stored and restored with the checkpoint.
     photos = {"source": "npz", "path": str(shared_data / "tinyimagenet_val_32.npz"), "stop": 50}
     oe_cfg = {
         **flows_cfg,
+        "taps": {"fuse": "fuse.1", "cls": "classifier"},
+        "log_softmax_floor": {"cls": -4},
         "output_dir": str(tmp_path / "flows_oe"),
         "outliers": {"data": photos, "per_frame": 2, "min_size": 16, "max_size": 24},
     }
     (tmp_path / "flows_oe.yaml").write_text(yaml.safe_dump(oe_cfg, sort_keys=False))
     out = _run("tools/train_feature_flows.py", str(tmp_path / "flows_oe.yaml"))
-    assert "fuse_out" in out.stdout and "layer3_out" in out.stdout
+    assert "fuse_out" in out.stdout and "cls_out" in out.stdout
     density, oe_loaded = load_feature_density(tmp_path / "flows_oe" / "feature_flows.pt")
     assert density.is_normalized and oe_loaded.outliers is not None
+    assert density.log_softmax_floor == {"cls": -4.0} == oe_loaded.log_softmax_floor
+    assert float(density.standardize["cls"].mean.max()) <= 0.0  # log-probabilities, not logits
     assert oe_loaded.outliers.data.stop == 50 and oe_loaded.outliers.max_size == 24
 
     out = _run(
@@ -466,3 +472,122 @@ def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
     assert "| density_mean |" in out.stdout
     assert "| density_min |" in (tmp_path / "flows" / "eval_test" / "metrics.md").read_text()
     assert len(list((tmp_path / "hm").glob("*.png"))) == 3
+
+
+# --------------------------------------------------------------------------- floored log-posteriors
+
+
+def _manual_floored(z: Tensor, floor: float) -> Tensor:
+    """max(log softmax(z), floor) position by position, written out (exp, sum, log)."""
+    out = torch.empty_like(z)
+    for b in range(z.shape[0]):
+        for i in range(z.shape[2]):
+            for j in range(z.shape[3]):
+                v = z[b, :, i, j]
+                log_p = v - v.max() - torch.log(torch.exp(v - v.max()).sum())
+                out[b, :, i, j] = torch.maximum(log_p, torch.full_like(log_p, floor))
+    return out
+
+
+def test_log_softmax_floor_is_the_flow_input() -> None:
+    plain = _perturbed(FeatureDensity({"z": 4}, n_steps=2, hidden=8).double())
+    floored = FeatureDensity({"z": 4}, n_steps=2, hidden=8, log_softmax_floor={"z": -3.0}).double()
+    floored.load_state_dict(plain.state_dict())
+    floored.eval()
+    torch.manual_seed(0)
+    z = 4.0 * torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    expected = _manual_floored(z, -3.0)
+    assert torch.allclose(floored.inputs("z", z), expected)
+    assert bool((expected == -3.0).any()) and bool((expected > -3.0).any())  # the floor is active
+    assert torch.allclose(floored.log_prob_map("z", z), plain.log_prob_map("z", expected))
+    vectors = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.allclose(floored.vector_log_prob("z", vectors), floored.log_prob_map("z", z).reshape(-1))
+    # Shifting all logits, or making a confident pixel more confident, changes nothing.
+    confident = torch.tensor([10.0, 0.0, 0.0, 0.0], dtype=torch.float64).view(1, 4, 1, 1)
+    same = [floored.log_prob_map("z", m) for m in (z + 7.0, 3 * confident)]
+    assert torch.allclose(same[0], floored.log_prob_map("z", z))
+    assert torch.allclose(same[1], floored.log_prob_map("z", confident))
+    assert not torch.allclose(plain.log_prob_map("z", 3 * confident), plain.log_prob_map("z", confident))
+
+
+def test_log_softmax_floor_is_checked() -> None:
+    with pytest.raises(ValueError, match="names tap 'logits'"):
+        FeatureDensity({"cls": 3}, log_softmax_floor={"logits": -4.0})
+    for bad in (0.0, 2.0, math.nan, -math.inf):
+        with pytest.raises(ValueError, match=r"log_softmax_floor\['cls'\] must be a finite negative"):
+            FeatureDensity({"cls": 3}, log_softmax_floor={"cls": bad})
+    with pytest.raises(ValueError, match="needs >= 2 channels"):
+        FeatureDensity({"cls": 1}, log_softmax_floor={"cls": -4.0})
+
+
+def test_standardization_of_floored_logits() -> None:
+    extractor = _toy_extractor()
+    density = FeatureDensity({"logits": 6}, n_steps=1, hidden=4, log_softmax_floor={"logits": -2.0})
+    arrays = _toy_arrays()
+    fit_standardization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
+    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)], mode="symmetric"))
+    logits = extractor(x.permute(0, 3, 1, 2).float() / 255.0)["logits"]
+    valid = valid_feature_mask(torch.from_numpy(arrays.labels == 0), logits.shape[-2:], 2)
+    v = _manual_floored(logits.double(), -2.0).permute(0, 2, 3, 1)[valid]
+    assert torch.allclose(density.standardize["logits"].mean.double(), v.mean(0), atol=1e-6)
+    std = v.std(0, unbiased=False)
+    assert bool((std[3:] == 0).all())  # the toy's last three logits are always floored: constant
+    expected = std.clamp_min(STD_FLOOR * float(std.mean()))
+    assert torch.allclose(density.standardize["logits"].scale.double(), expected, rtol=1e-4)
+
+
+def test_floored_logit_density_does_not_flag_confidence() -> None:
+    """Planted: the density of raw logits flags very confident inliers; the floored one does not.
+
+    Four classes. Training pixels: confident ones (winner logit m above the others, m mostly
+    3–8, a few up to 30) and boundary pixels where classes 0 and 1 compete. Test anomalies:
+    classes 2 and 3 compete, at a moderate margin; test inliers: pixels *more* confident than any
+    training pixel (m = 30–60). The raw density puts those inliers in its tail; with the floor
+    they sit on the commonest points of all.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    def confident(n: int, low: float, high: float) -> Tensor:
+        m = low + (high - low) * torch.rand(n, 1, generator=gen)
+        k = torch.randint(4, (n,), generator=gen)
+        return m * F.one_hot(k, 4).double() + 0.3 * torch.randn(n, 4, generator=gen, dtype=torch.float64)
+
+    def competing(n: int, a: int, b: int) -> Tensor:
+        v = 0.3 * torch.randn(n, 4, generator=gen, dtype=torch.float64)
+        v[:, [a, b]] += 5.0 + torch.randn(n, 1, generator=gen, dtype=torch.float64)
+        return v
+
+    def training_vectors(n: int) -> Tensor:
+        parts = [
+            confident(n * 6 // 10, 3, 8),
+            confident(n // 20, 8, 30),
+            competing(n - n * 6 // 10 - n // 20, 0, 1),
+        ]
+        return torch.cat(parts)[torch.randperm(n, generator=gen)]
+
+    scores = {}
+    for floor in (None, -4.0):
+        torch.manual_seed(0)
+        density = FeatureDensity(
+            {"z": 4}, n_steps=2, hidden=16, log_softmax_floor=None if floor is None else {"z": floor}
+        ).double()
+        x = density.inputs("z", training_vectors(4096).view(-1, 4, 1, 1))[..., 0, 0]
+        density.set_standardization("z", x.mean(0).float(), x.std(0).float())
+        density.train()
+        optimizer = torch.optim.Adam(density.parameters(), lr=1e-2)
+        inlier = torch.ones(1, 512, 1, dtype=torch.bool)
+        for _ in range(150):
+            feats = training_vectors(512).t().reshape(1, 4, 512, 1)
+            flow_training_step(density, optimizer, {"z": feats}, inlier, {"z": 1}, 512, noise=0.1)
+        density.eval()
+        test = torch.cat([confident(400, 30, 60), competing(100, 2, 3)])
+        with torch.no_grad():
+            scores[floor] = -density.vector_log_prob("z", test)
+    labels = torch.cat([torch.zeros(400), torch.ones(100)]).to(torch.uint8)
+    auroc = {}
+    for floor, s in scores.items():
+        metrics = PixelMetrics(mode="exact")
+        metrics.update(s.view(1, 1, -1), labels.view(1, 1, -1))
+        auroc[floor] = metrics.compute()["auroc"]
+    assert auroc[-4.0] > 0.99
+    assert auroc[None] < 0.7  # 0.20–0.48 over four data seeds when written

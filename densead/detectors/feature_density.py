@@ -21,6 +21,18 @@ as buffers — never batch statistics. With ``normalization="mean"`` the per-lay
 and with ``"zscore"`` the divisor is ``σ_l``. ``s_l = 0`` for a typical training position,
 ``s_l > 0`` for a less likely one; every map is upsampled bilinearly to the frame.
 
+Floored log-posteriors (``log_softmax_floor: {tap: c}``, for a tap whose features are the
+segmenter's logits). The flow then models ``max(log softmax(z), c)`` instead of the logits ``z``.
+A density over raw logits has long tails on the *confident* side: the more certain the segmenter
+(a car with a car logit far above the others), the further out in the tail and the more
+"anomalous" the pixel — on CamVid such a density flagged nearly every car pixel. With the floor,
+every confident configuration collapses onto one point per class (``0`` for the winner, ``c``
+for the others), which the density learns as a peak; what is left spread out is the *pattern*
+of uncertainty — which classes compete, and how much. Boundaries between road and pavement
+compete in a way the training pixels show often; an unknown object makes classes compete that
+rarely do. ``c = −4`` (classes below 1.8 % probability count as absent) was chosen on CamVid's
+val drive. The density is that of the floored vector (no change of variables back to ``z``).
+
 Detectors (higher = more anomalous everywhere):
 
 | name | score map |
@@ -84,6 +96,7 @@ __all__ = [
     "LOGITS_TAP",
     "MASK_RULES",
     "NORMALIZATIONS",
+    "STD_FLOOR",
     "DenseEvalConfig",
     "DenseFeatureDetector",
     "FeatureDensity",
@@ -205,6 +218,9 @@ class FeatureFlowsRunConfig:
         outliers: photos pasted into the training frames as auxiliary outliers, pushed below
             the in-distribution density by the outlier term of :func:`flow_training_step`
             (None: maximum likelihood only, as Blum et al.).
+        log_softmax_floor: ``{tap: c}``: that tap's features (the segmenter's logits) enter its
+            flow as ``max(log softmax, c)``, ``c < 0`` (see the module docstring); taps not
+            named keep their raw features.
     """
 
     output_dir: str
@@ -218,6 +234,7 @@ class FeatureFlowsRunConfig:
     normalization: str = "mean"
     eval: DenseEvalConfig = DenseEvalConfig()
     outliers: OutlierPasteConfig | None = None
+    log_softmax_floor: dict[str, float] = field(default_factory=dict)
 
 
 def _check_choice(value: str, valid: Sequence[str], what: str) -> None:
@@ -366,12 +383,30 @@ class FeatureDensity(nn.Module):
         channels: ``{tap: C}``, from the extractor.
         n_steps: flow steps per tap.
         hidden: hidden width of the 1×1 coupling networks.
+        log_softmax_floor: ``{tap: c}`` with ``c < 0``: that tap's input ``z`` (logits) is
+            replaced by ``max(log softmax(z), c)`` before the standardization (see
+            :meth:`inputs`); the densities are then those of the floored vectors.
     """
 
-    def __init__(self, channels: Mapping[str, int], n_steps: int = 8, hidden: int = 256) -> None:
+    def __init__(
+        self,
+        channels: Mapping[str, int],
+        n_steps: int = 8,
+        hidden: int = 256,
+        log_softmax_floor: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__()
         if not channels:
             raise ValueError("FeatureDensity needs at least one tap")
+        floors = dict(log_softmax_floor or {})
+        for name, c in floors.items():
+            if name not in channels:
+                raise ValueError(f"log_softmax_floor names tap {name!r}, not one of {list(channels)}")
+            if not (math.isfinite(c) and c < 0):
+                raise ValueError(f"log_softmax_floor[{name!r}] must be a finite negative number, got {c}")
+            if channels[name] < 2:
+                raise ValueError(f"log_softmax_floor[{name!r}]: a softmax needs >= 2 channels, the tap has 1")
+        self.log_softmax_floor = {name: float(c) for name, c in floors.items()}
         self.flows = nn.ModuleDict({name: FeatureFlow(c, n_steps, hidden) for name, c in channels.items()})
         self.standardize = nn.ModuleDict({name: _Standardize(c) for name, c in channels.items()})
         # The fixed standardization replaces ActNorm's data-dependent init: that init would
@@ -396,14 +431,22 @@ class FeatureDensity(nn.Module):
             self.standardize[name].mean.copy_(mean)
             self.standardize[name].scale.copy_(scale)
 
+    def inputs(self, name: str, features: Tensor) -> Tensor:
+        """What tap ``name``'s flow models: ``features`` ``(B, C, h, w)`` as they come, or
+        ``max(log softmax over C, c)`` for a tap in ``log_softmax_floor``."""
+        floor = self.log_softmax_floor.get(name)
+        if floor is None:
+            return features
+        return F.log_softmax(features, dim=1).clamp_min(floor)
+
     def log_prob_map(self, name: str, features: Tensor, noise: float = 0.0) -> Tensor:
-        """``(B, C, h, w)`` → ``(B, h, w)`` log-density of tap ``name``.
+        """``(B, C, h, w)`` → ``(B, h, w)`` log-density of tap ``name`` (of :meth:`inputs`).
 
         ``noise`` > 0 adds N(0, noise²) to the *standardized* features first (training only):
         the flow then fits the density smoothed at that scale, which bounds how narrow any
         direction can get.
         """
-        u, logdet = self.standardize[name](features)
+        u, logdet = self.standardize[name](self.inputs(name, features))
         if noise > 0:
             u = u + noise * torch.randn_like(u)
         lp = self.flows[name].log_prob_map(u)
@@ -662,7 +705,8 @@ def fit_standardization(
     rule: str,
     device: torch.device | str = "cpu",
 ) -> None:
-    """Per-channel mean and std of each tap's features over all valid positions of ``arrays``.
+    """Per-channel mean and std of each tap's flow inputs (:meth:`FeatureDensity.inputs`) over all
+    valid positions of ``arrays``.
 
     Stored in ``density`` as its fixed input standardization; scales are floored at
     :data:`STD_FLOOR` times the layer's mean channel std.
@@ -671,7 +715,7 @@ def fit_standardization(
     with torch.no_grad():
         for feats, inlier in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
             for name in density.names:
-                f = feats[name]
+                f = density.inputs(name, feats[name])
                 valid = valid_feature_mask(inlier, f.shape[-2:], extractor.strides[name], rule)
                 v = f.permute(0, 2, 3, 1)[valid].double()
                 acc = sums.setdefault(
@@ -732,7 +776,9 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
     extractor = _build_extractor(cfg, device, with_logits=False)
-    density = FeatureDensity(extractor.channels, cfg.flow.n_steps, cfg.flow.hidden).to(device)
+    density = FeatureDensity(extractor.channels, cfg.flow.n_steps, cfg.flow.hidden, cfg.log_softmax_floor).to(
+        device
+    )
     optimizer = torch.optim.Adam(density.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     train = load_scene_arrays(cfg.data, "train")
     std_arrays = _spread_frames(train, tcfg.standardize_frames)
@@ -846,7 +892,10 @@ def load_feature_density(
     path = Path(path)
     ckpt = read_checkpoint(path, ("density", "config", "channels"), "feature-flow", device)
     cfg = from_dict(FeatureFlowsRunConfig, ckpt["config"], f"{path} (config)")
-    density = FeatureDensity(ckpt["channels"], cfg.flow.n_steps, cfg.flow.hidden)
+    try:
+        density = FeatureDensity(ckpt["channels"], cfg.flow.n_steps, cfg.flow.hidden, cfg.log_softmax_floor)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     try:
         density.load_state_dict(ckpt["density"])
     except RuntimeError as err:
