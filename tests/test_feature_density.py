@@ -201,6 +201,14 @@ def _toy_arrays(n: int = 3, h: int = 20, w: int = 24) -> SceneArrays:
     return SceneArrays(images, labels, np.zeros_like(labels), tuple(f"f{i}" for i in range(n)), ("thing",))
 
 
+def _toy_input(arrays: SceneArrays) -> Tensor:
+    """The frames of :func:`_toy_arrays` as the fitting functions see them with ``divisor=8``:
+    padded bottom to 24 rows by mirroring, ``(B, 3, H, W)`` in ``[0, 1]`` (written out here, not
+    taken from the library's padding)."""
+    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)], mode="symmetric"))
+    return x.permute(0, 3, 1, 2).float() / 255.0
+
+
 def _fitted_toy(tmp_seed: int = 0) -> tuple[FeatureDensity, FrozenFeatureExtractor]:
     torch.manual_seed(tmp_seed)
     extractor = _toy_extractor()
@@ -212,9 +220,7 @@ def test_standardization_uses_valid_positions_only() -> None:
     density, extractor = _fitted_toy()
     arrays = _toy_arrays()
     fit_standardization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
-    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)], mode="symmetric"))
-    x = x.permute(0, 3, 1, 2) / 255.0
-    feats = extractor(x.float())
+    feats = extractor(_toy_input(arrays))
     inlier = torch.from_numpy(arrays.labels == 0)
     for name, stride in [("a", 2), ("b", 4)]:
         valid = valid_feature_mask(inlier, feats[name].shape[-2:], stride)
@@ -240,10 +246,8 @@ def test_normalization_constants_come_from_training_pixels(tmp_path: Path) -> No
     arrays = _toy_arrays()
     stats = fit_normalization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
     # By hand: every frame mirror-padded to 24×24, all valid positions of each tap pooled.
-    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)], mode="symmetric"))
-    x = x.permute(0, 3, 1, 2) / 255.0
     with torch.no_grad():
-        maps = density.log_prob_maps(extractor(x.float()))
+        maps = density.log_prob_maps(extractor(_toy_input(arrays)))
     inlier = torch.from_numpy(arrays.labels == 0)
     for i, (name, stride) in enumerate([("a", 2), ("b", 4)]):
         values = maps[name][valid_feature_mask(inlier, maps[name].shape[-2:], stride)].double()
@@ -525,8 +529,7 @@ def test_standardization_of_floored_logits() -> None:
     density = FeatureDensity({"logits": 6}, n_steps=1, hidden=4, log_softmax_floor={"logits": -2.0})
     arrays = _toy_arrays()
     fit_standardization(extractor, density, arrays, batch_size=2, divisor=8, rule="all")
-    x = torch.from_numpy(np.pad(arrays.images, [(0, 0), (0, 4), (0, 0), (0, 0)], mode="symmetric"))
-    logits = extractor(x.permute(0, 3, 1, 2).float() / 255.0)["logits"]
+    logits = extractor(_toy_input(arrays))["logits"]
     valid = valid_feature_mask(torch.from_numpy(arrays.labels == 0), logits.shape[-2:], 2)
     v = _manual_floored(logits.double(), -2.0).permute(0, 2, 3, 1)[valid]
     assert torch.allclose(density.standardize["logits"].mean.double(), v.mean(0), atol=1e-6)
