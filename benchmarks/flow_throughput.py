@@ -100,10 +100,10 @@ def glow(small: bool) -> Glow:
     return Glow(3, 3, 4, 64) if small else Glow(3, 3, 32, 512)
 
 
-def build(lever: str, small: bool, device: torch.device) -> tuple[Glow, FastTraining, bool]:
-    """A new Glow with the lever's library switches, as ``train_glow`` pulls them (compile once
-    ActNorm is initialized: call ``before_step`` before every step)."""
-    torch.manual_seed(0)
+def build(lever: str, small: bool, device: torch.device, seed: int = 0) -> tuple[Glow, FastTraining, bool]:
+    """A new Glow (initialized from ``seed``) with the lever's library switches, as ``train_glow``
+    pulls them (compile once ActNorm is initialized: call ``before_step`` before every step)."""
+    torch.manual_seed(seed)
     torch._dynamo.reset()  # each row compiles from scratch, within dynamo's recompile limit
     mode, bf16 = LEVERS[lever]
     model = glow(small).to(device)
@@ -215,9 +215,10 @@ def bpd_after(
     with np.load(args.cifar) as f:
         images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2).contiguous().to(device)
     train_images, test = images[:8000], images[8000:]
-    model, fast, bf16 = build(lever, args.small, device)
+    model, fast, bf16 = build(lever, args.small, device, args.seed)
     opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(args.seed)  # batches and dequantization noise
+    label = lever if args.seed == 0 else f"{lever}, seed {args.seed}"
     plain = glow(args.small).to(device)  # evaluation: an uncompiled fp32 copy without levers
 
     def test_bpd(own: bool = False) -> float:
@@ -248,7 +249,7 @@ def bpd_after(
             sync(device)
             train_time += time.perf_counter() - t
             rate = (step + 1) * batch / train_time
-            print(f"| {lever} | {batch} | {step + 1} | {test_bpd():.4f} | {rate:.1f} | — |", flush=True)
+            print(f"| {label} | {batch} | {step + 1} | {test_bpd():.4f} | {rate:.1f} | — |", flush=True)
             t = time.perf_counter()
     sync(device)
     train_time += time.perf_counter() - t
@@ -256,7 +257,7 @@ def bpd_after(
     if every:
         rate = args.bpd_steps * batch / train_time
         own = test_bpd(own=True)
-        print(f"| {lever} | {batch} | {args.bpd_steps} | {bpd:.4f} | {rate:.1f} | {own:.4f} |", flush=True)
+        print(f"| {label} | {batch} | {args.bpd_steps} | {bpd:.4f} | {rate:.1f} | {own:.4f} |", flush=True)
     return bpd
 
 
@@ -317,6 +318,13 @@ def main() -> None:
         default=0,
         help="trajectory only: per batch size and lever, train --bpd-steps steps and print the test "
         "bits/dim every this many steps (no throughput table, no dense table)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="bits/dim runs: seed of the model's initialization, the batches and the dequantization "
+        "noise (a second seed of the same lever measures run-to-run noise)",
     )
     p.add_argument("--cifar", type=Path, default=Path(os.environ.get("DENSEAD_CIFAR", CIFAR)))
     p.add_argument("--dense-size", type=int, nargs=2, default=None, help="H W of the dense inputs")

@@ -7,7 +7,9 @@
 Per lever of benchmarks/flow_throughput.py (the same library switches and the library's training
 step), a few steps after warm-up under ``torch.profiler``: wall time per step, the time the GPU
 spent in kernels per step, kernels launched per step, ATen operators dispatched per step (nested
-calls counted too: the host's work, measurable on a CPU as well) and the ratio of the two times. Wall time
+calls counted too: the host's work, measurable on a CPU as well), the operators that reach a backend
+per eager step (views and metadata excluded: about one kernel each, counted the same on any device;
+not for compiled or graphed steps, which bypass the dispatcher) and the ratio of the two times. Wall time
 far above kernel time means the step is bound by the host (Python, dispatch, launches), which
 only fewer launches (compile, CUDA graphs) cure; the reverse means the kernels themselves need
 to get faster. Then the top kernels by GPU time, per lever. Session 6 (H200, torch 2.11) found
@@ -27,8 +29,28 @@ import torch
 from flow_throughput import LEVERS, build  # benchmarks/ is on sys.path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from densead.train import step_function
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators that reach a backend (forward, backward and optimizer), views and
+    metadata-only operators excluded: the kernels an eager step asks a device for, counted the
+    same way on every device (a CUDA convolution with a bias launches a few)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch API
+        if not func.is_view and func.overloadpacket.__name__ not in METADATA_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Operators that launch no kernel (besides views, which ``func.is_view`` names).
+METADATA_OPS = {"detach", "empty", "empty_strided", "empty_like", "set_", "resize_"}
 
 
 def main() -> None:
@@ -52,16 +74,22 @@ def main() -> None:
     for lever in args.levers:
         try:
             model, fast, bf16 = build(lever, args.small, device)
-            opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
+            # foreach on every device, as PyTorch picks on CUDA: the counts of a CPU run then match
+            opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5, foreach=True)
             step = step_function(model, opt, fast.fast, amp=bf16)
         except ValueError as err:  # cudagraphs off CUDA
-            rows.append(f"| {lever} | skipped: {err} | — | — | — | — |")
+            rows.append(f"| {lever} | skipped: {err} | — | — | — | — | — |")
             continue
         x = torch.rand(args.batch, 3, 32, 32, device=device) - 0.5
         model.train()
         for _ in range(5):  # ActNorm init, compile, cuDNN autotuning, graph capture
             fast.before_step()
             step(x)
+        ops = "—"  # compiled code and graph replays bypass the dispatcher
+        if not (fast.fast.compile or fast.fast.cudagraphs):
+            with CountOps() as counter:
+                step(x)
+            ops = str(counter.count)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         with profile(activities=activities) as prof:
@@ -80,7 +108,7 @@ def main() -> None:
         ratio = f"{wall / gpu:.2f}" if gpu else "—"
         rows.append(
             f"| {lever} | {1e3 * wall:.1f} | {1e3 * gpu:.1f} | {len(kernels) / args.steps:.0f} | "
-            f"{aten / args.steps:.0f} | {ratio} |"
+            f"{aten / args.steps:.0f} | {ops} | {ratio} |"
         )
         by_name: dict[str, list[float]] = {}
         for e in kernels:
@@ -90,9 +118,9 @@ def main() -> None:
         tops.append((lever, sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]))
     print(
         "\n| lever | wall ms/step (profiled) | GPU kernel ms/step | kernels/step | aten ops/step (nested) "
-        "| wall / kernel |"
+        "| backend ops/step (no views) | wall / kernel |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     for lever, top in tops:
         print(f"\n| {lever}: kernel | ms/step | launches/step |\n|---|---:|---:|")

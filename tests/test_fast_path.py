@@ -29,7 +29,9 @@ from densead.detectors.glow import GlowScorer, get_detector
 from densead.flows import (
     ActNorm,
     FastPath,
+    FlowSequence,
     FlowStep,
+    FlowSteps,
     Glow,
     GraphedCall,
     apply_fast_path,
@@ -40,6 +42,7 @@ from densead.flows import (
     resolve_fast_path,
 )
 from densead.flows.fast import compile_supported, saved_tensor_bytes
+from densead.flows.layers import fused_parameters
 from densead.train import load_checkpoint, load_glow, train_glow
 
 # Relative tolerance of fused vs plain: the fused weight W·diag(s) and bias W·diag(s)·b are
@@ -122,6 +125,62 @@ def test_fused_glow_inverse_round_trip() -> None:
     out = model(x)
     assert (model.inverse(out.latents) - x).abs().max() < 1e-10
     assert torch.isfinite(model.sample(2, 16, 16)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_parameters_of_many_steps_are_each_steps_own(dtype: torch.dtype) -> None:
+    """The batched build of K steps' fused weights, biases and log-dets against the formulas of
+    each step on its own (W' = W·diag(exp(log_scale)), c = W'·b, Σ log_scale + Σ log_s), values
+    and gradients of every parameter."""
+    x = torch.randn(3, 6, 4, 4, dtype=dtype)
+    steps = [perturbed(flow_step(6, glow_coupling_net(8, 3)).to(dtype), x, std=0.1) for _ in range(3)]
+    actnorms, invconvs = [s.layers[0] for s in steps], [s.layers[1] for s in steps]
+    params = fused_parameters(actnorms, invconvs)
+    tol = RTOL[dtype]
+    for (w, c, logdet), actnorm, invconv in zip(params, actnorms, invconvs, strict=True):
+        w_ref = invconv.weight() * actnorm.log_scale.exp()[None, :]
+        assert w.shape == (6, 6) and c.shape == (6,) and logdet.shape == () and w.dtype == dtype
+        assert rel_err(w, w_ref) < tol and rel_err(c, w_ref @ actnorm.bias) < tol
+        assert rel_err(logdet, actnorm.log_scale.sum() + invconv.log_s.sum()) < tol
+    assert len({float(w.detach().sum()) for w, _, _ in params}) == 3, "each step gets its own parameters"
+
+    probes = [torch.randn(6, 6, dtype=dtype), torch.randn(6, dtype=dtype), torch.randn((), dtype=dtype)]
+
+    def loss(per_step: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return sum((t * probe).sum() for triple in per_step for t, probe in zip(triple, probes, strict=True))
+
+    modules = [m for s in steps for m in s.layers[:2]]
+    batched = torch.autograd.grad(loss(params), [p for m in modules for p in m.parameters()])
+    single = [fused_parameters([a], [i])[0] for a, i in zip(actnorms, invconvs, strict=True)]
+    one_by_one = torch.autograd.grad(loss(single), [p for m in modules for p in m.parameters()])
+    for g_b, g_s in zip(batched, one_by_one, strict=True):
+        assert g_s.abs().sum() > 0 and rel_err(g_b, g_s) < 10 * tol
+
+
+def test_flow_steps_build_all_fused_parameters_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused Glow builds the fused parameters once per scale for all its steps, with the
+    per-step path's result; one step off the fused path sends the scale back to step by step."""
+    calls: list[int] = []
+    real = glow_module.fused_parameters
+    monkeypatch.setattr(glow_module, "fused_parameters", lambda a, i: calls.append(len(a)) or real(a, i))
+    x = images(torch.float32)
+    model = perturbed(Glow(3, n_scales=2, n_steps=3, hidden=16), x).set_fast(fused=True, channels_last=False)
+    assert all(isinstance(scale.steps, FlowSteps) for scale in model.scales)
+    batched = model(x)
+    assert calls == [3, 3], "one batched build per scale"
+    for scale in model.scales:  # the same steps, each building its own fused parameters
+        monkeypatch.setattr(scale.steps, "forward", lambda h, seq=scale.steps: FlowSequence.forward(seq, h))
+    step_by_step = model(x)
+    assert calls == [3, 3], "no batched build: each step builds its own in fused_actnorm_invconv"
+    assert rel_err(batched.log_prob(), step_by_step.log_prob()) < RTOL[torch.float32]
+    for a, b in zip(batched.contributions, step_by_step.contributions, strict=True):
+        assert rel_err(a, b) < RTOL[torch.float32]
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(glow_module, "fused_parameters", lambda a, i: calls.append(len(a)) or real(a, i))
+    model.scales[0].steps.layers[1].fused = False
+    model(x)
+    assert calls == [3], "scale 1 goes step by step (its fused steps build their own), scale 2 batched"
 
 
 def test_fused_before_actnorm_init_falls_back_and_initializes_identically(monkeypatch) -> None:

@@ -13,6 +13,7 @@ from densead.flows.fast import (
 from densead.flows.feature_flow import FeatureFlow
 from densead.flows.glow import (
     FlowStep,
+    FlowSteps,
     Glow,
     GlowOutput,
     flow_step,
@@ -33,6 +34,7 @@ __all__ = [
     "FlowLayer",
     "FlowSequence",
     "FlowStep",
+    "FlowSteps",
     "GaussianPrior",
     "Glow",
     "GlowOutput",

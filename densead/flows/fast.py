@@ -2,7 +2,7 @@
 
 | lever | what it does | effect on ``log p`` |
 |---|---|---|
-| ``fused`` | ActNorm + invertible 1×1 conv as one 1×1 convolution | float rounding |
+| ``fused`` | ActNorm + 1×1 conv as one 1×1 conv (weights of all steps built at once) | float rounding |
 | ``channels_last`` | NHWC weights and activations (tensor-core convolutions) | float rounding |
 | ``compile`` | ``torch.compile`` of every flow step, in place (inductor; Triton on CUDA) | float rounding |
 | ``recompute`` | store only each step's input; recompute its activations in backward | none (same ops) |

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from densead.flows.base import FlowSequence
-from densead.flows.glow import flow_step
+from densead.flows.glow import FlowSteps, flow_step
 from densead.flows.layers import glow_coupling_net
 from densead.flows.prior import GaussianPrior
 
@@ -33,7 +32,7 @@ class FeatureFlow(nn.Module):
             raise ValueError(f"FeatureFlow needs at least 2 feature channels, got {channels}")
         self.channels = channels
         net_factory = glow_coupling_net(hidden, kernel_size=1)
-        self.steps = FlowSequence(flow_step(channels, net_factory) for _ in range(n_steps))
+        self.steps = FlowSteps(flow_step(channels, net_factory) for _ in range(n_steps))
         self.prior = GaussianPrior(channels)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
