@@ -279,6 +279,34 @@ def test_compile_matches_eager() -> None:
     assert list(model.state_dict()) == keys, "compiling in place keeps plain state_dict keys"
 
 
+def test_compiled_steps_see_the_batched_fused_weights_with_static_sizes() -> None:
+    """The fused weights built for all steps at once reach each compiled step as inputs. At the
+    second scale's width dynamo would make their sizes symbolic, which inductor cannot lower for a
+    channels_last convolution ("cannot determine truth value of Relational: 1 < s27"): they must
+    stay static, as parameters do. A recording backend sees what inductor would be given."""
+    torch._dynamo.reset()
+    seen: list[torch.Tensor] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        for node in gm.graph.find_nodes(op="placeholder"):  # traced inputs, sizes as dynamo sees them
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                seen.append(value)
+        return gm.forward
+
+    x = images(torch.float32)
+    model = tiny_glow(torch.float32, x).set_fast(fused=True, channels_last=True)
+    reference = model(x).log_prob()
+    compile_flow_steps(model, backend=recording_backend)
+    with torch.no_grad():
+        out = model(x)
+    matrices = [t for t in seen if t.dim() == 2]
+    symbolic = [tuple(t.shape) for t in matrices if not all(isinstance(d, int) for d in t.shape)]
+    assert not symbolic, f"symbolic weight sizes: {symbolic}"
+    assert {t.shape[0] for t in matrices} == {12, 24}, "both scales' weights reached the compiled steps"
+    assert rel_err(out.log_prob(), reference) < 1e-5
+
+
 def test_compiled_training_step_matches_eager_gradients() -> None:
     """Forward and backward through compiled flow steps (backend ``aot_eager``: inductor's graph
     capture and autograd without its slow C++ code generation on CPU), fused, two scales."""
