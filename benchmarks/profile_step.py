@@ -8,8 +8,9 @@ Per lever of benchmarks/flow_throughput.py (the same library switches and the li
 step), a few steps after warm-up under ``torch.profiler``: wall time per step, the time the GPU
 spent in kernels per step, kernels launched per step, ATen operators dispatched per step (nested
 calls counted too: the host's work, measurable on a CPU as well), the operators that reach a backend
-per eager step (views and metadata excluded: about one kernel each, counted the same on any device;
-not for compiled or graphed steps, which bypass the dispatcher) and the ratio of the two times. Wall time
+per eager step (views and metadata excluded: about one kernel each; none depends on the device, so a
+CPU run counts what a GPU step dispatches; not for compiled or graphed steps, which bypass the
+dispatcher) and the ratio of the two times. Wall time
 far above kernel time means the step is bound by the host (Python, dispatch, launches), which
 only fewer launches (compile, CUDA graphs) cure; the reverse means the kernels themselves need
 to get faster. Then the top kernels by GPU time, per lever. Session 6 (H200, torch 2.11) found
@@ -36,8 +37,9 @@ from densead.train import step_function
 
 class CountOps(TorchDispatchMode):
     """Counts the operators that reach a backend (forward, backward and optimizer), views and
-    metadata-only operators excluded: the kernels an eager step asks a device for, counted the
-    same way on every device (a CUDA convolution with a bias launches a few)."""
+    metadata-only operators excluded: about the kernels an eager step asks a device for (a CUDA
+    convolution with a bias launches a few). Meant for CPU runs: whether the mode also sees the
+    backward pass in CUDA's autograd worker threads is not checked."""
 
     def __init__(self) -> None:
         super().__init__()
