@@ -217,8 +217,9 @@ def test_flow_throughput_benchmark_prints_its_table() -> None:
 
 def test_bits_per_dim_trajectory_and_step_profile_run(shared_data: Path) -> None:
     """--bpd-every prints a trajectory row per checkpoint and, at the last step, the lever's own
-    evaluation path too (the plain path: the same number); profile_step.py prints its table, with
-    the host's dispatched operators counted on a CPU."""
+    evaluation path too (the plain path: the same number), and another --seed another trajectory;
+    profile_step.py prints its table, with the host's dispatched operators counted on a CPU: fewer
+    for the fused path than the plain one."""
     result = run_tool(
         "benchmarks/flow_throughput.py",
         *("--small", "--batch-sizes", "4", "--levers", "plain", "--bpd-steps", "4", "--bpd-every", "2"),
@@ -229,8 +230,22 @@ def test_bits_per_dim_trajectory_and_step_profile_run(shared_data: Path) -> None
     first, last = (float(r[3]) for r in rows)
     assert 5.0 < last < first < 9.0, "test bits/dim of a fresh small Glow, falling"
     assert rows[0][5].strip() == "—" and float(rows[1][5]) == pytest.approx(last, abs=1e-4)
-    profile = run_tool(
-        "benchmarks/profile_step.py", "--small", "--batch", "2", "--steps", "1", "--levers", "plain"
+    other_seed = run_tool(
+        "benchmarks/flow_throughput.py",
+        *("--small", "--batch-sizes", "4", "--levers", "plain", "--bpd-steps", "2", "--bpd-every", "2"),
+        *("--seed", "1", "--cifar", str(shared_data / "cifar10_test.npz")),
     )
-    row = next(line.split("|") for line in profile.stdout.splitlines() if line.startswith("| plain |"))
-    assert int(row[5]) > 1000, "ATen operators dispatched per step of a 12-step Glow"
+    row = next(line.split("|")[1:-1] for line in other_seed.stdout.splitlines() if line.startswith("| plain"))
+    assert row[0].strip() == "plain, seed 1" and int(row[2]) == 2
+    assert float(row[3]) != pytest.approx(first, abs=1e-4), "another initialization and other batches"
+    profile = run_tool(
+        "benchmarks/profile_step.py", "--small", "--batch", "2", "--steps", "1", "--levers", "plain", "fused"
+    )
+    rows = {
+        line.split("|")[1].strip(): line.split("|")
+        for line in profile.stdout.splitlines()
+        if line.startswith(("| plain |", "| fused |"))
+    }
+    assert int(rows["plain"][5]) > 1000, "ATen operators dispatched per step of a 12-step Glow"
+    # the fused path builds every scale's 1×1 weights in one batched computation
+    assert int(rows["fused"][6]) < int(rows["plain"][6]), "backend operators per eager step"
