@@ -304,6 +304,8 @@ def fused_parameters(actnorms: Sequence[ActNorm], invconvs: Sequence[InvConv1x1]
         w = w * log_scale.exp()[:, None, :]
         bias = (w @ stacked([m.bias for m in actnorms])[:, :, None])[:, :, 0]
         logdet = log_scale.sum(dim=1) + log_s.sum(dim=1)
+    if len(actnorms) == 1:  # one pair: views whose backward launches nothing (unbind's would stack)
+        return [(w.squeeze(0), bias.squeeze(0), logdet.squeeze(0))]
     return list(zip(w.unbind(0), bias.unbind(0), logdet.unbind(0), strict=True))
 
 
