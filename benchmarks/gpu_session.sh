@@ -42,7 +42,8 @@
 # ONLY=bpd runs the trajectories alone; ONLY=large the batch-1024 rows; LEVERS, BPD_RUNS
 # ("lever:steps lever:steps:seed ..."; seed 0 when left out), BPD_EVERY, BPD_BATCH override.
 # EXTRA_ARGS="--small --iters 1" is the CPU smoke test of this script (with
-# EXTRA_PROFILE_ARGS="--small --batch 8 --steps 1").
+# EXTRA_PROFILE_ARGS="--small --batch 8 --steps 1"; about 6 min on 2 cores): run it before spending
+# GPU time (session 9's run caught an inductor failure of the all lever that way).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
