@@ -107,13 +107,14 @@ class FlowSteps(FlowSequence):
         if len(steps) < 2 or not all(step.is_fusable() for step in steps):
             return super().forward(x)
         params = fused_parameters([step.layers[0] for step in steps], [step.layers[1] for step in steps])
-        for tensor in (t for step_params in params for t in step_params):
-            # Compiled steps (the compile lever) specialize on these sizes as on parameters', which
-            # dynamo keeps static; otherwise the second width seen makes them symbolic, and inductor
-            # cannot order a channels_last weight's symbolic strides ("1 < s27"). Eager: a flag.
-            torch._dynamo.mark_static(tensor)
         total = None
         for step, step_params in zip(steps, params, strict=True):
+            for tensor in step_params:
+                # Compiled steps (the compile lever) specialize on these sizes as on parameters',
+                # which dynamo keeps static; otherwise the second width seen makes them symbolic, and
+                # inductor cannot order a channels_last weight's symbolic strides ("1 < s27").
+                # Eager: a flag.
+                torch._dynamo.mark_static(tensor)
             x, logdet = step(x, step_params)
             total = logdet if total is None else total + logdet
         return x, total
