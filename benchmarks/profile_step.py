@@ -10,7 +10,9 @@ spent in kernels per step, kernels launched per step, ATen operators dispatched 
 calls counted too: the host's work, measurable on a CPU as well), the operators that reach a backend
 per eager step (views and metadata excluded: about one kernel each; none depends on the device, so a
 CPU run counts what a GPU step dispatches; not for compiled or graphed steps, which bypass the
-dispatcher) and the ratio of the two times. Wall time
+dispatcher), the scalar reads to the host among them, counted apart (no kernel: one per parameter
+for Adamax's step counters, on the CPU in a CUDA run, and the norm check, the step's one sync) and
+the ratio of the two times. Wall time
 far above kernel time means the step is bound by the host (Python, dispatch, launches), which
 only fewer launches (compile, CUDA graphs) cure; the reverse means the kernels themselves need
 to get faster. Then the top kernels by GPU time, per lever. Session 6 (H200, torch 2.11) found
@@ -38,15 +40,22 @@ from densead.train import step_function
 class CountOps(TorchDispatchMode):
     """Counts the operators that reach a backend (forward, backward and optimizer), views and
     metadata-only operators excluded: about the kernels an eager step asks a device for (a CUDA
-    convolution with a bias launches a few). Meant for CPU runs: whether the mode also sees the
-    backward pass in CUDA's autograd worker threads is not checked."""
+    convolution with a bias launches a few). Scalar reads to the host (``.item()``, ``bool(t)``)
+    are counted apart, in ``reads``: they launch no kernel, and all but one of a step's are the
+    Adamax step counters, which in a CUDA run (not ``capturable``) live on the CPU; the one left
+    is the norm check, the step's one host sync. Meant for CPU runs: whether the mode also sees
+    the backward pass in CUDA's autograd worker threads is not checked."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch API
-        if not func.is_view and func.overloadpacket.__name__ not in METADATA_OPS:
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.reads += 1
+        elif not func.is_view and name not in METADATA_OPS:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -80,18 +89,18 @@ def main() -> None:
             opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5, foreach=True)
             step = step_function(model, opt, fast.fast, amp=bf16)
         except ValueError as err:  # cudagraphs off CUDA
-            rows.append(f"| {lever} | skipped: {err} | — | — | — | — | — |")
+            rows.append(f"| {lever} | skipped: {err} | — | — | — | — | — | — |")
             continue
         x = torch.rand(args.batch, 3, 32, 32, device=device) - 0.5
         model.train()
         for _ in range(5):  # ActNorm init, compile, cuDNN autotuning, graph capture
             fast.before_step()
             step(x)
-        ops = "—"  # compiled code and graph replays bypass the dispatcher
+        ops = reads = "—"  # compiled code and graph replays bypass the dispatcher
         if not (fast.fast.compile or fast.fast.cudagraphs):
             with CountOps() as counter:
                 step(x)
-            ops = str(counter.count)
+            ops, reads = str(counter.count), str(counter.reads)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         with profile(activities=activities) as prof:
@@ -110,7 +119,7 @@ def main() -> None:
         ratio = f"{wall / gpu:.2f}" if gpu else "—"
         rows.append(
             f"| {lever} | {1e3 * wall:.1f} | {1e3 * gpu:.1f} | {len(kernels) / args.steps:.0f} | "
-            f"{aten / args.steps:.0f} | {ops} | {ratio} |"
+            f"{aten / args.steps:.0f} | {ops} | {reads} | {ratio} |"
         )
         by_name: dict[str, list[float]] = {}
         for e in kernels:
@@ -120,9 +129,9 @@ def main() -> None:
         tops.append((lever, sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]))
     print(
         "\n| lever | wall ms/step (profiled) | GPU kernel ms/step | kernels/step | aten ops/step (nested) "
-        "| backend ops/step (no views) | wall / kernel |"
+        "| backend ops/step (no views) | scalar reads/step | wall / kernel |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     for lever, top in tops:
         print(f"\n| {lever}: kernel | ms/step | launches/step |\n|---|---:|---:|")
