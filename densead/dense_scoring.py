@@ -60,7 +60,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -89,13 +89,17 @@ from densead.frame_scorers import (
     iter_frame_maps,
 )
 from densead.io import atomic_write_text
-from densead.metrics import FalsePositivesByClass, PixelMetrics
+from densead.metrics import ComponentMetrics, FalsePositivesByClass, PixelF1, PixelMetrics
 from densead.scoring import write_scores_csv
 from densead.train import load_glow, resolve_device
 from densead.viz import heatmap_overlay, save_png
 
 __all__ = [
     "ClassFalsePositiveRow",
+    "ComponentMetricRow",
+    "component_metrics_markdown",
+    "evaluate_dense_components",
+    "write_component_metrics",
     "DenseRun",
     "MapRescale",
     "PixelMetricRow",
@@ -662,6 +666,116 @@ def _evaluate_run(
     return rows, class_rows
 
 
+@dataclass(frozen=True)
+class ComponentMetricRow:
+    """SegmentMeIfYouCan's component-level metrics of one detector on one road set."""
+
+    set_name: str
+    detector: str
+    threshold: float  # the pixel-F1-optimal threshold of the [0, 1] maps
+    pixel_f1: float
+    siou: float
+    ppv: float
+    f1_mean: float
+    f1_25: float
+    f1_50: float
+    f1_75: float
+    n_instances: int
+    n_segments: int
+    min_segment_size: int
+    min_instance_size: int
+
+
+def evaluate_dense_components(
+    run_dir: str | Path,
+    detectors: Sequence[str] | None = None,
+    min_segment_size: int = 500,
+    min_instance_size: int = 100,
+    progress: bool = False,
+) -> list[ComponentMetricRow]:
+    """Component-level sIoU / PPV / mean F1 of the written maps (:class:`densead.metrics.ComponentMetrics`).
+
+    Two passes over the maps, as the benchmark: the first finds each detector's threshold of best
+    pixel F1 (:class:`densead.metrics.PixelF1`, exact on the float16 maps), the second thresholds
+    every frame there and scores its connected components. The size limits are in pixels of the
+    written maps (the benchmark's RoadAnomaly21 defaults, 500 and 100, are for frames of about
+    2048 × 1024; RoadObstacle21 uses 50 and 10).
+    """
+    run_dir = Path(run_dir)
+    run, source, dataset, detectors = _open_run(run_dir, detectors)
+    pixel_f1 = {d: PixelF1() for d in detectors}
+    for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
+        for det, m in maps.items():
+            pixel_f1[det].update(m, label)
+    best = {det: f1.compute() for det, f1 in pixel_f1.items()}
+    metrics = {
+        det: ComponentMetrics(best[det]["threshold"], min_segment_size, min_instance_size)
+        for det in detectors
+    }
+    for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
+        for det, m in maps.items():
+            metrics[det].update(m, label)
+    set_name = run.get("set_name", source.name)
+    rows = []
+    for det, cm in metrics.items():
+        out = cm.compute()
+        f1 = {round(100 * r["threshold"]): r["f1"] for r in out["per_threshold"]}
+        rows.append(
+            ComponentMetricRow(
+                set_name,
+                det,
+                best[det]["threshold"],
+                best[det]["f1"],
+                out["siou"],
+                out["ppv"],
+                out["f1_mean"],
+                f1[25],
+                f1[50],
+                f1[75],
+                out["n_instances"],
+                out["n_segments"],
+                min_segment_size,
+                min_instance_size,
+            )
+        )
+    return rows
+
+
+def component_metrics_markdown(rows: Sequence[ComponentMetricRow]) -> str:
+    """One markdown table per road set: the component metrics per detector, in %."""
+    parts = []
+    for set_name in dict.fromkeys(r.set_name for r in rows):
+        sub = [r for r in rows if r.set_name == set_name]
+        lines = [
+            f"### {set_name}: components ({sub[0].n_instances} anomaly instances of ≥ "
+            f"{sub[0].min_instance_size} px; segments of ≥ {sub[0].min_segment_size} px)",
+            "",
+            "| detector | threshold | pixel F1 | sIoU | PPV | mean F1 | F1 @0.25 | F1 @0.50 | F1 @0.75 "
+            "| segments |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r.detector} | {r.threshold:.4g} | {100 * r.pixel_f1:.2f} | {100 * r.siou:.2f} | "
+            f"{100 * r.ppv:.2f} | {100 * r.f1_mean:.2f} | {100 * r.f1_25:.2f} | {100 * r.f1_50:.2f} | "
+            f"{100 * r.f1_75:.2f} | {r.n_segments} |"
+            for r in sub
+        ]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_component_metrics(out_dir: str | Path, rows: Sequence[ComponentMetricRow]) -> None:
+    """``component_metrics.csv`` and ``component_metrics.md`` in ``out_dir`` (atomically)."""
+    _write_table(Path(out_dir) / "component_metrics", ComponentMetricRow, rows, component_metrics_markdown)
+
+
+def _write_table(stem: Path, row_type: type, rows: Sequence[Any], markdown: Callable[[Any], str]) -> None:
+    """``stem.csv`` (one column per field of ``row_type``) and ``stem.md``, each written atomically."""
+    fields = list(row_type.__dataclass_fields__)
+    write_scores_csv(stem.with_suffix(".csv"), {f: [getattr(r, f) for r in rows] for f in fields})
+    atomic_write_text(stem.with_suffix(".md"), markdown(rows))
+
+
 def false_positives_markdown(rows: Sequence[ClassFalsePositiveRow]) -> str:
     """Per road set: one row per detector, per class "FPR (share of all false alarms)" in %."""
     parts = []
@@ -685,10 +799,7 @@ def false_positives_markdown(rows: Sequence[ClassFalsePositiveRow]) -> str:
 
 def write_false_positives(out_dir: str | Path, rows: Sequence[ClassFalsePositiveRow]) -> None:
     """``pixel_fp_by_class.csv`` and ``pixel_fp_by_class.md`` in ``out_dir`` (atomically)."""
-    out_dir = Path(out_dir)
-    fields = list(ClassFalsePositiveRow.__dataclass_fields__)
-    write_scores_csv(out_dir / "pixel_fp_by_class.csv", {f: [getattr(r, f) for r in rows] for f in fields})
-    atomic_write_text(out_dir / "pixel_fp_by_class.md", false_positives_markdown(rows))
+    _write_table(Path(out_dir) / "pixel_fp_by_class", ClassFalsePositiveRow, rows, false_positives_markdown)
 
 
 def pixel_metrics_markdown(rows: Sequence[PixelMetricRow]) -> str:
@@ -709,8 +820,4 @@ def pixel_metrics_markdown(rows: Sequence[PixelMetricRow]) -> str:
 
 def write_pixel_metrics(out_dir: str | Path, rows: Sequence[PixelMetricRow]) -> None:
     """``pixel_metrics.csv`` and ``pixel_metrics.md`` in ``out_dir`` (atomically)."""
-    out_dir = Path(out_dir)
-    fields = list(PixelMetricRow.__dataclass_fields__)
-    columns = {f: [getattr(r, f) for r in rows] for f in fields}
-    write_scores_csv(out_dir / "pixel_metrics.csv", columns)
-    atomic_write_text(out_dir / "pixel_metrics.md", pixel_metrics_markdown(rows))
+    _write_table(Path(out_dir) / "pixel_metrics", PixelMetricRow, rows, pixel_metrics_markdown)

@@ -17,6 +17,12 @@ the number of frames (see the class docstring for how the bins are chosen).
 :class:`FalsePositivesByClass` says which in-distribution classes a pixel
 detector's false alarms at 95 % TPR come from.
 
+Component-level metrics (SegmentMeIfYouCan, Chan et al., NeurIPS 2021 datasets
+track): :class:`PixelF1` finds the threshold with the best pixel F1 on float16
+maps, :class:`ComponentMetrics` thresholds each frame there and scores connected
+components: sIoU per ground-truth component, PPV per predicted component, F1 of
+component detection averaged over sIoU/PPV thresholds 0.25, 0.30, …, 0.75.
+
 Scores must be finite: NaN or ±inf have no well-defined rank, so every entry
 point raises ``ValueError`` with the number of offending values and leaves the
 choice of a replacement to the caller.
@@ -27,11 +33,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
 __all__ = [
+    "SIOU_THRESHOLDS",
+    "ComponentMetrics",
     "FalsePositivesByClass",
+    "PixelF1",
     "PixelMetrics",
     "auroc",
     "average_precision",
@@ -84,6 +94,18 @@ def _raise_if_non_finite(s: np.ndarray, what: str) -> None:
             f"{n_bad} of {s.size} {what} are non-finite (nan or ±inf); "
             "replace them before computing metrics (e.g. np.nan_to_num with a large finite value)"
         )
+
+
+def _map_inputs(score_map: Any, label_map: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A score map and its label map, ``(H, W)`` or ``(B, H, W)``, as numpy, shapes and dtypes checked."""
+    s, y = _to_numpy(score_map), _to_numpy(label_map)
+    if s.shape != y.shape:
+        raise ValueError(f"score_map shape {s.shape} does not match label_map shape {y.shape}")
+    if s.ndim not in (2, 3):
+        raise ValueError(f"expected (H, W) or (B, H, W) maps, got shape {s.shape}")
+    _check_score_dtype(s)
+    _check_label_dtype(y)
+    return s, y
 
 
 def _binary_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -385,14 +407,7 @@ class PixelMetrics:
                 label value other than 0/1/255, or a non-finite score on a
                 non-void pixel. The state is unchanged when this is raised.
         """
-        s = _to_numpy(score_map)
-        y = _to_numpy(label_map)
-        if s.shape != y.shape:
-            raise ValueError(f"score_map shape {s.shape} does not match label_map shape {y.shape}")
-        if s.ndim not in (2, 3):
-            raise ValueError(f"expected (H, W) or (B, H, W) maps, got shape {s.shape}")
-        _check_score_dtype(s)
-        _check_label_dtype(y)
+        s, y = _map_inputs(score_map, label_map)
         s = s.reshape(-1)
         y = y.reshape(-1)
         step = self.chunk_pixels
@@ -535,6 +550,29 @@ class PixelMetrics:
         return out
 
 
+# ---------------------------------------------------------------------------
+# Float16 maps: exact histograms over the stored values
+# ---------------------------------------------------------------------------
+
+N_FLOAT16_VALUES = 1 << 16
+
+
+def _float16_bins(scores: np.ndarray) -> np.ndarray:
+    """The histogram bin of each score of a float16 map with values ≥ 0, flattened: its 16-bit
+    pattern, which orders non-negative float16 values, so each stored value has its own bin."""
+    if scores.dtype != np.float16:
+        raise ValueError(f"scores must be float16 (the dense maps' dtype), got {scores.dtype}")
+    bad = ~np.isfinite(scores) | (scores < 0)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} scores are negative or not finite: expected maps in [0, 1]")
+    return (scores + np.float16(0)).view(np.uint16).astype(np.int64).ravel()  # + 0 turns -0 into +0
+
+
+def _float16_value(bin_index: int) -> float:
+    """The float16 value whose bin (:func:`_float16_bins`) is ``bin_index``."""
+    return float(np.array([bin_index], dtype=np.uint16).view(np.float16)[0])
+
+
 class FalsePositivesByClass:
     """Where a pixel detector's false alarms come from: the inlier pixels of each semantic class
     scored at or above the threshold at which the detector finds ``tpr`` of the anomalous pixels.
@@ -554,7 +592,7 @@ class FalsePositivesByClass:
         tpr: target true-positive rate in [0, 1].
     """
 
-    N_VALUES = 1 << 16
+    N_VALUES = N_FLOAT16_VALUES
 
     def __init__(self, n_classes: int, tpr: float = 0.95) -> None:
         if n_classes < 1:
@@ -568,14 +606,9 @@ class FalsePositivesByClass:
         """One frame (or batch): float16 ``scores`` ≥ 0, ``labels`` 0/1/255, ``semantic`` class ids,
         all of one shape."""
         s, y, c = _to_numpy(scores), _to_numpy(labels), _to_numpy(semantic)
-        if s.dtype != np.float16:
-            raise ValueError(f"scores must be float16 (the dense maps' dtype), got {s.dtype}")
         if not (s.shape == y.shape == c.shape):
             raise ValueError(f"scores {s.shape}, labels {y.shape} and semantic {c.shape} differ in shape")
-        bad = ~np.isfinite(s) | (s < 0)
-        if bad.any():
-            raise ValueError(f"{int(bad.sum())} scores are negative or not finite: expected maps in [0, 1]")
-        bits = (s + np.float16(0)).view(np.uint16).astype(np.int64).ravel()  # + 0 turns -0 into +0
+        bits = _float16_bins(s)
         y, c = y.ravel(), c.ravel().astype(np.int64)
         self._anomaly += np.bincount(bits[y == 1], minlength=self.N_VALUES)
         inlier = y == 0
@@ -615,11 +648,205 @@ class FalsePositivesByClass:
                     "share": float(flagged[i]) / total if total else 0.0,
                 }
             )
-        threshold = float(np.array([cut], dtype=np.uint16).view(np.float16)[0])
         return {
-            "threshold": threshold,
+            "threshold": _float16_value(cut),
             "fpr": total / n_inlier,
             "n_inlier": n_inlier,
             "n_anomaly": n_anomaly,
             "classes": classes,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Component-level metrics (SegmentMeIfYouCan)
+# ---------------------------------------------------------------------------
+
+
+class PixelF1:
+    """The threshold with the best pixel-level F1 score on float16 maps, void excluded.
+
+    SegmentMeIfYouCan turns score maps into anomaly masks at this threshold before it scores
+    components (:class:`ComponentMetrics`). Exact in constant memory, as
+    :class:`FalsePositivesByClass`: each stored float16 value (maps in [0, 1], as the dense
+    pipeline writes them) has its own histogram bin. Pixels at or above the threshold are
+    flagged; among thresholds with equal F1 the highest is taken.
+    """
+
+    def __init__(self) -> None:
+        self._counts = np.zeros((2, N_FLOAT16_VALUES), dtype=np.int64)  # row 0 inliers, row 1 anomalies
+
+    def update(self, scores: Any, labels: Any) -> None:
+        """One frame or a batch: float16 ``scores`` ≥ 0 and ``labels`` 0/1/255 of one shape; scores of
+        void pixels are ignored (they may be anything)."""
+        s, y = _to_numpy(scores), _to_numpy(labels)
+        if s.shape != y.shape:
+            raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape")
+        _check_label_dtype(y)
+        valid = y != VOID_LABEL
+        y = y[valid]
+        bad = (y != 0) & (y != 1)
+        if bad.any():
+            raise ValueError(
+                f"labels must be 0 (inlier), 1 (anomaly) or 255 (void), got {_bad_values_text(y[bad])}"
+            )
+        bits = _float16_bins(s[valid])
+        counts = np.bincount(bits + N_FLOAT16_VALUES * (y == 1), minlength=2 * N_FLOAT16_VALUES)
+        self._counts += counts.reshape(2, N_FLOAT16_VALUES)
+
+    def compute(self) -> dict[str, float]:
+        """``{"threshold", "f1", "precision", "recall"}`` of the mask ``score >= threshold``.
+
+        Raises:
+            ValueError: if no inlier or no anomaly pixel has been seen.
+        """
+        neg, pos = self._counts
+        n_anomaly, n_inlier = int(pos.sum()), int(neg.sum())
+        if n_anomaly == 0 or n_inlier == 0:
+            raise ValueError(f"both classes are needed: got {n_anomaly} anomaly and {n_inlier} inlier pixels")
+        # Flag the values from the highest down: tp and fp of the mask "score >= value".
+        tp = np.cumsum(pos[::-1])
+        fp = np.cumsum(neg[::-1])
+        f1 = 2.0 * tp / (tp + fp + n_anomaly)
+        best = int(np.argmax(f1))  # the first maximum: the highest threshold
+        flagged = int(tp[best] + fp[best])
+        return {
+            "threshold": _float16_value(N_FLOAT16_VALUES - 1 - best),
+            "f1": float(f1[best]),
+            "precision": float(tp[best]) / flagged,
+            "recall": float(tp[best]) / n_anomaly,
+        }
+
+
+#: sIoU / PPV thresholds of SegmentMeIfYouCan's component F1 (0.25, 0.30, …, 0.75).
+SIOU_THRESHOLDS = tuple(round(0.25 + 0.05 * i, 2) for i in range(11))
+
+
+def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """8-connected components of a boolean mask: (number of labels incl. background 0, label map)."""
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    return int(n), labels
+
+
+class ComponentMetrics:
+    """SegmentMeIfYouCan's component-level metrics: sIoU, PPV and the mean component F1.
+
+    Per frame, pixels with ``score >= threshold`` (normally :class:`PixelF1`'s, as the benchmark
+    does) outside void form the predicted mask. Connected components (8-neighbourhood) of the
+    anomaly label are the ground-truth components ``k``; those smaller than
+    ``min_instance_size`` pixels become void. Connected components of the predicted mask
+    smaller than ``min_segment_size`` pixels are dropped. Everything is then counted inside the
+    region of interest (not void):
+
+    * ``sIoU(k) = |k ∩ K̂(k)| / |(k ∪ K̂(k)) \\ A(k)|``, where ``K̂(k)`` is the union of the predicted
+      components that touch ``k`` and ``A(k)`` the pixels of the other ground-truth components
+      (a predicted blob covering two neighbouring objects is not punished for the other one);
+    * ``PPV(k̂)``: the fraction of a predicted component's pixels that are anomalous;
+    * at each threshold ``τ`` of ``siou_thresholds``: a ground-truth component with
+      ``sIoU ≥ τ`` is a true positive, else a false negative; a predicted component with
+      ``PPV < τ`` a false positive; ``F1(τ) = 2 TP / (2 TP + FN + FP)`` over the whole dataset.
+
+    :meth:`compute` gives the mean sIoU over all ground-truth components of the dataset, the
+    mean PPV over all predicted components, and F1 averaged over ``τ`` ("mean F1"). Defaults are
+    the benchmark's RoadAnomaly21 settings (segments ≥ 500, instances ≥ 100 pixels);
+    RoadObstacle21 uses 50 and 10. One difference: the benchmark flags ``score > threshold``, here
+    ``score >= threshold`` (the mask whose F1 :class:`PixelF1` maximised; the two differ only on
+    pixels scored exactly at the threshold).
+
+    State: one float per component (ground truth and predicted), so memory grows with the number
+    of components, not of pixels.
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        min_segment_size: int = 500,
+        min_instance_size: int = 100,
+        siou_thresholds: tuple[float, ...] = SIOU_THRESHOLDS,
+    ) -> None:
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        for name, value in (("min_segment_size", min_segment_size), ("min_instance_size", min_instance_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not siou_thresholds or not all(0.0 < t <= 1.0 for t in siou_thresholds):
+            raise ValueError(f"siou_thresholds must be in (0, 1], got {siou_thresholds}")
+        self.threshold = float(threshold)
+        self.min_segment_size = int(min_segment_size)
+        self.min_instance_size = int(min_instance_size)
+        self.siou_thresholds = tuple(float(t) for t in siou_thresholds)
+        self._siou: list[np.ndarray] = []
+        self._ppv: list[np.ndarray] = []
+
+    def update(self, score_map: Any, label_map: Any) -> None:
+        """Add one frame ``(H, W)`` or a batch of frames ``(B, H, W)`` (components never cross frames).
+
+        Raises:
+            ValueError: on a shape mismatch, a label other than 0/1/255 or a non-finite score on a
+                non-void pixel; the state is unchanged then.
+        """
+        s, y = _map_inputs(score_map, label_map)
+        s, y = s.reshape(-1, *s.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+        for s_f, y_f in zip(s, y, strict=True):  # validate every frame before keeping any
+            PixelMetrics._validate_chunk(s_f.ravel(), y_f.ravel())
+        results = [self._frame(s_f, y_f) for s_f, y_f in zip(s, y, strict=True)]
+        for siou, ppv in results:
+            self._siou.append(siou)
+            self._ppv.append(ppv)
+
+    def _frame(self, s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """sIoU of each kept ground-truth component and PPV of each predicted one, of one frame."""
+        roi = y != VOID_LABEL
+        with np.errstate(invalid="ignore"):  # void scores may be NaN; they are masked out
+            flagged = (s >= self.threshold) & roi
+        n_pred, pred = _components(flagged)
+        pred_size = np.bincount(pred.ravel(), minlength=n_pred)
+        pred[(pred_size < self.min_segment_size)[pred] & (pred > 0)] = 0
+        n_gt, gt = _components(y == 1)
+        gt_size = np.bincount(gt.ravel(), minlength=n_gt)
+        roi &= ~((gt_size < self.min_instance_size)[gt] & (gt > 0))  # small instances become void
+        g, p = gt[roi].astype(np.int64), pred[roi].astype(np.int64)
+        # Pixels per (ground-truth component, predicted component) pair, 0 = none, inside the ROI.
+        pairs, counts = np.unique(g * n_pred + p, return_counts=True)
+        pg, pp = np.divmod(pairs, n_pred)
+        # Pixels of each predicted component on no ground-truth component.
+        on_inliers = np.zeros(n_pred, dtype=np.int64)
+        on_inliers[pp[pg == 0]] = counts[pg == 0]
+        touching = (pg > 0) & (pp > 0)
+        # sIoU(k) = Σ_p |k ∩ p| / (|k| + Σ_p |p \ anomalies|) over the predicted p touching k: the
+        # union minus the other components' pixels (the adjustment A(k)).
+        intersection = np.bincount(pg[touching], weights=counts[touching], minlength=n_gt)
+        outside = np.bincount(pg[touching], weights=on_inliers[pp[touching]], minlength=n_gt)
+        size_in_roi = np.bincount(g, minlength=n_gt)
+        kept = np.flatnonzero(size_in_roi[1:] > 0) + 1
+        siou = intersection[kept] / (size_in_roi[kept] + outside[kept])
+        pred_in_roi = np.bincount(p, minlength=n_pred)
+        shown = np.flatnonzero(pred_in_roi[1:] > 0) + 1
+        ppv = (pred_in_roi[shown] - on_inliers[shown]) / pred_in_roi[shown]
+        return siou.astype(np.float64), ppv.astype(np.float64)
+
+    def compute(self) -> dict[str, Any]:
+        """``{"siou", "ppv", "f1_mean", "n_instances", "n_segments", "per_threshold": [{"threshold",
+        "tp", "fn", "fp", "f1"}, ...]}``: mean sIoU over ground-truth components, mean PPV over
+        predicted components (NaN when there are none), F1 at each sIoU/PPV threshold and its mean.
+
+        Raises:
+            ValueError: if no ground-truth component has been seen (F1 is then undefined).
+        """
+        siou = np.concatenate(self._siou) if self._siou else np.zeros(0)
+        ppv = np.concatenate(self._ppv) if self._ppv else np.zeros(0)
+        if siou.size == 0:
+            raise ValueError(
+                f"no anomaly component of at least {self.min_instance_size} pixels in the frames seen"
+            )
+        rows = []
+        for t in self.siou_thresholds:
+            tp, fn, fp = int((siou >= t).sum()), int((siou < t).sum()), int((ppv < t).sum())
+            rows.append({"threshold": t, "tp": tp, "fn": fn, "fp": fp, "f1": 2 * tp / (2 * tp + fn + fp)})
+        return {
+            "siou": float(siou.mean()),
+            "ppv": float(ppv.mean()) if ppv.size else math.nan,
+            "f1_mean": float(np.mean([r["f1"] for r in rows])),
+            "n_instances": int(siou.size),
+            "n_segments": int(ppv.size),
+            "per_threshold": rows,
         }

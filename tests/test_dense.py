@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from sklearn import metrics as skm
 
 from densead.config import DataConfig, ModelConfig, TrainConfig, to_dict
-from densead.data.road import CamVid
+from densead.data.road import CamVid, read_label
 from densead.data.transforms import to_model_input
 from densead.dense import (
     GeneralImagesConfig,
@@ -36,6 +37,7 @@ from densead.dense import (
 )
 from densead.dense_scoring import (
     MapRescale,
+    evaluate_dense_components,
     false_positives_by_class,
     frame_maps,
     score_road_dataset,
@@ -44,6 +46,7 @@ from densead.dense_scoring import (
 from densead.detectors import GlowScorer, get_detector
 from densead.flows import Glow
 from densead.io import atomic_torch_save
+from densead.metrics import ComponentMetrics
 from densead.train import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,6 +310,42 @@ def test_false_alarms_by_class_need_semantic_labels(tmp_path: Path) -> None:
     assert {r.class_name for r in rows} <= set(CamVid.semantic_classes[:9]) and sum(
         r.share for r in rows
     ) == (pytest.approx(1.0))
+
+
+def test_component_metrics_of_a_run_threshold_its_maps_at_the_best_pixel_f1(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=3)
+    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 8)
+    score_road_dataset(RoadSource("camvid", str(root), "test"), ckpt, tmp_path / "c", ["raw"], progress=False)
+    (row,) = evaluate_dense_components(tmp_path / "c", min_segment_size=0, min_instance_size=0)
+    assert (row.set_name, row.detector, row.n_instances) == (
+        "camvid_test",
+        "raw",
+        3,
+    )  # a pedestrian per frame
+    # the threshold: the best pixel F1 over the written maps, from scikit-learn's PR curve
+    dataset = CamVid(root, "test")
+    scores, labels = [], []
+    frames = ComponentMetrics(row.threshold, min_segment_size=0, min_instance_size=0)
+    for name, frame in zip(dataset.names, dataset.frames, strict=True):
+        label, _ = dataset.map_label(read_label(frame.label))
+        m = np.load(tmp_path / "c" / "maps" / "raw" / f"{name}.npy")
+        scores.append(m[label != 255].astype(np.float64))
+        labels.append(label[label != 255])
+        frames.update(m, label)
+    out = frames.compute()  # the components were scored at that threshold
+    assert (row.siou, row.ppv, row.f1_mean, row.n_segments) == (
+        out["siou"],
+        out["ppv"],
+        out["f1_mean"],
+        out["n_segments"],
+    )
+    precision, recall, thresholds = skm.precision_recall_curve(np.concatenate(labels), np.concatenate(scores))
+    with np.errstate(invalid="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    assert row.pixel_f1 == pytest.approx(f1.max(), abs=1e-12)
+    assert row.threshold == thresholds[np.flatnonzero(f1 == f1.max()).max()]
+    with pytest.raises(ValueError, match="no anomaly component of at least 25 pixels"):
+        evaluate_dense_components(tmp_path / "c", min_segment_size=0, min_instance_size=25)  # 4×6 = 24 px
 
 
 # --------------------------------------------------------------------------- training and tools

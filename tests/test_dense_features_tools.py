@@ -403,7 +403,8 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
         assert (out / "overlays" / det / f"{run['frames'][0]}.png").stat().st_size > 0, det
 
     proc = run_tool("tools/evaluate.py", "--pixel", str(out), "--out", str(tmp_path / "eval"),
-                    "--mode", "exact", "--by-class", "--no-progress")  # fmt: skip
+                    "--mode", "exact", "--by-class", "--components", "--min-segment-size", "20",
+                    "--min-instance-size", "10", "--no-progress")  # fmt: skip
     assert "| combo:density_cls+ratio |" in proc.stdout
     with (tmp_path / "eval" / "pixel_metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -423,6 +424,15 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
         flagged, inliers = sum(int(c["n_flagged"]) for c in sub), sum(int(c["n_inlier"]) for c in sub)
         assert inliers == int(r["n_pixels"]) - int(r["n_anomaly"])
         assert flagged / inliers == pytest.approx(float(r["fpr95"]), abs=1e-12), r["detector"]
+    # --components: every detector, the same anomaly instances (labels and size limit are shared)
+    with (tmp_path / "eval" / "component_metrics.csv").open() as f:
+        components = list(csv.DictReader(f))
+    assert [c["detector"] for c in components] == run["detectors"]
+    assert len({c["n_instances"] for c in components}) == 1 and int(components[0]["n_instances"]) > 0
+    for c in components:
+        assert 0 < float(c["pixel_f1"]) <= 1 and 0 <= float(c["siou"]) <= 1 and 0 <= float(c["f1_mean"]) <= 1
+        assert 0 <= float(c["threshold"]) <= 1 and int(c["min_segment_size"]) == 20, c
+    assert "components (" in proc.stdout and "| mean F1 |" in proc.stdout
 
     # Feature detectors alone need no Glow; a Glow detector without --checkpoint is a usage error.
     density, _ = load_feature_density(flows)

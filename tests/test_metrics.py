@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from sklearn import metrics as skm
 
 from densead.metrics import (
+    ComponentMetrics,
     FalsePositivesByClass,
+    PixelF1,
     PixelMetrics,
     auroc,
     average_precision,
@@ -454,3 +457,181 @@ def test_false_positives_by_class_rejects_what_it_cannot_count_exactly() -> None
     fp.update(np.zeros((2, 2), np.float16), lab, sem)
     with pytest.raises(ValueError, match="both classes are needed"):
         fp.compute()
+
+
+# --------------------------------------------------------------------------- component-level metrics
+
+
+def components_by_definition(
+    scores: np.ndarray, labels: np.ndarray, threshold: float, min_segment: int, min_instance: int
+) -> tuple[list[float], list[float]]:
+    """sIoU per ground-truth component and PPV per predicted component, written out with masks
+    from the definitions (SegmentMeIfYouCan), components from scipy (not the library's OpenCV)."""
+    eight = np.ones((3, 3), dtype=int)
+    roi = labels != 255
+    pred, n_pred = ndimage.label((scores >= threshold) & roi, eight)
+    for j in range(1, n_pred + 1):
+        if (pred == j).sum() < min_segment:
+            pred[pred == j] = 0
+    gt, n_gt = ndimage.label(labels == 1, eight)
+    for i in range(1, n_gt + 1):
+        if (gt == i).sum() < min_instance:
+            roi &= gt != i
+    sious = []
+    for i in range(1, n_gt + 1):
+        k = (gt == i) & roi
+        if not k.any():
+            continue
+        touching = [j for j in np.unique(pred[k]) if j != 0]
+        k_hat = np.isin(pred, touching) & roi
+        others = (gt > 0) & (gt != i) & roi
+        sious.append((k & k_hat).sum() / ((k | k_hat) & ~others).sum())
+    ppvs = []
+    for j in np.unique(pred[roi]):
+        if j == 0:
+            continue
+        segment = (pred == j) & roi
+        ppvs.append((segment & (gt > 0)).sum() / segment.sum())
+    return sious, ppvs
+
+
+def blobs(rng: np.random.Generator, shape: tuple[int, int], fraction: float, smooth: float) -> np.ndarray:
+    """A mask of random blobs covering about ``fraction`` of the frame."""
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), smooth)
+    return field > np.quantile(field, 1.0 - fraction)
+
+
+def test_component_metrics_follow_the_definition_on_random_frames() -> None:
+    rng = np.random.default_rng(0)
+    metric = ComponentMetrics(threshold=0.3, min_segment_size=6, min_instance_size=5)
+    all_siou, all_ppv = [], []
+    for _ in range(12):
+        labels = np.where(blobs(rng, (48, 64), 0.15, 2.0), 1, 0).astype(np.uint8)
+        labels[blobs(rng, (48, 64), 0.1, 3.0)] = 255
+        # scores: noisy anomaly evidence, so predicted blobs overlap, merge and miss objects
+        scores = 0.4 * (labels == 1) + ndimage.gaussian_filter(rng.standard_normal((48, 64)), 1.5)
+        scores[labels == 255] = np.nan  # void scores are never read
+        metric.update(scores.astype(np.float32), labels)
+        sious, ppvs = components_by_definition(scores, labels, 0.3, 6, 5)
+        all_siou += sious
+        all_ppv += ppvs
+    out = metric.compute()
+    assert out["n_instances"] == len(all_siou) > 20 and out["n_segments"] == len(all_ppv) > 20
+    assert out["siou"] == pytest.approx(np.mean(all_siou), abs=1e-12)
+    assert out["ppv"] == pytest.approx(np.mean(all_ppv), abs=1e-12)
+    assert 0.05 < out["siou"] < 0.95 and 0.05 < out["ppv"] < 0.95, "a case with hits and misses"
+    sious, ppvs = np.array(all_siou), np.array(all_ppv)
+    for row in out["per_threshold"]:
+        t = row["threshold"]
+        tp, fn, fp = (sious >= t).sum(), (sious < t).sum(), (ppvs < t).sum()
+        assert (row["tp"], row["fn"], row["fp"]) == (tp, fn, fp)
+        assert row["f1"] == pytest.approx(2 * tp / (2 * tp + fn + fp))
+    assert [r["threshold"] for r in out["per_threshold"]] == pytest.approx(np.linspace(0.25, 0.75, 11))
+    assert out["f1_mean"] == pytest.approx(np.mean([r["f1"] for r in out["per_threshold"]]))
+
+
+def test_component_metrics_hand_cases() -> None:
+    # Two objects side by side (10×10 each, a column apart), one predicted blob over both and a
+    # 10×5 strip of road beside them: each object's sIoU ignores the other object's pixels.
+    labels = np.zeros((30, 40), dtype=np.uint8)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 16:26] = 1
+    scores = np.zeros((30, 40), dtype=np.float32)
+    scores[5:15, 5:31] = 1.0  # both objects, the column between them and the strip 26..30
+    m = ComponentMetrics(0.5, min_segment_size=0, min_instance_size=0)
+    m.update(scores, labels)
+    out = m.compute()
+    # |k| = 100, the blob's road pixels: the column (10) and the strip (50)
+    assert out["siou"] == pytest.approx(100 / (100 + 60))
+    assert out["ppv"] == pytest.approx(200 / 260)
+    assert (out["n_instances"], out["n_segments"]) == (2, 1)
+    # Half an object found, plus a stray blob on the road far away: sIoU 1/2, PPVs 1 and 0.
+    labels = np.zeros((30, 40), dtype=np.uint8)
+    labels[5:15, 5:15] = 1
+    scores = np.zeros((30, 40), dtype=np.float32)
+    scores[5:15, 5:10] = 1.0
+    scores[20:25, 30:35] = 1.0
+    m = ComponentMetrics(0.5, min_segment_size=0, min_instance_size=0)
+    m.update(scores, labels)
+    out = m.compute()
+    assert out["siou"] == pytest.approx(0.5) and out["ppv"] == pytest.approx(0.5)
+    by_t = {r["threshold"]: r for r in out["per_threshold"]}
+    assert (by_t[0.5]["tp"], by_t[0.5]["fn"], by_t[0.5]["fp"]) == (1, 0, 1)  # sIoU 0.5 ≥ 0.5; PPV 0 < 0.5
+    assert (by_t[0.55]["tp"], by_t[0.55]["fn"]) == (0, 1)
+    assert by_t[0.5]["f1"] == pytest.approx(2 / 3) and by_t[0.55]["f1"] == 0.0
+    # The stray blob (25 px) under min_segment_size disappears; an object under
+    # min_instance_size becomes void, so a blob on it counts nowhere.
+    labels[20:23, 2:5] = 1  # 9 px
+    scores[20:23, 2:5] = 1.0
+    m = ComponentMetrics(0.5, min_segment_size=26, min_instance_size=10)
+    m.update(scores, labels)
+    out = m.compute()
+    assert (out["n_instances"], out["n_segments"]) == (1, 1)
+    assert out["siou"] == pytest.approx(0.5) and out["ppv"] == pytest.approx(1.0)
+    # Void pixels are never predicted: a blob over void and the object keeps only its ROI part.
+    labels = np.zeros((30, 40), dtype=np.uint8)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 15:25] = 255
+    scores = np.zeros((30, 40), dtype=np.float32)
+    scores[5:15, 5:25] = 1.0
+    m = ComponentMetrics(0.5, min_segment_size=150, min_instance_size=0)
+    m.update(scores[None], labels[None])  # a batch of one frame
+    out = m.compute()
+    assert out["n_segments"] == 0 and np.isnan(out["ppv"]), "100 px left in the ROI < 150"
+    assert out["siou"] == 0.0 and out["f1_mean"] == 0.0
+
+
+def test_component_metrics_errors_and_atomic_updates() -> None:
+    m = ComponentMetrics(0.5, min_segment_size=0, min_instance_size=0)
+    with pytest.raises(ValueError, match="no anomaly component"):
+        m.compute()
+    good = np.zeros((8, 8), dtype=np.uint8)
+    good[2:4, 2:4] = 1
+    bad = good.copy()
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match="got 7"):
+        m.update(np.zeros((2, 8, 8), dtype=np.float32), np.stack([good, bad]))
+    with pytest.raises(ValueError, match="does not match"):
+        m.update(np.zeros((8, 9), dtype=np.float32), good)
+    nan_scores = np.zeros((8, 8), dtype=np.float32)
+    nan_scores[2, 2] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        m.update(nan_scores, good)
+    with pytest.raises(ValueError, match="no anomaly component"):
+        m.compute()  # nothing of the bad batches was kept
+    for kwargs, text in (
+        ({"threshold": float("nan")}, "threshold must be finite"),
+        ({"threshold": 0.5, "min_segment_size": -1}, "min_segment_size"),
+        ({"threshold": 0.5, "min_instance_size": 2.5}, "min_instance_size"),
+        ({"threshold": 0.5, "siou_thresholds": (0.0, 0.5)}, "siou_thresholds"),
+    ):
+        with pytest.raises(ValueError, match=text):
+            ComponentMetrics(**kwargs)
+
+
+def test_pixel_f1_threshold_is_the_best_of_every_threshold() -> None:
+    rng = np.random.default_rng(1)
+    f1 = PixelF1()
+    scores, labels = [], []
+    for _ in range(3):
+        y = (rng.random((40, 50)) < 0.1).astype(np.uint8)
+        s = np.clip(rng.normal(0.3 + 0.25 * y, 0.15), 0, 1).astype(np.float16)  # many tied values
+        y[rng.random((40, 50)) < 0.05] = 255
+        s[y == 255] = np.float16(np.inf)  # void: ignored
+        f1.update(s, y)
+        scores.append(s[y != 255].astype(np.float64))
+        labels.append(y[y != 255])
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    out = f1.compute()
+    precision, recall, thresholds = skm.precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1s = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    assert out["f1"] == pytest.approx(f1s.max(), abs=1e-12)
+    assert out["threshold"] == thresholds[np.flatnonzero(f1s == f1s.max()).max()]  # the highest best one
+    flagged = s >= out["threshold"]
+    assert out["precision"] == pytest.approx(y[flagged].mean())
+    assert out["recall"] == pytest.approx(flagged[y == 1].mean())
+    with pytest.raises(ValueError, match="float16"):
+        f1.update(s.astype(np.float32), y)
+    with pytest.raises(ValueError, match="both classes"):
+        PixelF1().compute()
