@@ -81,7 +81,13 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; {args.steps} profiled steps")
-    rows, tops = [], []
+    # Each row is printed when its lever is done (a run cut short keeps them), the kernels after the table.
+    print(
+        "\n| lever | wall ms/step (profiled) | GPU kernel ms/step | kernels/step | aten ops/step (nested) "
+        "| backend ops/step (no views) | scalar reads/step | wall / kernel |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    tops = []
     for lever in args.levers:
         try:
             model, fast, bf16 = build(lever, args.small, device)
@@ -89,7 +95,7 @@ def main() -> None:
             opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5, foreach=True)
             step = step_function(model, opt, fast.fast, amp=bf16)
         except ValueError as err:  # cudagraphs off CUDA
-            rows.append(f"| {lever} | skipped: {err} | — | — | — | — | — | — |")
+            print(f"| {lever} | skipped: {err} | — | — | — | — | — | — |", flush=True)
             continue
         x = torch.rand(args.batch, 3, 32, 32, device=device) - 0.5
         model.train()
@@ -117,9 +123,10 @@ def main() -> None:
         aten = sum(e.device_type == DeviceType.CPU and e.name.startswith("aten::") for e in events)
         gpu = sum(e.self_device_time_total for e in kernels) / 1e6 / args.steps  # µs → s
         ratio = f"{wall / gpu:.2f}" if gpu else "—"
-        rows.append(
+        print(
             f"| {lever} | {1e3 * wall:.1f} | {1e3 * gpu:.1f} | {len(kernels) / args.steps:.0f} | "
-            f"{aten / args.steps:.0f} | {ops} | {reads} | {ratio} |"
+            f"{aten / args.steps:.0f} | {ops} | {reads} | {ratio} |",
+            flush=True,
         )
         by_name: dict[str, list[float]] = {}
         for e in kernels:
@@ -127,12 +134,6 @@ def main() -> None:
             entry[0] += e.self_device_time_total / 1e3 / args.steps
             entry[1] += 1 / args.steps
         tops.append((lever, sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]))
-    print(
-        "\n| lever | wall ms/step (profiled) | GPU kernel ms/step | kernels/step | aten ops/step (nested) "
-        "| backend ops/step (no views) | scalar reads/step | wall / kernel |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
     for lever, top in tops:
         print(f"\n| {lever}: kernel | ms/step | launches/step |\n|---|---:|---:|")
         for kernel, (ms, count) in top:
