@@ -98,6 +98,7 @@ __all__ = [
     "ClassFalsePositiveRow",
     "ComponentMetricRow",
     "component_metrics_markdown",
+    "evaluate_dense",
     "evaluate_dense_components",
     "write_component_metrics",
     "DenseRun",
@@ -589,7 +590,7 @@ def evaluate_dense_run(
     Reads ``run.json`` to reopen the dataset, then streams every frame's ``.npy`` maps and label
     through one :class:`densead.metrics.PixelMetrics` per detector.
     """
-    return _evaluate_run(Path(run_dir), detectors, progress, mode=mode)[0]
+    return evaluate_dense(run_dir, detectors, mode, progress=progress)[0]
 
 
 @dataclass(frozen=True)
@@ -604,66 +605,6 @@ class ClassFalsePositiveRow:
     fpr: float
     share: float
     threshold: float
-
-
-def false_positives_by_class(
-    run_dir: str | Path, detectors: Sequence[str] | None = None, progress: bool = False
-) -> list[ClassFalsePositiveRow]:
-    """Which in-distribution classes each detector's false alarms at 95 % TPR come from.
-
-    Needs a dataset with semantic labels (CamVid, Cityscapes: ``semantic_classes``); exact on the
-    written float16 maps (:class:`densead.metrics.FalsePositivesByClass`). The rows of a detector
-    follow the class ids; their ``n_flagged`` add up to the FPR95 of :func:`evaluate_dense_run`
-    times the inlier count.
-    """
-    return _evaluate_run(Path(run_dir), detectors, progress, by_class=True)[1]
-
-
-def evaluate_dense_run_by_class(
-    run_dir: str | Path,
-    detectors: Sequence[str] | None = None,
-    mode: str = "binned",
-    progress: bool = False,
-) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow]]:
-    """:func:`evaluate_dense_run` and :func:`false_positives_by_class` in one pass over the maps."""
-    return _evaluate_run(Path(run_dir), detectors, progress, mode=mode, by_class=True)
-
-
-def _evaluate_run(
-    run_dir: Path,
-    detectors: Sequence[str] | None,
-    progress: bool,
-    mode: str | None = None,
-    by_class: bool = False,
-) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow]]:
-    """One pass over a run's maps: the pixel metrics (``mode`` given) and / or the false alarms by
-    class (``by_class``); what was not asked for comes back empty."""
-    run, source, dataset, detectors = _open_run(run_dir, detectors)
-    names = dataset.semantic_classes
-    if by_class and not names:
-        raise ValueError(f"{source.name} ({type(dataset).__name__}) has no semantic labels to break down by")
-    metrics = {d: PixelMetrics(mode) for d in detectors} if mode is not None else {}
-    counters = {d: FalsePositivesByClass(len(names)) for d in detectors} if by_class else {}
-    for label, semantic, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
-        for det, m in maps.items():
-            if metrics:
-                metrics[det].update(m.astype(np.float32), label)
-            if counters:
-                counters[det].update(m, label, semantic)
-    set_name = run.get("set_name", source.name)
-    rows = []
-    for det, pm in metrics.items():
-        r = pm.compute()
-        values = (r["auroc"], r["ap"], r["fpr95"], r["n_pixels"], r["n_anomaly"])
-        rows.append(PixelMetricRow(set_name, det, *values))
-    class_rows = []
-    for det, counter in counters.items():
-        out = counter.compute()
-        for c in out["classes"]:
-            name = names[c["id"]] if c["id"] != "other" else "other"
-            values = (c["n_inlier"], c["n_flagged"], c["fpr"], c["share"], out["threshold"])
-            class_rows.append(ClassFalsePositiveRow(set_name, det, name, *values))
-    return rows, class_rows
 
 
 @dataclass(frozen=True)
@@ -686,6 +627,94 @@ class ComponentMetricRow:
     min_instance_size: int
 
 
+def false_positives_by_class(
+    run_dir: str | Path, detectors: Sequence[str] | None = None, progress: bool = False
+) -> list[ClassFalsePositiveRow]:
+    """Which in-distribution classes each detector's false alarms at 95 % TPR come from.
+
+    Needs a dataset with semantic labels (CamVid, Cityscapes: ``semantic_classes``); exact on the
+    written float16 maps (:class:`densead.metrics.FalsePositivesByClass`). The rows of a detector
+    follow the class ids; their ``n_flagged`` add up to the FPR95 of :func:`evaluate_dense_run`
+    times the inlier count.
+    """
+    return evaluate_dense(run_dir, detectors, None, by_class=True, progress=progress)[1]
+
+
+def evaluate_dense_run_by_class(
+    run_dir: str | Path,
+    detectors: Sequence[str] | None = None,
+    mode: str = "binned",
+    progress: bool = False,
+) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow]]:
+    """:func:`evaluate_dense_run` and :func:`false_positives_by_class` in one pass over the maps."""
+    metrics, classes, _ = evaluate_dense(run_dir, detectors, mode, by_class=True, progress=progress)
+    return metrics, classes
+
+
+def evaluate_dense(
+    run_dir: str | Path,
+    detectors: Sequence[str] | None = None,
+    mode: str | None = "binned",
+    by_class: bool = False,
+    components: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow], list[ComponentMetricRow]]:
+    """Everything asked of a run's maps, reading them as few times as it can.
+
+    One pass gives the pixel metrics (``mode`` given, :func:`evaluate_dense_run`), the false alarms
+    by class (``by_class``, :func:`false_positives_by_class`) and, with ``components =
+    (min_segment_size, min_instance_size)``, each detector's best-pixel-F1 threshold; a second pass
+    then scores the components there (:func:`evaluate_dense_components`). What was not asked for
+    comes back empty.
+    """
+    run_dir = Path(run_dir)
+    run, source, dataset, detectors = _open_run(run_dir, detectors)
+    names = dataset.semantic_classes
+    if by_class and not names:
+        raise ValueError(f"{source.name} ({type(dataset).__name__}) has no semantic labels to break down by")
+    metrics = {d: PixelMetrics(mode) for d in detectors} if mode is not None else {}
+    counters = {d: FalsePositivesByClass(len(names)) for d in detectors} if by_class else {}
+    pixel_f1 = {d: PixelF1() for d in detectors} if components is not None else {}
+    for label, semantic, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
+        for det, m in maps.items():
+            if metrics:
+                metrics[det].update(m.astype(np.float32), label)
+            if counters:
+                counters[det].update(m, label, semantic)
+            if pixel_f1:
+                pixel_f1[det].update(m, label)
+    set_name = run.get("set_name", source.name)
+    rows = []
+    for det, pm in metrics.items():
+        r = pm.compute()
+        values = (r["auroc"], r["ap"], r["fpr95"], r["n_pixels"], r["n_anomaly"])
+        rows.append(PixelMetricRow(set_name, det, *values))
+    class_rows = []
+    for det, counter in counters.items():
+        out = counter.compute()
+        for c in out["classes"]:
+            name = names[c["id"]] if c["id"] != "other" else "other"
+            values = (c["n_inlier"], c["n_flagged"], c["fpr"], c["share"], out["threshold"])
+            class_rows.append(ClassFalsePositiveRow(set_name, det, name, *values))
+    component_rows = []
+    if components is not None:
+        best = {det: f1.compute() for det, f1 in pixel_f1.items()}
+        min_segment_size, min_instance_size = components
+        scored = {det: ComponentMetrics(best[det]["threshold"], *components) for det in detectors}
+        for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
+            for det, m in maps.items():
+                scored[det].update(m, label)
+        for det, cm in scored.items():
+            out = cm.compute()
+            f1 = {round(100 * r["threshold"]): r["f1"] for r in out["per_threshold"]}
+            values = (out["siou"], out["ppv"], out["f1_mean"], f1[25], f1[50], f1[75])
+            counts = (out["n_instances"], out["n_segments"], min_segment_size, min_instance_size)
+            component_rows.append(
+                ComponentMetricRow(set_name, det, best[det]["threshold"], best[det]["f1"], *values, *counts)
+            )
+    return rows, class_rows, component_rows
+
+
 def evaluate_dense_components(
     run_dir: str | Path,
     detectors: Sequence[str] | None = None,
@@ -701,44 +730,8 @@ def evaluate_dense_components(
     written maps (the benchmark's RoadAnomaly21 defaults, 500 and 100, are for frames of about
     2048 × 1024; RoadObstacle21 uses 50 and 10).
     """
-    run_dir = Path(run_dir)
-    run, source, dataset, detectors = _open_run(run_dir, detectors)
-    pixel_f1 = {d: PixelF1() for d in detectors}
-    for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
-        for det, m in maps.items():
-            pixel_f1[det].update(m, label)
-    best = {det: f1.compute() for det, f1 in pixel_f1.items()}
-    metrics = {
-        det: ComponentMetrics(best[det]["threshold"], min_segment_size, min_instance_size)
-        for det in detectors
-    }
-    for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
-        for det, m in maps.items():
-            metrics[det].update(m, label)
-    set_name = run.get("set_name", source.name)
-    rows = []
-    for det, cm in metrics.items():
-        out = cm.compute()
-        f1 = {round(100 * r["threshold"]): r["f1"] for r in out["per_threshold"]}
-        rows.append(
-            ComponentMetricRow(
-                set_name,
-                det,
-                best[det]["threshold"],
-                best[det]["f1"],
-                out["siou"],
-                out["ppv"],
-                out["f1_mean"],
-                f1[25],
-                f1[50],
-                f1[75],
-                out["n_instances"],
-                out["n_segments"],
-                min_segment_size,
-                min_instance_size,
-            )
-        )
-    return rows
+    components = (min_segment_size, min_instance_size)
+    return evaluate_dense(run_dir, detectors, None, components=components, progress=progress)[2]
 
 
 def component_metrics_markdown(rows: Sequence[ComponentMetricRow]) -> str:

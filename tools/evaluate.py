@@ -30,9 +30,7 @@ from pathlib import Path
 
 from densead.dense_scoring import (
     component_metrics_markdown,
-    evaluate_dense_components,
-    evaluate_dense_run,
-    evaluate_dense_run_by_class,
+    evaluate_dense,
     false_positives_markdown,
     pixel_metrics_markdown,
     write_component_metrics,
@@ -80,31 +78,21 @@ def pixel_main(argv: list[str]) -> int:
     for flag in ("min_segment_size", "min_instance_size"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    sizes = (args.min_segment_size, args.min_instance_size) if args.components else None
+    asked = " ".join(f for f, on in (("--by-class", args.by_class), ("--components", args.components)) if on)
     rows, by_class, components = [], [], []
     for run_dir in args.pixel:
-        if not args.by_class:
-            rows += evaluate_dense_run(run_dir, args.detectors, args.mode, progress=not args.no_progress)
-            continue
-        try:  # one pass over the maps for both tables
-            metrics, classes = evaluate_dense_run_by_class(
-                run_dir, args.detectors, args.mode, progress=not args.no_progress
+        try:  # one pass over the maps for every table (and one more for the components)
+            metrics, classes, comps = evaluate_dense(
+                run_dir, args.detectors, args.mode, args.by_class, sizes, progress=not args.no_progress
             )
         except ValueError as err:
-            p.error(f"--by-class: {run_dir}: {err}")
+            if not asked:
+                raise
+            p.error(f"{asked}: {run_dir}: {err}")
         rows += metrics
         by_class += classes
-    if args.components:
-        for run_dir in args.pixel:
-            try:
-                components += evaluate_dense_components(
-                    run_dir,
-                    args.detectors,
-                    args.min_segment_size,
-                    args.min_instance_size,
-                    progress=not args.no_progress,
-                )
-            except ValueError as err:
-                p.error(f"--components: {run_dir}: {err}")
+        components += comps
     write_pixel_metrics(args.out, rows)
     print(pixel_metrics_markdown(rows))
     if args.by_class:
