@@ -682,13 +682,9 @@ class PixelF1:
         if s.shape != y.shape:
             raise ValueError(f"scores {s.shape} and labels {y.shape} differ in shape")
         _check_label_dtype(y)
+        PixelMetrics._validate_chunk(s.ravel(), y.ravel())
         valid = y != VOID_LABEL
         y = y[valid]
-        bad = (y != 0) & (y != 1)
-        if bad.any():
-            raise ValueError(
-                f"labels must be 0 (inlier), 1 (anomaly) or 255 (void), got {_bad_values_text(y[bad])}"
-            )
         bits = _float16_bins(s[valid])
         counts = np.bincount(bits + N_FLOAT16_VALUES * (y == 1), minlength=2 * N_FLOAT16_VALUES)
         self._counts += counts.reshape(2, N_FLOAT16_VALUES)
