@@ -8,6 +8,7 @@ checkpoint, so a run can always be rebuilt from its own folder.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,30 @@ class ConfigError(ValueError):
     """A config file or override that does not match its dataclass."""
 
 
+class FieldError(ConfigError):
+    """A field's value out of its range, raised by a config's ``__post_init__``.
+
+    The message starts with the field's name; read from a file, the error names the whole
+    key (``general_train.steps``) and the file.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+
+
+def require(cfg: Any, minimum: float, *names: str, strict: bool = False) -> None:
+    """Raise :class:`FieldError` unless every field ``names`` of ``cfg`` is ``>= minimum``
+    (``> minimum`` with ``strict``)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum or (strict and value == minimum):
+            raise FieldError(name, f"must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+# Quantization levels a model can use: the data are 8-bit images at most.
+MAX_BINS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A multi-scale Glow (see :class:`densead.flows.Glow`); paper defaults."""
@@ -50,6 +75,13 @@ class ModelConfig:
     hidden: int = 512
     kernel_size: int = 3
     n_bins: int = 256
+
+    def __post_init__(self) -> None:
+        require(self, 1, "in_channels", "n_scales", "n_steps", "hidden", "kernel_size")
+        if self.kernel_size % 2 != 1:
+            raise FieldError("kernel_size", f"must be odd, got {self.kernel_size}")
+        if not 2 <= self.n_bins <= MAX_BINS:
+            raise FieldError("n_bins", f"must be 2 ... {MAX_BINS} (levels of 8-bit data), got {self.n_bins}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,11 +217,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.lr_scaling not in LR_SCALINGS:
-            raise ConfigError(
-                f"train.lr_scaling: unknown {self.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}"
-            )
-        if self.lr_reference_batch < 1:
-            raise ConfigError(f"train.lr_reference_batch must be >= 1, got {self.lr_reference_batch}")
+            raise FieldError("lr_scaling", f"unknown {self.lr_scaling!r}; valid: {', '.join(LR_SCALINGS)}")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise FieldError("optimizer", f"unknown {self.optimizer!r}; valid: {', '.join(OPTIMIZER_NAMES)}")
+        # steps 0: a stage not trained (ExperimentConfig.outlier_train); the trainers refuse it.
+        require(self, 0, "steps", "warmup_steps", "weight_decay", "max_grad_norm")
+        require(self, 1, "batch_size", "lr_reference_batch", "checkpoint_every", "log_every")
+        require(self, 0, "lr", strict=True)
+        check_device(self.device)
+
+
+# train.optimizer: the optimizers densead.train builds.
+OPTIMIZER_NAMES = ("adamax", "adam", "sgd")
+
+
+def check_device(name: str, field: str = "device") -> None:
+    """``auto`` or a device string torch understands (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise FieldError(
+            field, f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:<index>, ..."
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +353,10 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
             kwargs[name] = _convert(data[name], hints[name], key)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where or cls.__name__}: missing required key {name!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as err:  # a value out of range: name the whole key
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>") -> T:
@@ -326,11 +382,35 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as a config writer means it: ``5e-4`` is a float and only ``true`` / ``false``
+    are booleans. PyYAML follows YAML 1.1, which reads ``5e-4`` as a string (a float needs a
+    dot there) and ``on`` / ``off`` / ``yes`` / ``no`` as booleans (``train.fast: off``)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), _load_yaml(raw)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -355,7 +435,7 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from densead.config import DataConfig, ModelConfig, TrainConfig, save_config, to_dict
+from densead.config import DataConfig, FieldError, ModelConfig, TrainConfig, require, save_config, to_dict
 from densead.data.images import ImageSet, load_image_set
 from densead.data.road import INLIER, ROAD_DATASETS, VOID, RoadDataset
 from densead.data.transforms import to_model_input
@@ -187,6 +187,10 @@ class RoadDataConfig:
     crop_width: int = 64
     hflip: bool = True
 
+    def __post_init__(self) -> None:
+        require(self, 1, "downscale", "crop_height", "crop_width")
+        require(self, 0, "max_frames")
+
     def source(self) -> RoadSource:
         return RoadSource(
             self.dataset, self.root, self.split, self.held_out, self.void, self.max_frames, self.protocol
@@ -208,6 +212,12 @@ class GeneralImagesConfig:
     data: DataConfig
     fraction: float = 0.5
     fit: str = "upsample"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise FieldError("fraction", f"must be in [0, 1], got {self.fraction}")
+        if self.fit not in GENERAL_FITS:
+            raise FieldError("fit", f"unknown {self.fit!r}; valid: {', '.join(GENERAL_FITS)}")
 
 
 @dataclass(frozen=True)
@@ -474,8 +484,59 @@ class RoadBatches:
 # --------------------------------------------------------------------------- the loop
 
 
+# The data keys that define which frames a road Glow sees and which pixels are inlier, anomaly
+# or void: a resumed run must keep them (crop size, flips and every train key may change).
+PROTOCOL_KEYS = ("dataset", "root", "split", "held_out", "void", "max_frames", "protocol", "downscale")
+
+
+def _same_root(a: object, b: object) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(str(a)).samefile(Path(str(b)))
+    except OSError:
+        return False
+
+
+def _check_resume_protocol(ckpt_path: Path, stored: object, cfg: RoadTrainConfig) -> None:
+    """Refuse to continue a model trained under another data protocol (label leakage: the
+    stored run may have seen as inliers what the new config calls anomalies)."""
+    if not isinstance(stored, dict):
+        return  # a checkpoint without its config: nothing to compare
+    new = to_dict(cfg)
+    old_data = stored.get("data") if isinstance(stored.get("data"), dict) else {}
+    differ = []
+    for key in PROTOCOL_KEYS:
+        if key not in old_data:
+            continue
+        a, b = old_data[key], new["data"][key]
+        if key == "root" and _same_root(a, b):
+            continue
+        if a != b:
+            differ.append(f"data.{key} ({a!r} in the checkpoint, {b!r} now)")
+    old_general, new_general = stored.get("general_images"), new["general_images"]
+    if "general_images" in stored and (old_general is None) != (new_general is None):
+        differ.append(
+            f"general_images ({'set' if old_general else 'none'} in the checkpoint, "
+            f"{'set' if new_general else 'none'} now)"
+        )
+    elif (
+        isinstance(old_general, dict)
+        and new_general is not None
+        and old_general.get("data") != new_general["data"]
+    ):
+        differ.append("general_images.data")
+    if differ:
+        raise ValueError(
+            f"{ckpt_path}: cannot resume: it was trained under another data protocol: {'; '.join(differ)}. "
+            "Train into a new output_dir instead."
+        )
+
+
 def _check_config(cfg: RoadTrainConfig) -> None:
     mcfg, dcfg = cfg.model, cfg.data
+    if cfg.train.steps < 1:
+        raise ValueError(f"train.steps must be >= 1 to train, got {cfg.train.steps}")
     factor = 2**mcfg.n_scales
     if dcfg.crop_height % factor or dcfg.crop_width % factor or min(dcfg.crop_height, dcfg.crop_width) < 1:
         raise ValueError(
@@ -511,6 +572,7 @@ def train_road_glow(
         done = load_checkpoint(ckpt_path)
         if done["model_config"] != to_dict(mcfg):
             raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
+        _check_resume_protocol(ckpt_path, done.get("config"), cfg)
         if done["finished"] and done["step"] >= tcfg.steps:
             return ckpt_path
     torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only
@@ -543,8 +605,6 @@ def train_road_glow(
             "train.fast: cudagraphs is for the image Glow's trainer; the road Glow's masked steps run eagerly"
         )
     fast_training = FastTraining(model, fast)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
 
     def save(finished: bool) -> None:
         atomic_torch_save(
@@ -559,6 +619,7 @@ def train_road_glow(
             },
             ckpt_path,
         )
+        save_config(cfg, out_dir / "config.yaml")  # with the checkpoint (see densead.train.train_glow)
 
     model.train()
     desc = f"train {out_dir.name}"

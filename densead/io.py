@@ -19,6 +19,12 @@ import torch
 __all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text", "read_checkpoint"]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it; put it back at once
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -31,6 +37,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes the file private (0600); the result gets the mode any new file gets here.
+    tmp_path.chmod(0o666 & ~_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -75,7 +83,11 @@ def read_checkpoint(
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path}: not a readable {kind or 'densead'} checkpoint ({err})") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Weights only" in str(err):
+            # torch's message goes on to advise weights_only=False; densead never unpickles code
+            reason = "it holds objects other than tensors and plain data, which densead does not unpickle"
+        raise ValueError(f"{path}: not a readable {kind or 'densead'} checkpoint ({reason})") from None
     for key in keys:
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path}: not a densead {label} (missing {key!r})")

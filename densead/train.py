@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from densead import distributed as dist
 from densead.config import (
+    ConfigError,
     ModelConfig,
     OutlierConfig,
     TrainConfig,
@@ -528,6 +529,8 @@ def train_glow(
     existing one is continued (a finished one is returned as it is).
     """
     tcfg, mcfg, ocfg = cfg.train, cfg.model, cfg.outlier
+    if tcfg.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1 to train, got {tcfg.steps}")
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = dist.init_from_env(resolve_device(tcfg.device))
@@ -564,9 +567,6 @@ def train_glow(
     train_step = step_function(model, optimizer, fast, reference, ocfg, tcfg.amp, tcfg.max_grad_norm, net=net)
     if reference is not None:
         apply_fast_path(reference, fast)
-    if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
 
     def save(finished: bool) -> None:
         if not dist.is_main():
@@ -584,6 +584,9 @@ def train_glow(
             },
             ckpt_path,
         )
+        # With the checkpoint, not before: a run stopped before its first checkpoint leaves an
+        # earlier run's checkpoint and config.yaml as they were, a matching pair.
+        save_config(cfg, out_dir / "config.yaml")
 
     n_dims = math.prod(data.images.shape[1:])
     model.train()

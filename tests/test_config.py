@@ -107,3 +107,52 @@ def test_shipped_configs_load(path: Path) -> None:
 def test_shipped_experiment_configs_load(path: Path) -> None:
     cfg = load_config(ExperimentConfig, path)
     assert cfg.anomalies
+
+
+def test_yaml_reads_exponent_floats_and_only_true_false_as_booleans(tmp_path: Path) -> None:
+    # PyYAML's YAML 1.1 reads 5e-4 as a string and on/off as booleans; a config writer means
+    # a float and the documented values of train.fast.
+    path = write(tmp_path, "output_dir: x\ndata: {}\ntrain:\n  lr: 5e-4\n  fast: off\n  amp: true\n")
+    cfg = load_config(TrainRunConfig, path, ["train.weight_decay=1E-5", "train.max_grad_norm=1e2"])
+    assert (cfg.train.lr, cfg.train.fast, cfg.train.amp) == (5e-4, "off", True)
+    assert (cfg.train.weight_decay, cfg.train.max_grad_norm) == (1e-5, 100.0)
+    assert load_config(TrainRunConfig, path, ["train.fast=on"]).train.fast == "on"
+    assert load_config(TrainRunConfig, path, ["data.path=0006R0"]).data.path == "0006R0"
+    with pytest.raises(ConfigError, match=r"train\.amp: expected true or false, got 'yes'"):
+        load_config(TrainRunConfig, path, ["train.amp=yes"])
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer, got 1000.0"):
+        load_config(TrainRunConfig, path, ["train.steps=1e3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.warmup_steps=-3", r"train\.warmup_steps: must be >= 0, got -3"),
+        ("train.steps=-5", r"train\.steps: must be >= 0, got -5"),
+        ("train.batch_size=0", r"train\.batch_size: must be >= 1, got 0"),
+        ("train.lr=-1", r"train\.lr: must be > 0, got -1"),
+        ("train.checkpoint_every=0", r"train\.checkpoint_every: must be >= 1, got 0"),
+        ("train.log_every=0", r"train\.log_every: must be >= 1, got 0"),
+        ("train.device=tpu", r"train\.device: unknown device 'tpu'"),
+        ("train.optimizer=lbfgs", r"train\.optimizer: unknown 'lbfgs'; valid: adamax, adam, sgd"),
+        ("model.n_bins=512", r"model\.n_bins: must be 2 \.\.\. 256 .*got 512"),
+        ("model.n_bins=0", r"model\.n_bins: must be 2 \.\.\. 256 .*got 0"),
+        ("model.hidden=0", r"model\.hidden: must be >= 1, got 0"),
+        ("model.kernel_size=-1", r"model\.kernel_size: must be >= 1, got -1"),
+        ("model.kernel_size=2", r"model\.kernel_size: must be odd, got 2"),
+    ],
+)
+def test_values_out_of_range_name_the_key_and_file(tmp_path: Path, override: str, message: str) -> None:
+    path = write(tmp_path, "output_dir: x\ndata: {}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):
+        load_config(TrainRunConfig, path, [override])
+
+
+def test_range_errors_name_the_experiments_own_keys() -> None:
+    data = to_dict(load_config(ExperimentConfig, REPO / "configs/experiments/digits_demo.yaml"))
+    data["general_train"]["warmup_steps"] = -1
+    with pytest.raises(ConfigError, match=r"^exp.yaml: general_train\.warmup_steps: must be >= 0, got -1"):
+        from_dict(ExperimentConfig, data, "exp.yaml")
+    data["general_train"]["warmup_steps"] = 0
+    data["outlier_train"]["steps"] = 0  # a stage that is not trained: valid
+    assert from_dict(ExperimentConfig, data, "exp.yaml").outlier_train.steps == 0

@@ -676,9 +676,9 @@ def test_learning_rate_scales_with_the_batch_and_warms_up() -> None:
     assert learning_rate(warm, 50) == pytest.approx(2e-3)
     # Bad values are refused when the config is built, so a run fails before it starts; from a
     # file, the error names it.
-    with pytest.raises(ConfigError, match="train.lr_scaling: unknown 'square'; valid: none, linear, sqrt"):
+    with pytest.raises(ConfigError, match="^lr_scaling: unknown 'square'; valid: none, linear, sqrt"):
         TrainConfig(lr_scaling="square")
-    with pytest.raises(ConfigError, match="train.lr_reference_batch must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="^lr_reference_batch: must be >= 1, got 0"):
         replace(base, lr_reference_batch=0)
     data = to_dict(TrainRunConfig("x", DataConfig(source="sklearn_digits"), ModelConfig(), base))
     data["train"]["lr_scaling"] = "cubic"

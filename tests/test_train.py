@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from densead.config import DataConfig, ModelConfig, OutlierConfig, TrainConfig, TrainRunConfig
+from densead.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OutlierConfig,
+    TrainConfig,
+    TrainRunConfig,
+    load_config,
+)
 from densead.flows import Glow
 from densead.train import load_checkpoint, load_glow, outlier_loss, train_glow, training_step
 
@@ -132,3 +143,42 @@ def test_bad_inputs(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="differs"):
         train_glow(run_cfg(tmp_path / "z", 1, init_from=str(other)), progress=False)
+
+
+def test_a_run_needs_at_least_one_step_and_writes_nothing_otherwise(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.steps must be >= 1 to train, got 0"):
+        train_glow(run_cfg(tmp_path / "run", 0), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_glow(run_cfg(out, 2), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    wider = TrainRunConfig(str(out), DIGITS, replace(TINY, hidden=32), run_cfg(out, 4).train)
+
+    def stop(step: int, result: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_glow(wider, on_step=stop, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # config.yaml still fits checkpoint.pt
+    train_glow(load_config(TrainRunConfig, out / "config.yaml"), resume=True, progress=False)
+
+
+def test_outputs_get_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    mask = os.umask(0o022)
+    try:
+        path = train_glow(run_cfg(tmp_path / "run", 1), progress=False)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp alone makes 0600
+    assert stat.S_IMODE((path.parent / "config.yaml").stat().st_mode) == 0o644
+
+
+def test_a_checkpoint_holding_objects_is_refused_without_advice_to_unpickle_it(tmp_path: Path) -> None:
+    path = tmp_path / "objects.pt"
+    torch.save({"model": Path("x"), "model_config": {}}, path)
+    with pytest.raises(ValueError, match=r"objects\.pt: not a readable densead checkpoint") as err:
+        load_glow(path)
+    assert "weights_only=False" not in str(err.value) and "objects other than tensors" in str(err.value)
