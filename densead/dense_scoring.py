@@ -91,7 +91,7 @@ from densead.frame_scorers import (
 from densead.io import atomic_write_text
 from densead.metrics import ComponentMetrics, FalsePositivesByClass, PixelF1, PixelMetrics
 from densead.scoring import write_scores_csv
-from densead.train import load_glow, resolve_device
+from densead.train import load_checkpoint, load_glow, resolve_device
 from densead.viz import heatmap_overlay, save_png
 
 __all__ = [
@@ -242,6 +242,19 @@ def write_frame_maps(
     names = list(scorer.names)
     if len(set(names)) != len(names):
         raise ValueError(f"detectors repeat: {names}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} exists and is not a folder")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stems: dict[str, str] = {}
+    for frame in dataset.frames:  # two frames must not write one map file
+        other = stems.setdefault(safe_name(frame.name), frame.name)
+        if other != frame.name:
+            raise ValueError(
+                f"frames {other!r} and {frame.name!r} would both be written as {safe_name(frame.name)}.npy "
+                f"(frame names become file names with / as __): rename one"
+            )
     if rescale is None:
         ranges: dict[str, tuple[float, float]] = {}
         for _, maps in iter_frame_maps(dataset, scorer, batch_size, progress, "calibrate"):
@@ -251,9 +264,10 @@ def write_frame_maps(
     else:
         missing = [n for n in names if n not in rescale.bounds]
         if missing:
-            raise KeyError(f"rescale has no bounds for detector(s) {missing}")
+            raise ValueError(
+                f"rescale has no bounds for detector(s) {missing} (has: {', '.join(rescale.bounds)})"
+            )
 
-    out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
@@ -345,12 +359,28 @@ def _glow_detector(name: str, feature_names: Sequence[str] | None) -> GlowDetect
         ) from None
 
 
+def _check_trained_protocol(checkpoint: str | Path, dataset: RoadDataset, source: RoadSource) -> None:
+    """A road Glow (its checkpoint's ``config.data`` has ``held_out`` / ``void``) scores only a
+    dataset with the classes it was trained with as anomalies and void; image Glows are not checked."""
+    config = load_checkpoint(checkpoint).get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    for key in ("held_out", "void"):
+        theirs = data.get(key) if isinstance(data, dict) else None
+        ours = getattr(dataset, key, None)
+        if theirs is not None and ours is not None and tuple(ours) != tuple(theirs):
+            raise ValueError(
+                f"{checkpoint}: trained with {key}={list(theirs)}, but {source.name} uses {list(ours)}"
+            )
+
+
 def _glow_scorer(
     detectors: Sequence[GlowDetector],
     checkpoint: str | Path | None,
     general: str | Path | None,
     downscale: int | None,
     device: torch.device,
+    dataset: RoadDataset,
+    source: RoadSource,
 ) -> tuple[GlowFrameScorer, dict[str, Any]]:
     if checkpoint is None:
         raise ValueError(f"detector(s) {[d.name for d in detectors]} need a Glow checkpoint")
@@ -360,6 +390,13 @@ def _glow_scorer(
     general_model = load_glow(general, device)[0] if general is not None else None
     if general_model is not None and general_model.n_scales != model.n_scales:
         raise ValueError(f"{general}: {general_model.n_scales} scales, but {checkpoint} has {model.n_scales}")
+    paths = [checkpoint] if general_model is None else [checkpoint, general]
+    for path in paths:
+        _check_trained_protocol(path, dataset, source)
+    if general_model is not None:
+        ours, theirs = trained_downscale(checkpoint), trained_downscale(general)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise ValueError(f"{general}: trained on frames shrunk {theirs}x, but {checkpoint} on {ours}x")
     if downscale is None:
         downscale = trained_downscale(checkpoint) or 1
     info = {
@@ -474,7 +511,7 @@ def score_road_dataset(
         _glow_detector(n, feature_names if feature_flows else None) for n in needed if n not in feature_names
     ]
     if glow_dets:
-        glow, glow_info = _glow_scorer(glow_dets, checkpoint, general, downscale, dev)
+        glow, glow_info = _glow_scorer(glow_dets, checkpoint, general, downscale, dev, dataset, source)
         scorers.insert(0, glow)
         info.update(glow_info)
     if not scorers:
@@ -570,13 +607,29 @@ def _labelled_maps(
         maps = {}
         for det in detectors:
             path = run_dir / "maps" / det / f"{safe_name(name)}.npy"
-            if not path.is_file():
-                raise FileNotFoundError(f"score map not found: {path}")
-            m = np.load(path, allow_pickle=False)
-            if m.shape != label.shape:
-                raise ValueError(f"{path}: map of shape {m.shape} but label {frame.label} is {label.shape}")
-            maps[det] = m
+            maps[det] = _read_map(path, label.shape, frame.label)
         yield label, semantic, maps
+
+
+def _read_map(path: Path, shape: tuple[int, ...], label_path: Path) -> np.ndarray:
+    """One written score map, checked as :func:`write_frame_maps` writes them: float16 in [0, 1],
+    the label's shape. Errors name the map file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"score map not found: {path}")
+    try:
+        m = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable score map ({err})") from None
+    if m.dtype != np.float16:
+        raise ValueError(f"{path}: score maps are float16 as dense scoring writes them, got {m.dtype}")
+    if m.shape != shape:
+        raise ValueError(f"{path}: map of shape {m.shape} but label {label_path} is {shape}")
+    bad = ~((m >= 0) & (m <= 1))  # NaN included
+    if bad.any():
+        raise ValueError(
+            f"{path}: {int(bad.sum())} values outside [0, 1] or not finite (maps are rescaled to [0, 1])"
+        )
+    return m
 
 
 def evaluate_dense_run(

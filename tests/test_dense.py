@@ -38,6 +38,7 @@ from densead.dense import (
 from densead.dense_scoring import (
     MapRescale,
     evaluate_dense_components,
+    evaluate_dense_run,
     false_positives_by_class,
     frame_maps,
     score_road_dataset,
@@ -457,3 +458,93 @@ def test_tools_smoke_train_score_evaluate(tmp_path: Path, shared_data: Path) -> 
         rows = list(csv.DictReader(f))
     assert [r["detector"] for r in rows] == ["raw", "ratio", "scale1", "last_scale"]
     assert all(0 <= float(r["auroc"]) <= 1 and int(r["n_anomaly"]) > 0 for r in rows)
+
+
+def road_checkpoint(path: Path, seed: int, held_out: list[str], downscale: int = 1) -> Path:
+    """A tiny road Glow checkpoint that records the protocol it was trained with."""
+    model = random_glow(seed).float()
+    data = {"held_out": held_out, "void": ["Unlabelled"], "downscale": downscale}
+    ckpt = {"model": model.state_dict(), "model_config": to_dict(TINY), "config": {"data": data}}
+    atomic_torch_save(ckpt, path)
+    return path
+
+
+def test_a_road_glow_scores_only_the_protocol_it_was_trained_with(tmp_path: Path) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=1)
+    people = road_checkpoint(tmp_path / "people.pt", 1, ["Pedestrian", "Bicyclist"])
+    source = RoadSource("camvid", str(root), "test")
+    fixed = MapRescale.fit({"raw": (-10.0, 10.0), "ratio": (-10.0, 10.0)})
+    score_road_dataset(
+        source, people, tmp_path / "ok", ["raw"], rescale=fixed, overlays=False, progress=False
+    )
+    cars = replace(source, held_out=("Car",))
+    with pytest.raises(ValueError, match=r"people\.pt: trained with held_out=\['Pedestrian', 'Bicyclist'\]"):
+        score_road_dataset(cars, people, tmp_path / "cars", ["raw"], rescale=fixed, progress=False)
+    general_cars = road_checkpoint(tmp_path / "general_cars.pt", 2, ["Car"])
+    with pytest.raises(ValueError, match=r"general_cars\.pt: trained with held_out=\['Car'\]"):
+        score_road_dataset(
+            source, people, tmp_path / "g", ["ratio"], general_cars, rescale=fixed, progress=False
+        )
+    general_2x = road_checkpoint(tmp_path / "general_2x.pt", 3, ["Pedestrian", "Bicyclist"], downscale=2)
+    with pytest.raises(
+        ValueError, match=r"general_2x\.pt: trained on frames shrunk 2x, but .*people\.pt on 1x"
+    ):
+        score_road_dataset(
+            source, people, tmp_path / "g", ["ratio"], general_2x, rescale=fixed, progress=False
+        )
+    assert not any((tmp_path / d).exists() for d in ("cars", "g"))
+
+
+@pytest.mark.parametrize("fault", ["truncated", "nan", "float32", "negative", "objects"])
+def test_a_map_not_as_dense_scoring_writes_it_is_named(tmp_path: Path, fault: str) -> None:
+    root = fake_camvid(tmp_path / "camvid", n=2)
+    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 4)
+    fixed = MapRescale.fit({"raw": (-10.0, 10.0)})
+    run = score_road_dataset(
+        RoadSource("camvid", str(root), "test"),
+        ckpt,
+        tmp_path / "run",
+        ["raw"],
+        rescale=fixed,
+        progress=False,
+    )
+    path = run.map_path("raw", "f1")
+    m = np.load(path)
+    if fault == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif fault == "nan":
+        m[0, :2] = np.nan
+        np.save(path, m)
+    elif fault == "float32":
+        np.save(path, m.astype(np.float32))
+    elif fault == "negative":
+        m[0, 0] = -0.5
+        np.save(path, m)
+    else:
+        np.save(path, np.array([object()] * 3), allow_pickle=True)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: "):
+        evaluate_dense_run(tmp_path / "run")
+
+
+def test_frames_that_would_write_one_map_file_and_bad_outputs_are_refused_before_scoring(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "frames"
+    (root / "a").mkdir(parents=True)
+    image = np.zeros((H, W, 3), np.uint8)
+    assert cv2.imwrite(str(root / "a" / "b.png"), image) and cv2.imwrite(str(root / "a__b.png"), image)
+    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 4)
+    source = RoadSource("folder", str(root))
+    with pytest.raises(ValueError, match=r"frames 'a/b' and 'a__b' would both be written as a__b\.npy"):
+        score_road_dataset(source, ckpt, tmp_path / "out", ["raw"], progress=False)
+    assert not (tmp_path / "out").exists()
+    (root / "a__b.png").unlink()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"output folder .*file exists and is not a folder"):
+        score_road_dataset(source, ckpt, tmp_path / "file", ["raw"], progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be >= 1, got 0"):
+        score_road_dataset(source, ckpt, tmp_path / "out", ["raw"], batch_size=0, progress=False)
+    fixed = MapRescale.fit({"ratio": (0.0, 1.0)})
+    with pytest.raises(ValueError, match=r"rescale has no bounds for detector\(s\) \['raw'\] \(has: ratio\)"):
+        score_road_dataset(source, ckpt, tmp_path / "out", ["raw"], rescale=fixed, progress=False)
+    assert not (tmp_path / "out").exists()
