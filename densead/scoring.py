@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -44,6 +44,8 @@ def iter_model_batches(
     desc: str = "",
 ) -> Iterator[tuple[slice, Tensor]]:
     """Noise-free model inputs of an image set, batch by batch: ``(index slice, x)``."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     n = len(images)
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         sl = slice(start, min(start + batch_size, n))
@@ -73,6 +75,7 @@ def score_image_set(
     """
     device = torch.device(device)
     n_bins = scorer.model.n_bins
+    scorer.check_detectors(detectors)
     scorer.model.check_input(images.images[:1].float())
     names = image_names(images)
     # Under torchrun each rank scores a contiguous shard; scores are gathered in input order.
@@ -165,29 +168,107 @@ def write_scores_csv(path: str | Path, columns: Mapping[str, Sequence]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def read_scores_csv(paths: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
-    """Columns of one or more score CSVs (same header), numeric where possible."""
-    if isinstance(paths, str | Path):
-        paths = [paths]
-    header, rows = None, []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"scores file not found: {p}")
-        with p.open(newline="") as f:
-            reader = csv.reader(f)
-            h = next(reader, None)
-            if h is None:
-                raise ValueError(f"{p}: empty scores file")
-            if header is not None and h != header:
-                raise ValueError(f"{p}: columns {h} differ from {header} of {paths[0]}")
-            header = h
-            rows.extend(r for r in reader if r)
+# Columns of score CSVs that hold text even when every value looks like a number (set "1", image "007").
+TEXT_COLUMNS = ("set", "name")
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and ``(line number, row)`` of one scores file; every row as long as the header."""
+    if not path.is_file():
+        raise FileNotFoundError(f"scores file not found: {path}")
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty scores file")
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{path}: column(s) {repeated} appear more than once in the header")
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: {len(row)} fields, but the header has {len(header)} "
+                    f"({', '.join(header)})"
+                )
+            rows.append((reader.line_num, row))
+    return header, rows
+
+
+def read_scores_csv(
+    paths: str | Path | Sequence[str | Path], score_columns: Callable[[str], bool] | Collection[str] = ()
+) -> dict[str, np.ndarray]:
+    """Columns of one or more score CSVs, rows in file order.
+
+    The files must have the same columns, in any order (they are aligned by name),
+    and rows of equal length. With a ``set`` column, no set may appear in two files
+    (its rows would be silently merged). ``set`` and ``name`` stay text; any other
+    column becomes float64 if every cell is a number, else stays text.
+
+    Args:
+        paths: the CSV file(s).
+        score_columns: the columns that hold scores (names, or a test on a column name):
+            each of them must be present, and every cell a finite number.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: the message names the file (and line, column, set and cell)
+            of a malformed file, a column that differs between files, a set in
+            two files, or a score cell that is not a finite number.
+    """
+    paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no scores files given")
+    tables = [(p, *_read_csv_rows(p)) for p in paths]
+    first, header, _ = tables[0]
+    for p, h, _ in tables[1:]:
+        if set(h) != set(header):
+            missing, extra = [c for c in header if c not in h], [c for c in h if c not in header]
+            raise ValueError(
+                f"{p}: columns differ from those of {first}: missing {missing}, extra {extra} "
+                f"(columns of {first}: {', '.join(header)})"
+            )
+    if "set" in header:
+        where: dict[str, Path] = {}
+        for p, h, rows in tables:
+            j = h.index("set")
+            for name in dict.fromkeys(r[j] for _, r in rows):
+                if name in where:
+                    raise ValueError(
+                        f"set {name!r} is in both {where[name]} and {p}; give each set in one file only"
+                    )
+                where[name] = p
+    is_score = score_columns if callable(score_columns) else set(score_columns).__contains__
+    if not callable(score_columns):
+        absent = [c for c in score_columns if c not in header]
+        if absent:
+            raise ValueError(f"{first}: no score column(s) {absent} (columns: {', '.join(header)})")
+    records = [(p, line, dict(zip(h, r, strict=True))) for p, h, rows in tables for line, r in rows]
     cols: dict[str, np.ndarray] = {}
-    for j, name in enumerate(header):
-        values = [r[j] for r in rows]
+    for name in header:
+        cells = [rec[name] for _, _, rec in records]
+        if name in TEXT_COLUMNS:
+            cols[name] = np.asarray(cells, dtype=str)
+            continue
+        if is_score(name):
+            for p, line, rec in records:
+                if not _is_finite_number(rec[name]):
+                    of_set = f" (set {rec['set']!r})" if "set" in rec else ""
+                    cell = f"holds {rec[name]!r}" if rec[name].strip() else "is empty"
+                    raise ValueError(
+                        f"{p}, line {line}{of_set}: score column {name!r} {cell}, not a finite number"
+                    )
         try:
-            cols[name] = np.asarray([float(v) for v in values])
+            cols[name] = np.asarray([float(v) for v in cells], dtype=np.float64)
         except ValueError:
-            cols[name] = np.asarray(values)
+            cols[name] = np.asarray(cells, dtype=str)
     return cols
+
+
+def _is_finite_number(cell: str) -> bool:
+    try:
+        return bool(np.isfinite(float(cell)))
+    except ValueError:
+        return False

@@ -7,6 +7,13 @@ scores.csv), prints the tables (paper Table 4 style) and writes metrics.csv,
 metrics.md, ROC curves and score histograms to --out. Anomalies are the
 positive class; higher score = more anomalous.
 
+The CSVs need a 'set' column and the same columns (in any order); a set must be in one file
+only (two files with the same set are refused, not merged). The score columns (--detectors;
+by default every column but set, index, name, label, log_prob_* and *_in_dist) must hold a
+finite number in every row: a text column such as notes is refused unless --detectors leaves
+it out. Anomaly sets default to every set but --in-set and general_test. Nothing is written
+unless all of this holds.
+
 Pixel mode: the dense maps of one or more road runs (tools/score_images.py --road) against
 their datasets' labels, void pixels excluded, streamed through densead.metrics.PixelMetrics:
 
@@ -44,6 +51,10 @@ from densead.scoring import read_scores_csv
 # Columns of score CSVs that are not detector scores (an experiment's scores.csv
 # also holds each model's log p and the in-distribution model's per-scale terms).
 NON_SCORE_COLUMNS = ("set", "index", "name", "label")
+
+
+# What is_score_column accepts, for messages.
+SCORE_COLUMNS = "every column except set, index, name, label, log_prob_* and *_in_dist"
 
 
 def is_score_column(name: str) -> bool:
@@ -112,18 +123,52 @@ def main(argv: list[str] | None = None) -> int:
     if "--pixel" in argv:
         return pixel_main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scores", nargs="+", help="score CSV file(s) with a 'set' column")
+    p.add_argument("scores", nargs="+", help="score CSV file(s) with a 'set' column, each set in one file")
     p.add_argument("--in-set", required=True, help="the in-distribution set (negatives)")
-    p.add_argument("--anomaly-sets", nargs="*", help="anomaly sets (default: every other set)")
-    p.add_argument("--detectors", nargs="*", help="score columns (default: every detector column)")
+    p.add_argument(
+        "--anomaly-sets",
+        nargs="*",
+        help="anomaly sets (default: every set except --in-set and general_test, the general model's "
+        "test set of run_experiment.py)",
+    )
+    p.add_argument(
+        "--detectors",
+        nargs="*",
+        help=f"score columns (default: {SCORE_COLUMNS}); each must hold a finite number in every row",
+    )
     p.add_argument("--out", required=True, help="folder for metrics.csv, metrics.md and plots")
     args = p.parse_args(argv)
-    cols = read_scores_csv(args.scores)
-    sets = list(dict.fromkeys(cols["set"])) if "set" in cols else []
+    # Everything is checked before anything is written.
+    try:
+        cols = read_scores_csv(args.scores, score_columns=args.detectors or is_score_column)
+    except (FileNotFoundError, ValueError) as err:
+        hint = ""
+        if not args.detectors and "score column" in str(err):
+            hint = f" (without --detectors, {SCORE_COLUMNS} is a score column)"
+        p.error(f"{err}{hint}")
+    files = ", ".join(args.scores)
+    if "set" not in cols:
+        p.error(f"{files}: no 'set' column (columns: {', '.join(cols)})")
+    sets = list(dict.fromkeys(cols["set"].tolist()))
     if args.in_set not in sets:
         p.error(f"--in-set {args.in_set!r} not among the sets in the scores: {sets}")
-    anomaly_sets = args.anomaly_sets or [s for s in sets if s != args.in_set and s != "general_test"]
+    if args.anomaly_sets:
+        unknown = [s for s in args.anomaly_sets if s not in sets]
+        if unknown:
+            p.error(f"--anomaly-sets {unknown} not among the sets in the scores: {sets}")
+        if args.in_set in args.anomaly_sets:
+            p.error(f"--anomaly-sets lists the --in-set {args.in_set!r}: its images cannot be both classes")
+        anomaly_sets = args.anomaly_sets
+    else:
+        anomaly_sets = [s for s in sets if s != args.in_set and s != "general_test"]
+        if not anomaly_sets:
+            p.error(
+                f"no anomaly sets in {files}: its sets are {sets}, with --in-set {args.in_set!r} "
+                "(general_test is used only if named in --anomaly-sets)"
+            )
     detectors = args.detectors or [c for c in cols if is_score_column(c)]
+    if not detectors:
+        p.error(f"{files}: no score columns (columns: {', '.join(cols)})")
     rows = write_evaluation(args.out, cols, args.in_set, anomaly_sets, detectors, DISPLAY_NAMES)
     print(markdown_tables(rows, DISPLAY_NAMES))
     print(f"metrics.csv, metrics.md, ROC curves and histograms -> {Path(args.out).resolve()}")

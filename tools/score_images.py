@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     road.add_argument("--calibration-frames", type=int, default=64, help="frames spread over it (0: all)")
     args = p.parse_args(argv)
+    for flag, least in (("batch_size", 1), ("size", 0), ("max_frames", 0), ("calibration_frames", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+    if not [name for name in args.detector.split(",") if name.strip()]:
+        p.error(f"--detector names no detector: {args.detector!r}")
     if args.road:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             p.error("road mode runs in one process; torchrun is supported for image scoring")
@@ -113,12 +119,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size is None:
         args.batch_size = 256
 
+    try:
+        detectors = [get_detector(name.strip()) for name in args.detector.split(",") if name.strip()]
+    except ValueError as err:
+        p.error(f"--detector: {err}")
+    try:
+        classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
+    except ValueError:
+        p.error(f"--classes must be comma-separated integer labels, got {args.classes!r}")
+    if any(d.needs_general for d in detectors) and not args.general:
+        p.error(f"detector(s) {[d.name for d in detectors if d.needs_general]} need --general")
+
     device = dist.init_from_env(resolve_device(args.device))
     model, mcfg = load_glow(args.checkpoint, device)
     general = load_glow(args.general, device)[0] if args.general else None
-    detectors = [get_detector(name.strip()) for name in args.detector.split(",") if name.strip()]
-    if any(d.needs_general for d in detectors) and general is None:
-        p.error(f"detector(s) {[d.name for d in detectors if d.needs_general]} need --general")
+    try:  # the general model must see the data as the in-distribution one does
+        scorer = GlowScorer(model, general)
+    except ValueError as err:
+        p.error(f"--general {args.general} does not fit --checkpoint {args.checkpoint}: {err}")
+    try:  # scales that exist (in both models, for scale-wise ratios)
+        scorer.check_detectors(detectors)
+    except ValueError as err:
+        with_general = f" with --general {args.general}" if args.general else ""
+        p.error(f"--checkpoint {args.checkpoint}{with_general}: {err}")
     if args.input:
         path = Path(args.input)
         if not path.exists():
@@ -127,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         set_name = args.set_name or path.stem
     else:
         source, path, set_name = args.dataset, Path(args.root), args.set_name or args.dataset
-    classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
     dcfg = DataConfig(
         source=source,
         path=str(path),
@@ -140,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     images = load_image_set(dcfg, mcfg.n_bins, set_name)
     scores = score_image_set(
-        GlowScorer(model, general),
+        scorer,
         images,
         detectors,
         args.batch_size,

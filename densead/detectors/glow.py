@@ -17,6 +17,7 @@ so ``score == map.sum()`` for every detector. Higher = more anomalous.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -106,17 +107,24 @@ def _copied(out: GlowOutput | None) -> GlowOutput | None:
     )
 
 
-_SCALE_NAME = re.compile(r"^(ratio_)?scale(\d+)$")
+# Canonical names only: ``scale1``, ``ratio_scale12``; not ``scale0``, ``scale01`` (a second name
+# for ``scale1``, and a second CSV column) or non-ASCII digits.
+_SCALE_NAME = re.compile(r"^(ratio_)?scale([1-9][0-9]*)$")
 
 
 def get_detector(name: str) -> GlowDetector:
-    """A registered detector, or ``scale<i>`` / ``ratio_scale<i>`` for scale ``i`` (1-based)."""
+    """A registered detector, or ``scale<i>`` / ``ratio_scale<i>`` for scale ``i`` (1-based).
+
+    ``i`` is written without leading zeros (``scale1``, not ``scale01``).
+    """
     if name in DETECTORS:
         return DETECTORS[name]
     m = _SCALE_NAME.match(name)
-    if m and int(m.group(2)) >= 1:
+    if m:
         return GlowDetector(name, needs_general=bool(m.group(1)), scale=int(m.group(2)))
-    raise ValueError(f"unknown detector {name!r}; valid: {', '.join(DETECTORS)}, scale<i>, ratio_scale<i>")
+    raise ValueError(
+        f"unknown detector {name!r}; valid: {', '.join(DETECTORS)}, scale<i>, ratio_scale<i> (i = 1, 2, ...)"
+    )
 
 
 class GlowScorer:
@@ -124,7 +132,11 @@ class GlowScorer:
 
     Args:
         model: the in-distribution Glow.
-        general: the general-distribution Glow (for ratio detectors).
+        general: the general-distribution Glow (for ratio detectors). It must see the
+            data as ``model`` does (same ``in_channels`` and ``n_bins``: log-likelihoods
+            of differently quantized data differ by a constant, not by the images);
+            scale-wise ratios (``ratio_scale<i>``, ``ratio_last_scale``) also need the
+            same number of scales (:meth:`check_detectors`).
         amp: run the coupling networks in bf16 (log-dets stay fp32).
         fast: speed levers of :mod:`densead.flows.fast`, switched on the models
             in place. ``auto`` pulls ``fused`` and ``channels_last`` on CUDA
@@ -140,6 +152,13 @@ class GlowScorer:
     def __init__(
         self, model: Glow, general: Glow | None = None, amp: bool = False, fast: str = "auto"
     ) -> None:
+        if general is not None:
+            for attr in ("in_channels", "n_bins"):
+                mine, theirs = getattr(model, attr), getattr(general, attr)
+                if mine != theirs:
+                    raise ValueError(
+                        f"general model's {attr} ({theirs}) differs from the in-distribution model's ({mine})"
+                    )
         self.model = model.eval()
         self.general = general.eval() if general is not None else None
         self.amp = amp
@@ -167,12 +186,37 @@ class GlowScorer:
         outs = self.graphed[need_general](x)  # the graph's tensors: the next replay overwrites them
         return tuple(_copied(out) for out in outs)
 
+    def check_detectors(self, detectors: Sequence[GlowDetector]) -> None:
+        """Raise a ValueError naming the detector if one cannot run on these models.
+
+        Ratio detectors need the general model; scale detectors a scale the
+        in-distribution model has; scale-wise ratios (``ratio_scale<i>``,
+        ``ratio_last_scale``) two models with the same number of scales (the
+        i-th or last scale of Glows of different depth are different
+        resolutions). ``ratio`` compares whole log-likelihoods: any depths.
+        """
+        n = self.model.n_scales
+        for d in detectors:
+            if d.needs_general and self.general is None:
+                raise ValueError(f"detector {d.name!r} needs a general-distribution model (--general)")
+            if d.scale is None:
+                continue
+            if not (1 <= d.scale <= n or -n <= d.scale <= -1):
+                raise ValueError(f"detector {d.name!r}: scale {d.scale} out of range for a {n}-scale Glow")
+            if d.needs_general and self.general.n_scales != n:
+                raise ValueError(
+                    f"detector {d.name!r} compares one scale of both models, but the general model has "
+                    f"{self.general.n_scales} scales and the in-distribution model {n}"
+                )
+
     def score(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, Tensor]:
         """``{name: (B,) scores}`` for model inputs ``x``."""
+        self.check_detectors(detectors)
         outs = self.outputs(x, any(d.needs_general for d in detectors))
         return {d.name: d.score_from(*outs) for d in detectors}
 
     def score_maps(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: ((B,) scores, (B, H, W) maps)}`` from one pass of each model."""
+        self.check_detectors(detectors)
         outs = self.outputs(x, any(d.needs_general for d in detectors))
         return {d.name: (d.score_from(*outs), d.map_from(*outs)) for d in detectors}
