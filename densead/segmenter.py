@@ -20,6 +20,7 @@ load with ``weights_only=True`` (:func:`load_segmenter`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import math
 import time
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from densead.config import from_dict, save_config, to_dict
+from densead.config import ConfigError, FieldError, check_device, from_dict, require, save_config, to_dict
 from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform
 from densead.features import load_weights
 from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
@@ -47,6 +48,7 @@ __all__ = [
     "SceneArrays",
     "SceneAugmentation",
     "SCENE_PROTOCOLS",
+    "SCENE_SPLITS",
     "SceneDataConfig",
     "Segmenter",
     "SegmenterConfig",
@@ -55,6 +57,7 @@ __all__ = [
     "augmented_batch",
     "batch_tensors",
     "build_segmenter",
+    "check_output_dir",
     "confusion_matrix",
     "epoch_batches",
     "evaluate_segmenter",
@@ -63,6 +66,7 @@ __all__ = [
     "load_scene_arrays",
     "scene_frames",
     "load_segmenter",
+    "segmenter_fingerprint",
     "mean_iou",
     "pad_to_multiple",
     "train_augmentation",
@@ -113,9 +117,32 @@ class SceneDataConfig:
     pad_divisor: int = 32
     protocol: str = "splits"
 
+    def __post_init__(self) -> None:
+        require(self, 0, "scale", strict=True)
+        require(self, 1, "pad_divisor")
+        require(self, 0, "crop_height", "crop_width", "max_frames", "color_jitter", "scale_jitter")
+        if self.scale_jitter >= 1:
+            raise FieldError(
+                "scale_jitter", f"must be < 1 (a factor in [1 - s, 1 + s]), got {self.scale_jitter}"
+            )
+        for key in ("held_out", "void"):
+            for name in getattr(self, key):
+                if name not in CAMVID_CLASSES:
+                    raise FieldError(
+                        key, f"unknown CamVid class {name!r}; valid: {', '.join(CAMVID_CLASSES)}"
+                    )
+        if both := sorted(set(self.held_out) & set(self.void)):
+            raise FieldError("held_out", f"classes {both} are also void")
+        if all(name in (*self.held_out, *self.void) for name in CAMVID_CLASSES):
+            raise FieldError(
+                "held_out", "every CamVid class is held out or void: no in-distribution class is left"
+            )
+
 
 # The protocols of data.protocol: CamVid's own split files, or whole drives held out.
 SCENE_PROTOCOLS = CAMVID_PROTOCOLS
+# The roles a split name may take (train.eval_split, eval.split), under either protocol.
+SCENE_SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -135,6 +162,17 @@ class SegmenterConfig:
     decoder_channels: int = 128
     pretrained: bool = False
     backbone_checkpoint: str = ""
+
+    def __post_init__(self) -> None:
+        require(self, 1, "decoder_channels")
+        if not self.out_indices:
+            raise FieldError("out_indices", "needs at least one backbone level")
+        if min(self.out_indices) < 0 or len(set(self.out_indices)) != len(self.out_indices):
+            raise FieldError(
+                "out_indices", f"must be distinct backbone levels >= 0, got {list(self.out_indices)}"
+            )
+        if tuple(sorted(self.out_indices)) != tuple(self.out_indices):
+            raise FieldError("out_indices", f"must be in increasing order, got {list(self.out_indices)}")
 
 
 @dataclass(frozen=True)
@@ -156,6 +194,16 @@ class SegmenterTrainConfig:
     eval_split: str = "test"
     eval_batch_size: int = 8
     num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        require(self, 1, "steps", "batch_size", "log_every", "eval_batch_size")
+        require(self, 0, "warmup_steps", "weight_decay", "num_threads")
+        require(self, 0, "lr", strict=True)
+        if self.eval_split not in SCENE_SPLITS:
+            raise FieldError(
+                "eval_split", f"unknown split {self.eval_split!r}; valid: {', '.join(SCENE_SPLITS)}"
+            )
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -222,12 +270,26 @@ def scene_frames(cfg: SceneDataConfig, role: str) -> list[tuple[CamVid, int]]:
 
 def load_scene_arrays(cfg: SceneDataConfig, split: str) -> SceneArrays:
     """Load the frames of ``split`` (a role under ``cfg.protocol``), resized by ``cfg.scale``
-    (area for images, nearest for labels)."""
+    (area for images, nearest for labels).
+
+    Raises:
+        ValueError: a label holding ids outside CamVid's 0..11, or a frame whose size differs
+            from the split's first frame (both name the file).
+    """
     table = _train_id_table(cfg.held_out, cfg.void)
     images, labels, train_ids, names = [], [], [], []
+    first: tuple[str, tuple[int, ...]] | None = None
     for dataset, i in scene_frames(cfg, split):
         item = dataset[i]
         image, label, semantic = item["image"], item["label"], item["semantic"]
+        _check_label_ids(semantic, dataset.frames[i].label)
+        if first is None:
+            first = (item["path"], image.shape[:2])
+        elif image.shape[:2] != first[1]:
+            raise ValueError(
+                f"{item['path']}: frame is {_size(image.shape)} but {first[0]} is {_size(first[1])}; "
+                f"every frame of split {split!r} must have the same size"
+            )
         if cfg.scale != 1.0:
             h, w = image.shape[:2]
             size = (max(1, round(w * cfg.scale)), max(1, round(h * cfg.scale)))
@@ -238,6 +300,8 @@ def load_scene_arrays(cfg: SceneDataConfig, split: str) -> SceneArrays:
         labels.append(label)
         train_ids.append(table[semantic.astype(np.uint8)])
         names.append(item["name"])
+    if not names:
+        raise ValueError(f"{cfg.root}: split {split!r} (protocol {cfg.protocol}) has no frames")
     return SceneArrays(
         np.stack(images),
         np.stack(labels),
@@ -245,6 +309,23 @@ def load_scene_arrays(cfg: SceneDataConfig, split: str) -> SceneArrays:
         tuple(names),
         in_distribution_classes(cfg.held_out, cfg.void),
     )
+
+
+def _size(shape: Sequence[int]) -> str:
+    return f"{shape[1]}x{shape[0]} (WxH)"
+
+
+def _check_label_ids(semantic: np.ndarray, path: Path | str | None) -> None:
+    """CamVid labels hold the ids 0..11: anything else (a 16-bit 259, which uint8 would wrap to
+    3, Road) is an error naming the file, not a silent class or void."""
+    lo, hi = int(semantic.min()), int(semantic.max())
+    if lo < 0 or hi >= len(CAMVID_CLASSES):
+        bad = np.unique(semantic[(semantic < 0) | (semantic >= len(CAMVID_CLASSES))])
+        shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise ValueError(
+            f"label {path} holds ids {shown}, outside CamVid's 0..{len(CAMVID_CLASSES) - 1} "
+            f"({', '.join(CAMVID_CLASSES)})"
+        )
 
 
 def pad_to_multiple(array: np.ndarray, divisor: int, fill: int | None = None) -> np.ndarray:
@@ -393,6 +474,15 @@ class Segmenter(nn.Module):
         backbone_checkpoint: str = "",
     ) -> None:
         super().__init__()
+        if not timm.is_model(backbone):
+            raise FieldError("model.backbone", f"unknown timm model {backbone!r}")
+        levels = _backbone_levels(backbone)
+        if bad := [i for i in out_indices if not 0 <= i < levels]:
+            raise FieldError(
+                "model.out_indices",
+                f"levels {bad} do not exist: {backbone} has feature levels 0..{levels - 1}, "
+                f"got {list(out_indices)}",
+            )
         self.backbone = timm.create_model(
             backbone, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained
         )
@@ -425,6 +515,24 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def _backbone_levels(backbone: str) -> int:
+    """How many feature levels timm's ``features_only`` ``backbone`` has (read off a meta-device build)."""
+    with torch.device("meta"):
+        model = timm.create_model(backbone, features_only=True, pretrained=False)
+    return len(model.feature_info)
+
+
+def segmenter_fingerprint(model: nn.Module) -> str:
+    """sha256 over the ``state_dict`` (names, dtypes, shapes and bytes of every tensor, in key order):
+    what the flows of a segmenter were trained on, so another segmenter at the same path is caught."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def build_segmenter(cfg: SegmenterConfig, num_classes: int) -> Segmenter:
     return Segmenter(
         cfg.backbone,
@@ -447,7 +555,14 @@ def load_segmenter(
     """
     path = Path(path)
     ckpt = read_checkpoint(path, ("model", "config"), "segmenter", device)
-    cfg = from_dict(SegmenterRunConfig, ckpt["config"], f"{path} (config)")
+    if "model_config" in ckpt:
+        raise ValueError(
+            f"{path}: not a segmenter checkpoint (it is a Glow checkpoint: it has 'model_config')"
+        )
+    try:
+        cfg = from_dict(SegmenterRunConfig, ckpt["config"], f"{path} (config)")
+    except ConfigError as err:
+        raise ValueError(f"{path}: not a segmenter checkpoint (its config does not fit: {err})") from None
     # The weights come from the checkpoint: neither timm downloads nor the backbone file are needed.
     model_cfg = dataclasses.replace(cfg.model, pretrained=False, backbone_checkpoint="")
     model = build_segmenter(model_cfg, len(in_distribution_classes(cfg.data.held_out, cfg.data.void)))
@@ -502,10 +617,25 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_segmenter(cfg: SegmenterRunConfig, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Train on the CamVid train split, report mIoU on ``cfg.train.eval_split``, save the checkpoint.
+def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
+    """Create the output folder now, before any training: a path that is a file (or cannot be
+    created) is an error naming the key, not a lost model at the end."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{key}: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{key}: cannot create {path}: {err}") from None
+    return path
 
-    The loss ignores train id 255: void pixels, padding, and the held-out classes.
+
+def train_segmenter(cfg: SegmenterRunConfig, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Train on the CamVid train split, save the checkpoint, report mIoU on ``cfg.train.eval_split``.
+
+    The loss ignores train id 255: void pixels, padding, and the held-out classes. The output
+    folder, both splits and the model are checked before training starts; the checkpoint is
+    written before the evaluation and written again with its metrics.
 
     Returns:
         Path of ``<output_dir>/checkpoint.pt`` (``model`` state_dict, ``config``, ``classes``,
@@ -514,12 +644,15 @@ def train_segmenter(cfg: SegmenterRunConfig, progress: bool = True) -> tuple[Pat
     """
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
+    out_dir = check_output_dir(cfg.output_dir)
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
-    out_dir = Path(cfg.output_dir)
+    # Model and both splits before training: a bad level, frame or split costs nothing.
+    model = build_segmenter(cfg.model, len(in_distribution_classes(cfg.data.held_out, cfg.data.void)))
+    model = model.to(device)
     train = load_scene_arrays(cfg.data, "train")
-    model = build_segmenter(cfg.model, len(train.classes)).to(device)
+    test = load_scene_arrays(cfg.data, tcfg.eval_split)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     augment = train_augmentation(cfg.data, tcfg.seed)
     batches = epoch_batches(len(train), tcfg.batch_size, tcfg.seed)
@@ -543,14 +676,19 @@ def train_segmenter(cfg: SegmenterRunConfig, progress: bool = True) -> tuple[Pat
             )
             running.zero_()
     train_seconds = time.time() - start
-    test = load_scene_arrays(cfg.data, tcfg.eval_split)
-    metrics = evaluate_segmenter(model, test, tcfg.eval_batch_size, cfg.data.pad_divisor, device)
-    metrics.update(split=tcfg.eval_split, frames=len(test), train_seconds=train_seconds)
     path = out_dir / CHECKPOINT_NAME
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save(
-        {"model": state, "config": to_dict(cfg), "classes": list(train.classes), "metrics": metrics}, path
-    )
+
+    def save(metrics: dict[str, Any]) -> None:
+        atomic_torch_save(
+            {"model": state, "config": to_dict(cfg), "classes": list(train.classes), "metrics": metrics}, path
+        )
+
+    # The trained model is on disk before anything else can fail.
+    save({"split": tcfg.eval_split, "train_seconds": train_seconds})
     save_config(cfg, out_dir / "config.yaml")
+    metrics = evaluate_segmenter(model, test, tcfg.eval_batch_size, cfg.data.pad_divisor, device)
+    metrics.update(split=tcfg.eval_split, frames=len(test), train_seconds=train_seconds)
+    save(metrics)
     atomic_write_text(out_dir / "metrics.yaml", yaml.safe_dump(metrics, sort_keys=False))
     return path, metrics

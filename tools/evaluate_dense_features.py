@@ -7,6 +7,8 @@ the config, scores the split eval.split with every detector — each tapped laye
 ensembles, max softmax, max logit, entropy — prints AUROC / AP / FPR95 and writes
 <output_dir>/eval_<split>/metrics.csv and metrics.md. --heatmaps DIR writes one PNG per frame
 (labels + overlays of eval.heatmap_detectors) for the first --n-heatmaps frames.
+The config's data.scale and data.pad_divisor must be those the flows were trained with, and the
+segmenter must hold the weights they were trained on (checked against the checkpoint's fingerprint).
 """
 
 from __future__ import annotations

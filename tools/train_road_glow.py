@@ -2,11 +2,13 @@
 
     python tools/train_road_glow.py configs/camvid_glow_general.yaml   # general distribution
     python tools/train_road_glow.py configs/camvid_glow.yaml           # in-distribution (finetuned)
-    python tools/train_road_glow.py configs/camvid_glow.yaml --set data.held_out=[Car] --resume
+    python tools/train_road_glow.py configs/camvid_glow.yaml --set train.steps=40000 --resume
 
 Writes <output_dir>/checkpoint.pt (state_dicts + resolved config, atomically, every
 train.checkpoint_every steps) and <output_dir>/config.yaml. Pixels of data.held_out classes and
-data.void classes never enter the loss (see densead/dense.py).
+data.void classes never enter the loss (see densead/dense.py). --resume refuses a checkpoint trained
+under other data keys that define the frames or the inlier/anomaly/void labels (dataset, root, split,
+held_out, void, max_frames, protocol, downscale); steps and other train keys may change.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densead.config import from_dict, save_config, to_dict
+from densead.config import FieldError, check_device, from_dict, require, save_config, to_dict
 from densead.data.outliers import OutlierPasteConfig, PhotoPaster
 from densead.data.road import ANOMALY, INLIER, VOID
 from densead.detectors.glow import MIN_LOG_PROB
@@ -75,16 +75,19 @@ from densead.flows import ActNorm, FeatureFlow
 from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
 from densead.metrics import PixelMetrics
 from densead.segmenter import (
+    SCENE_SPLITS,
     SceneArrays,
     SceneDataConfig,
     augmented_batch,
     batch_tensors,
+    check_output_dir,
     confusion_matrix,
     epoch_batches,
     iter_eval_batches,
     load_scene_arrays,
     load_segmenter,
     mean_iou,
+    segmenter_fingerprint,
     train_augmentation,
 )
 from densead.train import resolve_device
@@ -111,6 +114,7 @@ __all__ = [
     "fit_normalization",
     "fit_standardization",
     "flow_training_step",
+    "check_geometry",
     "load_dense_detector",
     "load_feature_density",
     "markdown_table",
@@ -131,6 +135,11 @@ MASK_RULES = ("all", "center")
 # (nearly) constant on the training pixels is divided by STD_FLOOR × that mean, not by ~0.
 STD_FLOOR = 1e-3
 NORMALIZATIONS = ("mean", "zscore")
+# DenseEvalConfig.metrics_mode: the modes of densead.metrics.PixelMetrics.
+METRICS_MODES = ("binned", "exact")
+# The data keys a flows checkpoint must be evaluated with as it was trained: the features of
+# another scale or padding are not the ones the densities and their normalization were fitted on.
+GEOMETRY_KEYS = ("scale", "pad_divisor")
 
 # --------------------------------------------------------------------------- configs
 
@@ -141,6 +150,9 @@ class FlowConfig:
 
     n_steps: int = 8
     hidden: int = 256
+
+    def __post_init__(self) -> None:
+        require(self, 1, "n_steps", "hidden")
 
 
 @dataclass(frozen=True)
@@ -184,6 +196,14 @@ class FlowTrainConfig:
     num_threads: int = 0
     class_balance: float = 0.0
 
+    def __post_init__(self) -> None:
+        # class_balance is checked by train_feature_flows (a config may hold it unchecked).
+        require(self, 1, "steps", "batch_size", "max_pixels", "log_every")
+        require(self, 0, "warmup_steps", "weight_decay", "max_grad_norm", "noise")
+        require(self, 0, "standardize_frames", "norm_frames", "num_threads")
+        require(self, 0, "lr", strict=True)
+        check_device(self.device)
+
 
 @dataclass(frozen=True)
 class DenseEvalConfig:
@@ -200,6 +220,15 @@ class DenseEvalConfig:
     batch_size: int = 4
     metrics_mode: str = "binned"
     heatmap_detectors: tuple[str, ...] = ("density_mean", "density_min", "msp")
+
+    def __post_init__(self) -> None:
+        require(self, 1, "batch_size")
+        if self.split not in SCENE_SPLITS:
+            raise FieldError("split", f"unknown split {self.split!r}; valid: {', '.join(SCENE_SPLITS)}")
+        if self.metrics_mode not in METRICS_MODES:
+            raise FieldError(
+                "metrics_mode", f"unknown {self.metrics_mode!r}; valid: {', '.join(METRICS_MODES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -235,6 +264,21 @@ class FeatureFlowsRunConfig:
     eval: DenseEvalConfig = DenseEvalConfig()
     outliers: OutlierPasteConfig | None = None
     log_softmax_floor: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.taps:
+            raise FieldError("taps", "name at least one tap (tap name: FX node of the segmenter)")
+        if LOGITS_TAP in self.taps:
+            raise FieldError("taps", f"tap name {LOGITS_TAP!r} is reserved for the segmenter's logits")
+        if self.mask_rule not in MASK_RULES:
+            raise FieldError("mask_rule", f"unknown {self.mask_rule!r}; valid: {', '.join(MASK_RULES)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise FieldError(
+                "normalization", f"unknown {self.normalization!r}; valid: {', '.join(NORMALIZATIONS)}"
+            )
+        for tap in self.log_softmax_floor:
+            if tap not in self.taps:
+                raise FieldError("log_softmax_floor", f"names tap {tap!r}, not one of {list(self.taps)}")
 
 
 def _check_choice(value: str, valid: Sequence[str], what: str) -> None:
@@ -664,9 +708,9 @@ class DenseFeatureDetector:
 # --------------------------------------------------------------------------- training run
 
 
-def _build_extractor(
-    cfg: FeatureFlowsRunConfig, device: torch.device, with_logits: bool
-) -> FrozenFeatureExtractor:
+def _load_checked_segmenter(cfg: FeatureFlowsRunConfig, device: torch.device) -> tuple[nn.Module, str]:
+    """The segmenter of ``cfg`` (its held-out and void classes checked against ``cfg.data``)
+    and its :func:`~densead.segmenter.segmenter_fingerprint`."""
     segmenter, seg_cfg = load_segmenter(cfg.segmenter, device)
     # The held-out classes must be the segmenter's too, or it may have trained on the anomalies.
     protocol = (tuple(cfg.data.held_out), tuple(cfg.data.void))
@@ -676,12 +720,39 @@ def _build_extractor(
             f"void={list(seg_cfg.data.void)}, but the flows config says held_out={list(cfg.data.held_out)}, "
             f"void={list(cfg.data.void)}"
         )
+    return segmenter, segmenter_fingerprint(segmenter)
+
+
+def _tap_segmenter(
+    cfg: FeatureFlowsRunConfig, segmenter: nn.Module, with_logits: bool
+) -> FrozenFeatureExtractor:
+    """``cfg.taps`` (and the logits node) of ``segmenter``; a node that is not a feature map of
+    it is an error naming the key (``taps.<name>`` or ``logits_node``) and the segmenter."""
     if LOGITS_TAP in cfg.taps:
         raise ValueError(f"tap name {LOGITS_TAP!r} is reserved for the segmenter's logits")
     nodes = dict(cfg.taps)
     if with_logits:
         nodes[LOGITS_TAP] = cfg.logits_node
-    return FrozenFeatureExtractor.from_module(segmenter, nodes)
+    try:
+        extractor = FrozenFeatureExtractor.from_module(segmenter, nodes)
+    except Exception:  # noqa: BLE001 - torchvision raises several kinds for a bad node: find which
+        for tap, node in nodes.items():
+            key = "logits_node" if tap == LOGITS_TAP else f"taps.{tap}"
+            try:
+                FrozenFeatureExtractor.from_module(segmenter, {tap: node})
+            except Exception as err:  # noqa: BLE001
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ValueError(
+                    f"{key}: {node!r} is not a feature map of segmenter {cfg.segmenter}: {detail}"
+                ) from None
+        raise
+    k = getattr(segmenter, "num_classes", None)
+    if with_logits and k is not None and extractor.channels[LOGITS_TAP] != k:
+        raise ValueError(
+            f"logits_node: {cfg.logits_node!r} has {extractor.channels[LOGITS_TAP]} channels, but segmenter "
+            f"{cfg.segmenter} has {k} classes: it is not the logits"
+        )
+    return extractor
 
 
 def _features_and_inliers(
@@ -772,10 +843,14 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
     if tcfg.class_balance < 0:
         raise ValueError(f"train.class_balance must be >= 0, got {tcfg.class_balance}")
     device = resolve_device(tcfg.device)
+    out_dir = check_output_dir(cfg.output_dir)
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
-    extractor = _build_extractor(cfg, device, with_logits=False)
+    segmenter, fingerprint = _load_checked_segmenter(cfg, device)
+    # The logits node is what scoring taps besides the flows': a bad one fails here, not after training.
+    _tap_segmenter(cfg, segmenter, with_logits=True)
+    extractor = _tap_segmenter(cfg, segmenter, with_logits=False)
     density = FeatureDensity(extractor.channels, cfg.flow.n_steps, cfg.flow.hidden, cfg.log_softmax_floor).to(
         device
     )
@@ -840,9 +915,10 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
                 f"normalization {name}: mean log p {stats.mean()[name]:.2f}, std {stats.std()[name]:.2f} "
                 f"over {stats.count[name]} training positions"
             )
-    out_dir = Path(cfg.output_dir)
     path = out_dir / CHECKPOINT_NAME
-    save_feature_density(path, density, cfg, extractor.strides, train_seconds=train_seconds)
+    save_feature_density(
+        path, density, cfg, extractor.strides, train_seconds=train_seconds, segmenter_sha256=fingerprint
+    )
     save_config(cfg, out_dir / "config.yaml")
     return path
 
@@ -855,7 +931,10 @@ def save_feature_density(
     **extra: Any,
 ) -> None:
     """Checkpoint: ``density`` state_dict (flows + normalization buffers), ``config``, ``channels``,
-    ``strides`` and ``extra`` entries, written atomically; read it with :func:`load_feature_density`."""
+    ``strides`` and ``extra`` entries, written atomically; read it with :func:`load_feature_density`.
+
+    ``segmenter_sha256`` among ``extra`` (:func:`~densead.segmenter.segmenter_fingerprint` of the
+    segmenter the flows were trained on) makes :func:`load_dense_detector` refuse another one."""
     channels = {name: density.flows[name].channels for name in density.names}
     atomic_torch_save(
         {
@@ -889,6 +968,13 @@ def load_feature_density(
         ValueError: not a feature-flow checkpoint, weights that do not fit, or missing
             normalization constants (the message names the file).
     """
+    density, cfg, _ = _read_feature_density(path, device)
+    return density, cfg
+
+
+def _read_feature_density(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[FeatureDensity, FeatureFlowsRunConfig, dict[str, Any]]:
     path = Path(path)
     ckpt = read_checkpoint(path, ("density", "config", "channels"), "feature-flow", device)
     cfg = from_dict(FeatureFlowsRunConfig, ckpt["config"], f"{path} (config)")
@@ -902,7 +988,7 @@ def load_feature_density(
         raise ValueError(f"{path}: weights do not fit the stored config: {err}") from None
     if not density.is_normalized:
         raise ValueError(f"{path}: the normalization constants are missing (training did not finish)")
-    return density.to(device).eval(), cfg
+    return density.to(device).eval(), cfg, ckpt
 
 
 def load_dense_detector(
@@ -915,19 +1001,44 @@ def load_dense_detector(
         cfg: run config for the segmenter path, taps, logits node and normalization; None uses
             the one stored in the checkpoint. Its taps must be the checkpoint's.
         device: where to run.
+
+    Raises:
+        ValueError: among others, a segmenter whose weights are not those the flows were trained
+            on (checkpoints that store ``segmenter_sha256``; older ones cannot be checked).
     """
-    density, stored = load_feature_density(path, device)
+    density, stored, ckpt = _read_feature_density(path, device)
     cfg = cfg or stored
     if tuple(cfg.taps) != density.names:
         raise ValueError(
             f"{path}: holds flows for taps {list(density.names)}, the config names {list(cfg.taps)}"
         )
-    extractor = _build_extractor(cfg, torch.device(device), with_logits=True)
+    segmenter, fingerprint = _load_checked_segmenter(cfg, torch.device(device))
+    expected = ckpt.get("segmenter_sha256")
+    if isinstance(expected, str) and expected != fingerprint:
+        raise ValueError(
+            f"{path}: the flows were trained on the features of segmenter {stored.segmenter} "
+            f"(weights sha256 {expected[:16]}...), but {cfg.segmenter} holds other weights "
+            f"(sha256 {fingerprint[:16]}...); use the segmenter the flows were trained on, or retrain them"
+        )
+    extractor = _tap_segmenter(cfg, segmenter, with_logits=True)
     wrong = {n: (extractor.channels[n], density.flows[n].channels) for n in density.names}
     wrong = {n: c for n, c in wrong.items() if c[0] != c[1]}
     if wrong:
         raise ValueError(f"{path}: tap channels (segmenter, flow) do not match: {wrong}")
     return DenseFeatureDetector(extractor, density, cfg.normalization), cfg
+
+
+def check_geometry(path: str | Path, stored: FeatureFlowsRunConfig, cfg: FeatureFlowsRunConfig) -> None:
+    """``cfg.data`` must give the features the flows of checkpoint ``path`` were fitted on: the same
+    :data:`GEOMETRY_KEYS` (scale, padding) as the stored config ``stored``."""
+    for key in GEOMETRY_KEYS:
+        trained, now = getattr(stored.data, key), getattr(cfg.data, key)
+        if trained != now:
+            raise ValueError(
+                f"data.{key}: the config says {now}, but the flows of {path} were trained at "
+                f"{key} {trained}; evaluate with data.{key}={trained} (features at another {key} are "
+                "not what the densities model)"
+            )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -1056,6 +1167,8 @@ def evaluate_run(
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     checkpoint = checkpoint or Path(cfg.output_dir) / CHECKPOINT_NAME
+    _, stored = load_feature_density(checkpoint)
+    check_geometry(checkpoint, stored, cfg)
     detector, _ = load_dense_detector(checkpoint, cfg, device)
     ecfg = cfg.eval
     arrays = load_scene_arrays(cfg.data, ecfg.split)
