@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -548,3 +550,53 @@ def test_frames_that_would_write_one_map_file_and_bad_outputs_are_refused_before
     with pytest.raises(ValueError, match=r"rescale has no bounds for detector\(s\) \['raw'\] \(has: ratio\)"):
         score_road_dataset(source, ckpt, tmp_path / "out", ["raw"], rescale=fixed, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def load_tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"_tool_{name}", Path(__file__).parents[1] / "tools" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pixel_tools_report_bad_runs_and_paths_as_usage_errors(tmp_path: Path, capsys) -> None:
+    evaluate, score_images = load_tool("evaluate"), load_tool("score_images")
+    root = fake_camvid(tmp_path / "camvid", n=2)
+    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 4)
+    fixed = MapRescale.fit({"raw": (-10.0, 10.0)})
+    run = score_road_dataset(
+        RoadSource("camvid", str(root), "test"),
+        ckpt,
+        tmp_path / "run",
+        ["raw"],
+        rescale=fixed,
+        progress=False,
+    )
+    assert evaluate.main([f"--pixel={tmp_path / 'run'}", "--out", str(tmp_path / "ok")]) == 0
+    assert evaluate.main(["--pixel", "--help"]) == 0
+    assert "RUN_DIR" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    bad_map = run.map_path("raw", "f1")
+    bad_map.write_bytes(bad_map.read_bytes()[:100])
+    for args, expected in [
+        (["--pixel", str(tmp_path / "run"), "--out", str(tmp_path / "file")], "exists and is not a folder"),
+        (["--pixel", str(tmp_path / "run"), "--out", str(tmp_path / "e")], re.escape(str(bad_map))),
+        (["--pixel", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")], "run.json not found"),
+        (
+            ["--pixel", str(tmp_path / "run"), "--detectors", "foo", "--out", str(tmp_path / "e")],
+            "no maps for",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main(args)
+        assert exit_.value.code == 2 and re.search(expected, capsys.readouterr().err), args
+    assert not (tmp_path / "e").exists()
+    for args, expected in [
+        (["--root", str(tmp_path / "nowhere"), "--checkpoint", str(ckpt)], "does not exist"),
+        (["--root", str(root), "--checkpoint", str(tmp_path / "nope.pt")], "checkpoint not found"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            score_images.main(["--road", "camvid", "--split", "test", "--out", str(tmp_path / "s"), *args])
+        assert exit_.value.code == 2 and re.search(expected, capsys.readouterr().err), args

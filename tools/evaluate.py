@@ -85,10 +85,15 @@ def pixel_main(argv: list[str]) -> int:
     p.add_argument("--min-segment-size", type=int, default=500, help="--components: predicted segments, px")
     p.add_argument("--min-instance-size", type=int, default=100, help="--components: anomaly instances, px")
     p.add_argument("--no-progress", action="store_true")
+    if "-h" in argv or "--help" in argv:  # before --pixel asks for its runs
+        p.print_help()
+        return 0
     args = p.parse_args(argv)
     for flag in ("min_segment_size", "min_instance_size"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
     sizes = (args.min_segment_size, args.min_instance_size) if args.components else None
     asked = " ".join(f for f, on in (("--by-class", args.by_class), ("--components", args.components)) if on)
     rows, by_class, components = [], [], []
@@ -97,10 +102,9 @@ def pixel_main(argv: list[str]) -> int:
             metrics, classes, comps = evaluate_dense(
                 run_dir, args.detectors, args.mode, args.by_class, sizes, progress=not args.no_progress
             )
-        except ValueError as err:
-            if not asked:
-                raise
-            p.error(f"{asked}: {run_dir}: {err}")
+        except (ValueError, FileNotFoundError, KeyError) as err:  # a bad run: a usage error, nothing written
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            p.error(f"{asked + ': ' if asked else ''}{run_dir}: {message}")
         rows += metrics
         by_class += classes
         components += comps
@@ -120,7 +124,7 @@ def pixel_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--pixel" in argv:
+    if any(a == "--pixel" or a.startswith("--pixel=") for a in argv):
         return pixel_main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scores", nargs="+", help="score CSV file(s) with a 'set' column, each set in one file")

@@ -27,8 +27,9 @@ each on the inlier pixels of --calibration-frames frames of --calibration-split 
 under test; see densead/combined_maps.py):
 
     python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \
-        --feature-flows runs/ff_long_head/feature_flows.pt --checkpoint runs/camvid_glow/checkpoint.pt \
-        --general runs/camvid_glow_general/checkpoint.pt --detector density_cls,msp,ratio,last_scale \
+        --feature-flows runs/camvid_feature_flows/feature_flows.pt \
+        --checkpoint runs/camvid_glow/checkpoint.pt --general runs/camvid_glow_general/checkpoint.pt \
+        --detector density_cls,msp,ratio,last_scale \
         --combine density_cls+ratio,density_cls+last_scale --out runs/camvid_combined_scores
 
 Then: python tools/evaluate.py --pixel runs/camvid_combined_scores --out runs/camvid_combined_eval
@@ -214,8 +215,8 @@ def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             calibration=calibration,
             calibration_frames=args.calibration_frames,
         )
-    except ValueError as err:  # bad names or missing checkpoints: a usage error, not a crash
-        p.error(str(err))
+    except (ValueError, FileNotFoundError, KeyError) as err:  # bad names, missing files: a usage error
+        p.error(str(err.args[0] if isinstance(err, KeyError) and err.args else err))
     dets = ", ".join(run.detectors)
     print(f"{len(run.names)} frames of {source.name} scored with {dets} -> {run.out_dir.resolve()}")
     return 0
