@@ -600,3 +600,23 @@ def test_pixel_tools_report_bad_runs_and_paths_as_usage_errors(tmp_path: Path, c
         with pytest.raises(SystemExit) as exit_:
             score_images.main(["--road", "camvid", "--split", "test", "--out", str(tmp_path / "s"), *args])
         assert exit_.value.code == 2 and re.search(expected, capsys.readouterr().err), args
+
+
+def test_runs_of_one_set_keep_apart_in_the_pixel_tables(tmp_path: Path) -> None:
+    evaluate = load_tool("evaluate")
+    root = fake_camvid(tmp_path / "camvid", n=2)
+    source = RoadSource("camvid", str(root), "test")
+    fixed = MapRescale.fit({"raw": (-10.0, 10.0)})
+    for seed, run in ((4, "a"), (5, "b")):  # two checkpoints scored on one set
+        ckpt = save_tiny_checkpoint(tmp_path / f"{run}.pt", seed)
+        score_road_dataset(
+            source, ckpt, tmp_path / run, ["raw"], rescale=fixed, overlays=False, progress=False
+        )
+    out = tmp_path / "eval"
+    assert evaluate.main(["--pixel", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    with (out / "pixel_metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["set_name"] for r in rows] == [f"camvid_test [{tmp_path / run}]" for run in ("a", "b")]
+    assert evaluate.main(["--pixel", str(tmp_path / "a"), "--out", str(tmp_path / "one")]) == 0
+    with (tmp_path / "one" / "pixel_metrics.csv").open() as f:
+        assert [r["set_name"] for r in csv.DictReader(f)] == ["camvid_test"]  # one run: the set's own name

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from densead.dense_scoring import (
@@ -96,15 +97,27 @@ def pixel_main(argv: list[str]) -> int:
         p.error(f"--out {args.out} exists and is not a folder")
     sizes = (args.min_segment_size, args.min_instance_size) if args.components else None
     asked = " ".join(f for f, on in (("--by-class", args.by_class), ("--components", args.components)) if on)
-    rows, by_class, components = [], [], []
+    tables = []
     for run_dir in args.pixel:
         try:  # one pass over the maps for every table (and one more for the components)
-            metrics, classes, comps = evaluate_dense(
-                run_dir, args.detectors, args.mode, args.by_class, sizes, progress=not args.no_progress
+            tables.append(
+                evaluate_dense(
+                    run_dir, args.detectors, args.mode, args.by_class, sizes, progress=not args.no_progress
+                )
             )
         except (ValueError, FileNotFoundError, KeyError) as err:  # a bad run: a usage error, nothing written
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             p.error(f"{asked + ': ' if asked else ''}{run_dir}: {message}")
+    # Runs of one set (two checkpoints on camvid_test) keep apart: their set is named with the run.
+    set_names = [next((r.set_name for table in run for r in table), None) for run in tables]
+    repeated = {s for s in set_names if set_names.count(s) > 1}
+    rows, by_class, components = [], [], []
+    for run_dir, set_name, (metrics, classes, comps) in zip(args.pixel, set_names, tables, strict=True):
+        if set_name in repeated:
+            label = f"{set_name} [{run_dir}]"
+            metrics, classes, comps = (
+                [replace(r, set_name=label) for r in t] for t in (metrics, classes, comps)
+            )
         rows += metrics
         by_class += classes
         components += comps
