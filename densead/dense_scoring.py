@@ -412,11 +412,12 @@ def _feature_scorer(
     dataset: RoadDataset,
     source: RoadSource,
     device: torch.device,
+    segmenter: str | Path | None = None,
 ) -> tuple[FeatureFrameScorer | None, tuple[str, ...], dict[str, Any]]:
     """(producer of the ``needed`` feature detectors or None, every feature detector name, provenance)."""
     from densead.detectors.feature_density import load_dense_detector  # pulls in timm (seconds)
 
-    detector, cfg = load_dense_detector(feature_flows, device=device)
+    detector, cfg = load_dense_detector(feature_flows, device=device, segmenter=segmenter)
     for key in ("held_out", "void"):  # a segmenter trained on the anomalies would see them
         ours, theirs = getattr(dataset, key, None), getattr(cfg.data, key)
         if ours is not None and tuple(ours) != tuple(theirs):
@@ -472,6 +473,7 @@ def score_road_dataset(
     combine: Sequence[str] = (),
     calibration: RoadSource | None = None,
     calibration_frames: int = 64,
+    segmenter: str | Path | None = None,
 ) -> DenseRun:
     """Dense maps of a road dataset (or image folder) from checkpoint(s), by detector names.
 
@@ -484,7 +486,9 @@ def score_road_dataset(
     ``train`` split of ``source``), which must not be the frames under test.
 
     ``downscale=None`` takes the factor the in-distribution Glow was trained with (1 for
-    checkpoints that do not record one). Everything else: :func:`write_frame_maps`.
+    checkpoints that do not record one). ``segmenter`` replaces the segmenter path stored with
+    ``feature_flows`` (its weights must still be those the flows were trained on). Everything
+    else: :func:`write_frame_maps`.
 
     Raises:
         ValueError: an unknown detector or component (the message lists the valid ones), a
@@ -504,7 +508,9 @@ def score_road_dataset(
     scorers: list[FrameScorer] = []
     feature_names: tuple[str, ...] = ()
     if feature_flows is not None:
-        feature, feature_names, feature_info = _feature_scorer(feature_flows, needed, dataset, source, dev)
+        feature, feature_names, feature_info = _feature_scorer(
+            feature_flows, needed, dataset, source, dev, segmenter
+        )
         scorers += [feature] if feature is not None else []
         info.update(feature_info)
     glow_dets = [

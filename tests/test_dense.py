@@ -596,6 +596,7 @@ def test_pixel_tools_report_bad_runs_and_paths_as_usage_errors(tmp_path: Path, c
     for args, expected in [
         (["--root", str(tmp_path / "nowhere"), "--checkpoint", str(ckpt)], "does not exist"),
         (["--root", str(root), "--checkpoint", str(tmp_path / "nope.pt")], "checkpoint not found"),
+        (["--root", str(root), "--checkpoint", str(ckpt), "--segmenter", "s.pt"], "give both"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             score_images.main(["--road", "camvid", "--split", "test", "--out", str(tmp_path / "s"), *args])

@@ -129,6 +129,24 @@ def test_flows_refuse_a_segmenter_with_other_weights(tmp_path: Path) -> None:
     assert detector.density.names == ("fuse",)
 
 
+def test_a_moved_run_finds_its_segmenter_by_flag_with_its_weights_checked(tmp_path: Path) -> None:
+    root = camvid(tmp_path / "camvid")
+    seg_a = save_segmenter(tmp_path / "a" / "checkpoint.pt", root, seed=1)
+    seg_b = save_segmenter(tmp_path / "b" / "checkpoint.pt", root, seed=2)
+    flows = train_feature_flows(flows_config(tmp_path, root, seg_a), progress=False)
+    moved = tmp_path / "moved" / "checkpoint.pt"
+    moved.parent.mkdir()
+    seg_a.rename(moved)  # the run moved: the stored path is gone
+    with pytest.raises(
+        FileNotFoundError, match=r"feature_flows\.pt: its segmenter .*a/checkpoint\.pt is not found"
+    ):
+        load_dense_detector(flows)
+    detector, cfg = load_dense_detector(flows, segmenter=moved)
+    assert cfg.segmenter == str(moved) and detector.density.names == ("fuse",)
+    with pytest.raises(ValueError, match="holds other weights"):
+        load_dense_detector(flows, segmenter=seg_b)
+
+
 # --------------------------------------------------------------------------- 2. road Glow resume
 
 

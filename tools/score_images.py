@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         "--feature-flows", help="feature-density checkpoint (density_*, msp, max_logit, entropy)"
     )
     road.add_argument(
+        "--segmenter",
+        help="the segmenter of --feature-flows, where it is not at the path stored with them "
+        "(a moved run; its weights are checked against the flows')",
+    )
+    road.add_argument(
         "--combine", default="", help="combinations, e.g. density_cls+ratio,density_mean+last_scale"
     )
     road.add_argument(
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return _road_main(p, args)
     if not args.checkpoint:
         p.error("--checkpoint is required (except in road mode with feature detectors only)")
-    for flag in ("feature_flows", "combine"):
+    for flag in ("feature_flows", "combine", "segmenter"):
         if getattr(args, flag):
             p.error(f"--{flag.replace('_', '-')} is for road mode (--road)")
     if args.batch_size is None:
@@ -193,6 +198,8 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.heatmaps:
         p.error("--heatmaps is for images; road mode writes overlays into <--out>/overlays")
+    if args.segmenter and not args.feature_flows:
+        p.error("--segmenter is the segmenter of --feature-flows; give both")
     detectors = [name.strip() for name in args.detector.split(",") if name.strip()]
     held_out, void = _names(args.held_out), _names(args.void)
     source = RoadSource(args.road, args.root, args.split, held_out, void, args.max_frames, args.protocol)
@@ -211,6 +218,7 @@ def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.no_progress,
             feature_flows=args.feature_flows,
+            segmenter=args.segmenter,
             combine=[c for c in args.combine.split(",") if c.strip()],
             calibration=calibration,
             calibration_frames=args.calibration_frames,

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -992,7 +992,10 @@ def _read_feature_density(
 
 
 def load_dense_detector(
-    path: str | Path, cfg: FeatureFlowsRunConfig | None = None, device: torch.device | str = "cpu"
+    path: str | Path,
+    cfg: FeatureFlowsRunConfig | None = None,
+    device: torch.device | str = "cpu",
+    segmenter: str | Path | None = None,
 ) -> tuple[DenseFeatureDetector, FeatureFlowsRunConfig]:
     """Flows checkpoint + a segmenter → a ready :class:`DenseFeatureDetector`.
 
@@ -1001,6 +1004,8 @@ def load_dense_detector(
         cfg: run config for the segmenter path, taps, logits node and normalization; None uses
             the one stored in the checkpoint. Its taps must be the checkpoint's.
         device: where to run.
+        segmenter: the segmenter checkpoint, where it is not at the path the config names (a
+            run moved to another folder or machine); its weights are checked as at that path.
 
     Raises:
         ValueError: among others, a segmenter whose weights are not those the flows were trained
@@ -1008,6 +1013,13 @@ def load_dense_detector(
     """
     density, stored, ckpt = _read_feature_density(path, device)
     cfg = cfg or stored
+    if segmenter is not None:
+        cfg = replace(cfg, segmenter=str(segmenter))
+    elif not Path(cfg.segmenter).is_file():
+        raise FileNotFoundError(
+            f"{path}: its segmenter {cfg.segmenter} is not found (relative paths are relative to the "
+            "working folder); give the segmenter checkpoint's path (score_images.py --segmenter)"
+        )
     if tuple(cfg.taps) != density.names:
         raise ValueError(
             f"{path}: holds flows for taps {list(density.names)}, the config names {list(cfg.taps)}"
