@@ -1018,7 +1018,7 @@ def load_dense_detector(
     elif not Path(cfg.segmenter).is_file():
         raise FileNotFoundError(
             f"{path}: its segmenter {cfg.segmenter} is not found (relative paths are relative to the "
-            "working folder); give the segmenter checkpoint's path (score_images.py --segmenter)"
+            "working folder); give its path (score_images.py --segmenter, or segmenter: in a flows config)"
         )
     if tuple(cfg.taps) != density.names:
         raise ValueError(
