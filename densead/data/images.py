@@ -10,6 +10,9 @@ the GPU) whole, which keeps the training input pipeline trivial and fast.
 
 from __future__ import annotations
 
+import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,23 +61,62 @@ def _nhwc(images: np.ndarray, where: str) -> np.ndarray:
     return images
 
 
+# The first bytes of a zip archive (np.savez; an empty archive starts with its end record)
+# and of a single array's .npy file (np.save).
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+_NPZ_HELP = "np.savez(path, images=uint8 (N, H, W[, C]), labels=int (N,))"
+
+
+def _npz_labels(labels: object, n: int, path: Path) -> np.ndarray:
+    """The ``labels`` array of an npz set as int64 ``(n,)``; errors name the file."""
+    if not isinstance(labels, np.ndarray):
+        raise ValueError(f"{path}: 'labels' is not a numpy array; save the set with {_NPZ_HELP}")
+    if labels.ndim != 1:
+        raise ValueError(f"{path}: 'labels' must be one label per image, shape ({n},); got {labels.shape}")
+    if len(labels) != n:
+        raise ValueError(f"{path}: {n} images but {len(labels)} labels")
+    if labels.dtype.kind in "iub":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.rint(labels)).all():
+        return labels.astype(np.int64)  # whole numbers saved as floats
+    example = next((v for v in labels.tolist() if not (isinstance(v, float) and v.is_integer())), None)
+    raise ValueError(
+        f"{path}: 'labels' must be integers (class indices, -1 for unknown), got dtype {labels.dtype}"
+        + (f" (e.g. {example!r})" if example is not None else "")
+    )
+
+
 def _load_npz(cfg: DataConfig) -> _Raw:
     path = Path(cfg.path)
     if not path.is_file():
         raise FileNotFoundError(f"npz image set not found: {path}")
+    with path.open("rb") as fh:
+        head = fh.read(len(_NPY_MAGIC))
+    if head.startswith(_NPY_MAGIC):
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive; save the set with {_NPZ_HELP}")
+    if not head.startswith(_ZIP_MAGIC):
+        raise ValueError(
+            f"{path}: not an .npz archive of arrays (not a zip file); save the set with {_NPZ_HELP}"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             if "images" not in f:
                 raise KeyError(f"{path}: no 'images' array (found: {', '.join(f.files)})")
             images = f["images"]
-            labels = f["labels"] if "labels" in f else np.full(len(images), -1)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+            labels = f.get("labels")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # Truncated or corrupt archives, object arrays (never unpickled here), bad .npy members.
+        raise ValueError(f"{path}: not a readable .npz archive of arrays ({err})") from None
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"{path}: 'images' is not a numpy array; save the set with {_NPZ_HELP}")
     if images.dtype != np.uint8:
         raise ValueError(f"{path}: 'images' must be uint8, got {images.dtype}")
-    if len(labels) != len(images):
-        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
-    return _Raw(_nhwc(images, str(path)), labels.astype(np.int64), 256)
+    images = _nhwc(images, str(path))
+    labels = (
+        np.full(len(images), -1, dtype=np.int64) if labels is None else _npz_labels(labels, len(images), path)
+    )
+    return _Raw(images, labels, 256)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -100,8 +142,9 @@ def _load_folder(cfg: DataConfig) -> _Raw:
     class_dirs = sorted({p.parent.relative_to(root).parts[0] for p in files if p.parent != root})
     use_classes = bool(class_dirs) and all(p.parent != root for p in files)
     labels = [class_dirs.index(p.relative_to(root).parts[0]) if use_classes else -1 for p in files]
-    images = [_read_image(p) for p in files]
-    images = [_fit(img, cfg, str(p)) for img, p in zip(images, files, strict=True)]
+    # Each image to the configured channels (as load_image_set does for whole sets), so a
+    # folder may mix greyscale and colour images; then to the configured size.
+    images = [_to_channels(_fit(_read_image(p), cfg, str(p)), cfg.channels) for p in files]
     first = images[0].shape
     for img, p in zip(images, files, strict=True):
         if img.shape != first:
@@ -130,9 +173,15 @@ def _load_torchvision(cfg: DataConfig) -> _Raw:
         ds = cls(cfg.path, train=train, download=cfg.download)
         return _Raw(ds.data.numpy()[..., None], ds.targets.numpy().astype(np.int64), 256)
     except RuntimeError as err:
+        # torchvision's advice ("You can use download=True") is for its Python API; say what the
+        # config key and the command-line flag are.
+        reason = re.sub(r"\s*You can use download=True to download it\.?", "", str(err)).strip().rstrip(".")
+        where = f"torchvision {cfg.source} ({cfg.split}) under {cfg.path!r}"
+        if cfg.download:
+            raise FileNotFoundError(f"{where}: {reason} (after download)") from None
         raise FileNotFoundError(
-            f"torchvision {cfg.source} ({cfg.split}) not found under {cfg.path!r}: {err} "
-            "Set download: true to fetch it."
+            f"{where}: {reason}. To fetch it, set download: true in the data config "
+            "(command line: --download)"
         ) from None
 
 
@@ -177,6 +226,15 @@ def to_greyscale(images: np.ndarray) -> np.ndarray:
     """``(…, 3)`` uint8 RGB → ``(…, 1)`` uint8 luma, rounded (paper's formula)."""
     grey = images.astype(np.float64) @ np.asarray(GREY_WEIGHTS)
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """``(…, 1|3)`` uint8 images to ``channels`` (1: luma of RGB; 3: grey repeated)."""
+    if channels == 1 and images.shape[-1] == 3:
+        return to_greyscale(images)
+    if channels == 3 and images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    return images
 
 
 def _fit(img: np.ndarray, cfg: DataConfig, where: str) -> np.ndarray:
@@ -250,10 +308,7 @@ def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageS
     if cfg.rotations:
         images, labels = _all_rotations(images), np.tile(labels, 8)
         names = np.asarray([f"{n}_sym{k}" for k in range(8) for n in names])
-    if cfg.channels == 1 and images.shape[-1] == 3:
-        images = to_greyscale(images)
-    elif cfg.channels == 3 and images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
+    images = _to_channels(images, cfg.channels)
     where = name or cfg.path or cfg.source
     images = np.stack([_fit(img, cfg, where) for img in images])
     images = _quantize(images, raw.levels, n_bins)

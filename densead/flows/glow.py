@@ -305,12 +305,28 @@ class Glow(nn.Module):
         return len(self.scales)
 
     def check_input(self, x: Tensor) -> None:
-        """Raise a ValueError naming the shape if ``x`` cannot go through this Glow."""
+        """Raise a ValueError naming the shape or dtype if ``x`` cannot go through this Glow.
+
+        ``x`` must be ``(B, in_channels, H, W)`` with ``H`` and ``W`` divisible by
+        ``2^n_scales``, of the parameters' floating dtype (float32 unless the model was
+        converted); uint8 images become model input through
+        :func:`densead.data.transforms.to_model_input`.
+        """
         factor = 2**self.n_scales
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(
                 f"Glow expects input (B, {self.in_channels}, H, W) with H and W divisible by {factor}, "
                 f"got shape {tuple(x.shape)}"
+            )
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            expected, got = (str(t).removeprefix("torch.") for t in (dtype, x.dtype))
+            hint = ""
+            if not x.dtype.is_floating_point:
+                hint = "; make model input of uint8 images with densead.data.transforms.to_model_input"
+            raise ValueError(
+                f"Glow expects {expected} input in [-0.5, 0.5) (the dtype of its parameters), "
+                f"got {got} of shape {tuple(x.shape)}{hint}"
             )
 
     def forward(self, x: Tensor) -> GlowOutput:
@@ -362,7 +378,16 @@ class Glow(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Draw ``n`` images of ``height × width`` by inverting prior samples."""
+        """Draw ``n`` images of ``height × width`` by inverting prior samples.
+
+        ``height`` and ``width`` must be positive multiples of ``2^n_scales`` (as inputs).
+        """
+        factor = 2**self.n_scales
+        if height < 1 or width < 1 or height % factor or width % factor:
+            raise ValueError(
+                f"Glow.sample: height and width must be positive multiples of {factor} "
+                f"(2^n_scales, n_scales={self.n_scales}), got {height}×{width}"
+            )
         latents = [
             scale.prior.sample(shape, temperature, generator)
             for scale, shape in zip(self.scales, self.latent_shapes(n, height, width), strict=True)
