@@ -2,7 +2,9 @@
 
     python tools/run_experiment.py configs/experiments/digits_demo.yaml [--set key=value ...]
 
-Killed at any point, the same command resumes where it stopped.
+Killed at any point, the same command resumes where it stopped. The config and the test
+sets are checked before anything is trained or written; a stage is reused only while the
+stages it was trained from are unchanged (otherwise the error lists the folders to delete).
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from densead.config import ExperimentConfig, load_config
-from densead.experiment import run_experiment
+from densead.config import ConfigError, ExperimentConfig, load_config
+from densead.experiment import StaleStageError, run_experiment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    cfg = load_config(ExperimentConfig, args.config, args.set)
-    report = run_experiment(cfg, progress=not args.no_progress)
+
+    def fail(message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    try:
+        cfg = load_config(ExperimentConfig, args.config, args.set)
+    except ConfigError as err:  # names the file and the key
+        fail(str(err))
+    try:
+        report = run_experiment(cfg, progress=not args.no_progress)
+    except ConfigError as err:  # a key of the experiment's config (check_experiment)
+        fail(f"{args.config}: {err}")
+    except StaleStageError as err:
+        fail(str(err))
     print(report.read_text())
     print(f"Report, scores, plots and heatmaps in {report.parent.resolve()}")
     return 0
