@@ -116,7 +116,10 @@ def glow_outputs(
         images, model.n_bins, batch_size, device, progress, f"eval {images.name}"
     ):
         with torch.no_grad():
-            yield sl, model(x)
+            out = model(x)
+        # Yield outside no_grad: a generator suspended inside it would leave the caller's
+        # gradients off (and interleaved generators restore each other's modes).
+        yield sl, out
 
 
 def save_heatmaps(

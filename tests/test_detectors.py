@@ -93,3 +93,14 @@ def test_detector_errors() -> None:
     model = Glow(3, n_scales=2, n_steps=1, hidden=8)
     with pytest.raises(ValueError, match="general-distribution model"):
         GlowScorer(model).score(torch.zeros(1, 3, 8, 8), [get_detector("ratio")])
+
+
+def test_glow_outputs_leaves_gradients_on_between_batches() -> None:
+    from densead.data.images import ImageSet
+    from densead.scoring import glow_outputs
+
+    model = Glow(in_channels=1, n_scales=1, n_steps=1, hidden=4, n_bins=17)
+    images = ImageSet(torch.randint(0, 17, (6, 1, 4, 4), dtype=torch.uint8), torch.zeros(6), "x")
+    for _, out in glow_outputs(model, images, 2, torch.device("cpu")):
+        assert not out.log_prob().requires_grad  # computed without autograd
+        assert torch.is_grad_enabled(), "the generator left gradients off in the caller"
