@@ -38,6 +38,7 @@ from densead.dense import (
     train_road_glow,
 )
 from densead.dense_scoring import (
+    DenseRun,
     MapRescale,
     evaluate_dense_components,
     evaluate_dense_run,
@@ -497,19 +498,22 @@ def test_a_road_glow_scores_only_the_protocol_it_was_trained_with(tmp_path: Path
     assert not any((tmp_path / d).exists() for d in ("cars", "g"))
 
 
-@pytest.mark.parametrize("fault", ["truncated", "nan", "float32", "negative", "objects"])
-def test_a_map_not_as_dense_scoring_writes_it_is_named(tmp_path: Path, fault: str) -> None:
+def scored_run(tmp_path: Path) -> tuple[Path, Path, DenseRun]:
+    """Two fake CamVid test frames scored with a tiny Glow's raw maps (fixed rescaling: one pass)."""
     root = fake_camvid(tmp_path / "camvid", n=2)
     ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 4)
     fixed = MapRescale.fit({"raw": (-10.0, 10.0)})
-    run = score_road_dataset(
-        RoadSource("camvid", str(root), "test"),
+    source = RoadSource("camvid", str(root), "test")
+    return (
+        root,
         ckpt,
-        tmp_path / "run",
-        ["raw"],
-        rescale=fixed,
-        progress=False,
+        score_road_dataset(source, ckpt, tmp_path / "run", ["raw"], rescale=fixed, progress=False),
     )
+
+
+@pytest.mark.parametrize("fault", ["truncated", "nan", "float32", "negative", "objects"])
+def test_a_map_not_as_dense_scoring_writes_it_is_named(tmp_path: Path, fault: str) -> None:
+    root, ckpt, run = scored_run(tmp_path)
     path = run.map_path("raw", "f1")
     m = np.load(path)
     if fault == "truncated":
@@ -563,17 +567,7 @@ def load_tool(name: str) -> ModuleType:
 
 def test_pixel_tools_report_bad_runs_and_paths_as_usage_errors(tmp_path: Path, capsys) -> None:
     evaluate, score_images = load_tool("evaluate"), load_tool("score_images")
-    root = fake_camvid(tmp_path / "camvid", n=2)
-    ckpt = save_tiny_checkpoint(tmp_path / "model.pt", 4)
-    fixed = MapRescale.fit({"raw": (-10.0, 10.0)})
-    run = score_road_dataset(
-        RoadSource("camvid", str(root), "test"),
-        ckpt,
-        tmp_path / "run",
-        ["raw"],
-        rescale=fixed,
-        progress=False,
-    )
+    root, ckpt, run = scored_run(tmp_path)
     assert evaluate.main([f"--pixel={tmp_path / 'run'}", "--out", str(tmp_path / "ok")]) == 0
     assert evaluate.main(["--pixel", "--help"]) == 0
     assert "RUN_DIR" in capsys.readouterr().out

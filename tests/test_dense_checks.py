@@ -3,7 +3,6 @@ input (config ranges, splits, frames, labels, mismatched checkpoints) before the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_dense import TINY, fake_camvid
+from test_dense import TINY, _one_thread, fake_camvid  # noqa: F401 - _one_thread: autouse fixture
 
 import densead.detectors.feature_density as fd
 import densead.segmenter as seg
@@ -38,14 +37,6 @@ from densead.segmenter import (
     train_segmenter,
 )
 from densead.train import load_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def camvid(root: Path, n: int = 2) -> Path:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_tools import DIGITS, tiny_experiment
 
 import densead.experiment as experiment
 from densead.config import ConfigError, ExperimentConfig, from_dict
@@ -25,24 +26,12 @@ from densead.train import load_checkpoint, load_glow
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_MODEL = {"in_channels": 1, "n_scales": 2, "n_steps": 1, "hidden": 8, "n_bins": 17}
-DIGITS = {"source": "sklearn_digits", "channels": 1, "size": 8}
-
 
 def tiny(out: Path, **changes) -> dict:
-    train = {"steps": 2, "batch_size": 16, "checkpoint_every": 1, "log_every": 1}
-    cfg = {
-        "output_dir": str(out),
-        "model": TINY_MODEL,
-        "general": {**DIGITS, "exclude_classes": [0], "stop": 200, "rotations": True},
-        "in_dist": {**DIGITS, "exclude_classes": [0], "stop": 200},
-        "in_dist_test": {**DIGITS, "exclude_classes": [0], "start": 1700},
-        "anomalies": {"digit_0": {**DIGITS, "classes": [0], "start": 1500}},
-        "general_train": train,
-        "in_dist_train": train,
-        "outlier_train": {**train, "steps": 0},
-        "n_heatmaps": 1,
-    }
+    """test_tools' tiny experiment without Diff†, one heatmap, a log line every step."""
+    cfg = tiny_experiment(out)
+    train = {**cfg["general_train"], "log_every": 1}
+    cfg.update(general_train=train, in_dist_train=train, outlier_train={**train, "steps": 0}, n_heatmaps=1)
     cfg.update(changes)
     return cfg
 
