@@ -110,3 +110,16 @@ def test_glow_sample_checks_the_size() -> None:
     for h, w in ((6, 6), (8, 6), (0, 8)):
         with pytest.raises(ValueError, match=rf"multiples of 4 .*n_scales=2.*got {h}×{w}"):
             glow.sample(2, h, w)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hidden": 0}, r"Glow: hidden=0; each must be >= 1"),
+        ({"in_channels": 0, "n_steps": -1}, r"Glow: in_channels=0, n_steps=-1; each must be >= 1"),
+        ({"n_bins": 1}, r"Glow: n_bins=1; the data need at least 2 quantization levels"),
+    ],
+)
+def test_glow_refuses_sizes_it_cannot_be_built_with(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Glow(**{"in_channels": 1, "n_scales": 1, "n_steps": 1, "hidden": 4, **kwargs})

@@ -255,8 +255,11 @@ class Glow(nn.Module):
         recompute: bool = False,
     ) -> None:
         super().__init__()
-        if n_scales < 1 or n_steps < 1:
-            raise ValueError(f"n_scales and n_steps must be >= 1, got {n_scales}, {n_steps}")
+        sizes = {"in_channels": in_channels, "n_scales": n_scales, "n_steps": n_steps, "hidden": hidden}
+        if small := {k: v for k, v in sizes.items() if v < 1}:
+            raise ValueError(f"Glow: {', '.join(f'{k}={v}' for k, v in small.items())}; each must be >= 1")
+        if n_bins < 2:
+            raise ValueError(f"Glow: n_bins={n_bins}; the data need at least 2 quantization levels")
         self.in_channels = in_channels
         self.n_bins = n_bins
         net_factory = glow_coupling_net(hidden, kernel_size)
