@@ -53,9 +53,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -99,6 +100,8 @@ __all__ = [
     "shrink",
     "shrink_keep_mask",
     "train_road_glow",
+    "downscale_of",
+    "trained_data",
     "trained_downscale",
 ]
 
@@ -649,9 +652,20 @@ def train_road_glow(
     return ckpt_path
 
 
-def trained_downscale(checkpoint: str | Path) -> int | None:
-    """The ``data.downscale`` a road Glow was trained with, or None for other checkpoints."""
+def trained_data(checkpoint: str | Path) -> dict:
+    """The ``data`` section of the config a road Glow was trained with; ``{}`` for checkpoints
+    without one (image Glows)."""
     config = load_checkpoint(checkpoint).get("config", {})
     data = config.get("data") if isinstance(config, dict) else None
-    value = data.get("downscale") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def downscale_of(data: Mapping[str, Any]) -> int | None:
+    """``data.downscale`` of a :func:`trained_data` section, or None where it records none."""
+    value = data.get("downscale")
     return int(value) if isinstance(value, int) else None
+
+
+def trained_downscale(checkpoint: str | Path) -> int | None:
+    """The ``data.downscale`` a road Glow was trained with, or None for other checkpoints."""
+    return downscale_of(trained_data(checkpoint))

@@ -77,7 +77,7 @@ from densead.combined_maps import (
     spread_frames,
 )
 from densead.data.road import ANOMALY, VOID, RoadDataset, read_label
-from densead.dense import RoadSource, trained_downscale
+from densead.dense import RoadSource, downscale_of, trained_data
 from densead.detectors import DETECTORS, GlowDetector, GlowScorer, get_detector
 from densead.frame_scorers import (
     SENTINEL_LIMIT,
@@ -91,7 +91,7 @@ from densead.frame_scorers import (
 from densead.io import atomic_write_text
 from densead.metrics import ComponentMetrics, FalsePositivesByClass, PixelF1, PixelMetrics
 from densead.scoring import write_scores_csv
-from densead.train import load_checkpoint, load_glow, resolve_device
+from densead.train import load_glow, resolve_device
 from densead.viz import heatmap_overlay, save_png
 
 __all__ = [
@@ -359,17 +359,17 @@ def _glow_detector(name: str, feature_names: Sequence[str] | None) -> GlowDetect
         ) from None
 
 
-def _check_trained_protocol(checkpoint: str | Path, dataset: RoadDataset, source: RoadSource) -> None:
-    """A road Glow (its checkpoint's ``config.data`` has ``held_out`` / ``void``) scores only a
-    dataset with the classes it was trained with as anomalies and void; image Glows are not checked."""
-    config = load_checkpoint(checkpoint).get("config")
-    data = config.get("data") if isinstance(config, dict) else None
+def _check_protocol(
+    trained_by: str | Path, trained: Mapping[str, Any], dataset: RoadDataset, source: RoadSource
+) -> None:
+    """The model of ``trained_by`` scores only a dataset with the ``held_out`` / ``void`` classes
+    it was trained with (``trained``: those it records; one it does not record is not checked):
+    a model trained on the anomalies would see them."""
     for key in ("held_out", "void"):
-        theirs = data.get(key) if isinstance(data, dict) else None
-        ours = getattr(dataset, key, None)
+        theirs, ours = trained.get(key), getattr(dataset, key, None)
         if theirs is not None and ours is not None and tuple(ours) != tuple(theirs):
             raise ValueError(
-                f"{checkpoint}: trained with {key}={list(theirs)}, but {source.name} uses {list(ours)}"
+                f"{trained_by}: trained with {key}={list(theirs)}, but {source.name} uses {list(ours)}"
             )
 
 
@@ -390,15 +390,19 @@ def _glow_scorer(
     general_model = load_glow(general, device)[0] if general is not None else None
     if general_model is not None and general_model.n_scales != model.n_scales:
         raise ValueError(f"{general}: {general_model.n_scales} scales, but {checkpoint} has {model.n_scales}")
-    paths = [checkpoint] if general_model is None else [checkpoint, general]
-    for path in paths:
-        _check_trained_protocol(path, dataset, source)
-    if general_model is not None:
-        ours, theirs = trained_downscale(checkpoint), trained_downscale(general)
+    # Road Glows record their data protocol (image Glows record none: nothing to check).
+    trained = {
+        path: trained_data(path) for path in ([checkpoint] if general is None else [checkpoint, general])
+    }
+    for path, data in trained.items():
+        _check_protocol(path, data, dataset, source)
+    ours = downscale_of(trained[checkpoint])
+    if general is not None:
+        theirs = downscale_of(trained[general])
         if ours is not None and theirs is not None and ours != theirs:
             raise ValueError(f"{general}: trained on frames shrunk {theirs}x, but {checkpoint} on {ours}x")
     if downscale is None:
-        downscale = trained_downscale(checkpoint) or 1
+        downscale = ours or 1
     info = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "general": str(Path(general).resolve()) if general is not None else None,
@@ -418,12 +422,7 @@ def _feature_scorer(
     from densead.detectors.feature_density import load_dense_detector  # pulls in timm (seconds)
 
     detector, cfg = load_dense_detector(feature_flows, device=device, segmenter=segmenter)
-    for key in ("held_out", "void"):  # a segmenter trained on the anomalies would see them
-        ours, theirs = getattr(dataset, key, None), getattr(cfg.data, key)
-        if ours is not None and tuple(ours) != tuple(theirs):
-            raise ValueError(
-                f"{feature_flows}: trained with {key}={list(theirs)}, but {source.name} uses {list(ours)}"
-            )
+    _check_protocol(feature_flows, {"held_out": cfg.data.held_out, "void": cfg.data.void}, dataset, source)
     names = [n for n in needed if n in detector.names]
     scorer = (
         FeatureFrameScorer(detector, cfg.data.scale, cfg.data.pad_divisor, names, device) if names else None

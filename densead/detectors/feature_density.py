@@ -708,9 +708,8 @@ class DenseFeatureDetector:
 # --------------------------------------------------------------------------- training run
 
 
-def _load_checked_segmenter(cfg: FeatureFlowsRunConfig, device: torch.device) -> tuple[nn.Module, str]:
-    """The segmenter of ``cfg`` (its held-out and void classes checked against ``cfg.data``)
-    and its :func:`~densead.segmenter.segmenter_fingerprint`."""
+def _load_checked_segmenter(cfg: FeatureFlowsRunConfig, device: torch.device) -> nn.Module:
+    """The segmenter of ``cfg``, its held-out and void classes checked against ``cfg.data``."""
     segmenter, seg_cfg = load_segmenter(cfg.segmenter, device)
     # The held-out classes must be the segmenter's too, or it may have trained on the anomalies.
     protocol = (tuple(cfg.data.held_out), tuple(cfg.data.void))
@@ -720,7 +719,7 @@ def _load_checked_segmenter(cfg: FeatureFlowsRunConfig, device: torch.device) ->
             f"void={list(seg_cfg.data.void)}, but the flows config says held_out={list(cfg.data.held_out)}, "
             f"void={list(cfg.data.void)}"
         )
-    return segmenter, segmenter_fingerprint(segmenter)
+    return segmenter
 
 
 def _tap_segmenter(
@@ -728,9 +727,7 @@ def _tap_segmenter(
 ) -> FrozenFeatureExtractor:
     """``cfg.taps`` (and the logits node) of ``segmenter``; a node that is not a feature map of
     it is an error naming the key (``taps.<name>`` or ``logits_node``) and the segmenter."""
-    if LOGITS_TAP in cfg.taps:
-        raise ValueError(f"tap name {LOGITS_TAP!r} is reserved for the segmenter's logits")
-    nodes = dict(cfg.taps)
+    nodes = dict(cfg.taps)  # FeatureFlowsRunConfig reserves the name LOGITS_TAP
     if with_logits:
         nodes[LOGITS_TAP] = cfg.logits_node
     try:
@@ -847,7 +844,8 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
-    segmenter, fingerprint = _load_checked_segmenter(cfg, device)
+    segmenter = _load_checked_segmenter(cfg, device)
+    fingerprint = segmenter_fingerprint(segmenter)
     # The logits node is what scoring taps besides the flows': a bad one fails here, not after training.
     _tap_segmenter(cfg, segmenter, with_logits=True)
     extractor = _tap_segmenter(cfg, segmenter, with_logits=False)
@@ -1024,9 +1022,9 @@ def load_dense_detector(
         raise ValueError(
             f"{path}: holds flows for taps {list(density.names)}, the config names {list(cfg.taps)}"
         )
-    segmenter, fingerprint = _load_checked_segmenter(cfg, torch.device(device))
-    expected = ckpt.get("segmenter_sha256")
-    if isinstance(expected, str) and expected != fingerprint:
+    segmenter = _load_checked_segmenter(cfg, torch.device(device))
+    expected = ckpt.get("segmenter_sha256")  # older checkpoints have none: nothing to check
+    if isinstance(expected, str) and expected != (fingerprint := segmenter_fingerprint(segmenter)):
         raise ValueError(
             f"{path}: the flows were trained on the features of segmenter {stored.segmenter} "
             f"(weights sha256 {expected[:16]}...), but {cfg.segmenter} holds other weights "
