@@ -201,25 +201,13 @@ def _stages(cfg: ExperimentConfig) -> list[_Stage]:
         ),
     ]
     if cfg.outlier_train.steps > 0:
+        # Diff†: each model finetuned from itself with the other as reference, the other's data as outliers.
         ocfg = dict(weight=cfg.outlier_weight, temperature=cfg.outlier_temperature)
-        stages.append(
-            stage(
-                "in_dist_outlier",
-                cfg.in_dist,
-                replace(cfg.outlier_train, init_from=str(_stage(cfg, "in_dist"))),
-                ("in_dist", "general"),
-                OutlierConfig(cfg.general, str(_stage(cfg, "general")), **ocfg),
-            )
-        )
-        stages.append(
-            stage(
-                "general_outlier",
-                cfg.general,
-                replace(cfg.outlier_train, init_from=str(_stage(cfg, "general"))),
-                ("general", "in_dist"),
-                OutlierConfig(cfg.in_dist, str(_stage(cfg, "in_dist")), **ocfg),
-            )
-        )
+        data = {"in_dist": cfg.in_dist, "general": cfg.general}
+        for own, other in (("in_dist", "general"), ("general", "in_dist")):
+            tcfg = replace(cfg.outlier_train, init_from=str(_stage(cfg, own)))
+            outlier = OutlierConfig(data[other], str(_stage(cfg, other)), **ocfg)
+            stages.append(stage(f"{own}_outlier", data[own], tcfg, (own, other), outlier))
     return stages
 
 

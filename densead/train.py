@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from densead import distributed as dist
 from densead.config import (
+    OPTIMIZER_NAMES,
     ConfigError,
     ModelConfig,
     OutlierConfig,
@@ -96,12 +97,11 @@ def build_glow(cfg: ModelConfig) -> Glow:
     )
 
 
-OPTIMIZERS = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+# TrainConfig accepts exactly the names of OPTIMIZER_NAMES (and refuses others when it is built).
+OPTIMIZERS = dict(zip(OPTIMIZER_NAMES, (torch.optim.Adamax, torch.optim.Adam, torch.optim.SGD), strict=True))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
