@@ -48,8 +48,15 @@ to 0 or 1. Overlays use each frame's 1st/99th percentiles for contrast (pictures
 **Atomicity.** The first pass reads and scores every frame before anything is created, so a bad
 frame (unreadable image, label of another size, missing label file) stops the run with an error
 naming the file and no output. Maps and overlays are written into a hidden staging folder inside
-``out_dir`` that is removed on any error; on success each file is renamed into place, then
-``summary.csv``, ``rescale.json`` and ``run.json`` are written (atomically) last.
+``out_dir`` that is removed on any error, leaving ``out_dir`` as it was. Once every frame is
+written, the run replaces the previous one in ``out_dir`` as a whole: the old ``run.json`` is
+deleted first (then the old ``summary.csv`` and ``rescale.json``), the old ``maps/`` and
+``overlays/`` folders are renamed into the staging folder and the new ones renamed into place (so
+no map or overlay of a frame or detector the new run did not score is left behind, and without
+``overlays`` the old overlays go too), ``summary.csv``, ``rescale.json`` and ``run.json`` are
+written (atomically) last, and the staging folder, holding the old maps, is deleted. A crash
+during the swap leaves ``out_dir`` without a ``run.json``, never an old one describing new maps.
+Other files in ``out_dir`` are not touched.
 """
 
 from __future__ import annotations
@@ -215,6 +222,26 @@ def _label_stats(label: np.ndarray | None) -> tuple[Any, Any]:
     return anomaly, n_void / label.size
 
 
+RUN_FOLDERS = ("maps", "overlays")
+
+
+def _swap_in_run(staging: Path, out_dir: Path) -> None:
+    """Replace the run in ``out_dir`` by the maps and overlays complete in ``staging`` (module docstring).
+
+    ``run.json`` goes first, so no crash leaves it describing the new maps; the old folders are
+    moved into ``staging`` (deleted with it), so no file of the old run stays next to the new ones.
+    """
+    for file in (RUN_FILE, SUMMARY_FILE, RESCALE_FILE):
+        (out_dir / file).unlink(missing_ok=True)
+    retired = staging / "previous"
+    retired.mkdir()
+    for folder in RUN_FOLDERS:
+        if os.path.lexists(out_dir / folder):
+            os.replace(out_dir / folder, retired / folder)
+        if (staging / folder).is_dir():
+            os.replace(staging / folder, out_dir / folder)
+
+
 def write_frame_maps(
     dataset: RoadDataset,
     scorer: FrameScorer,
@@ -231,7 +258,8 @@ def write_frame_maps(
         dataset: road frames (labels optional).
         scorer: the map producer (:mod:`densead.frame_scorers`); its ``describe()`` goes into
             ``run.json``.
-        out_dir: output folder (created).
+        out_dir: output folder (created). A previous run in it is replaced: its ``maps/`` and
+            ``overlays/`` folders and its summary, rescale and run files (other files are kept).
         rescale: fixed ``[lo, hi]`` per detector; None calibrates them on ``dataset`` in a first
             pass.
         overlays: also write the heat-map PNGs.
@@ -293,10 +321,7 @@ def write_frame_maps(
                 np.save(staging / "maps" / n / f"{stem}.npy", rescale.apply(n, m))
                 if overlays:
                     save_png(staging / "overlays" / n / f"{stem}.png", heatmap_overlay(item["image"], m))
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-            target = out_dir / path.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+        _swap_in_run(staging, out_dir)
         write_scores_csv(out_dir / SUMMARY_FILE, columns)
         rescale.save(out_dir / RESCALE_FILE)
         run = {
