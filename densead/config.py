@@ -28,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "TrainRunConfig",
     "apply_overrides",
+    "config_changes",
     "from_dict",
     "load_config",
     "save_config",
@@ -380,6 +381,76 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(cfg)
+
+
+# Keys a resumed run may change: where it writes, where it runs, how often it logs and saves, how
+# far it trains, the fast path (the same math: densead.flows.fast), and the checkpoints it started
+# from or compares against (its weights come from its own checkpoint; a copied run names the
+# copies; run_experiment checks those files by their SHA-256). Leaves named ``download`` never
+# matter.
+RESUMABLE_KEYS = frozenset(
+    {
+        "output_dir",
+        "train.steps",
+        "train.checkpoint_every",
+        "train.log_every",
+        "train.device",
+        "train.fast",
+        "train.init_from",
+        "outlier.reference",
+    }
+)
+# Data leaves that name files or folders: equal when they are the same file (a relative and an
+# absolute spelling of one path) or when the stored one is gone (the data moved).
+_PATH_LEAVES = frozenset({"path", "root"})
+
+
+def _same_file(stored: object, current: object) -> bool:
+    if stored == current:
+        return True
+    old, new = Path(str(stored)), Path(str(current))
+    if not old.exists():
+        return True
+    try:
+        return old.samefile(new)
+    except OSError:
+        return False
+
+
+def config_changes(
+    stored: Mapping[str, Any], current: Mapping[str, Any], may_change: frozenset[str] = RESUMABLE_KEYS
+) -> list[str]:
+    """The settings in which two plain configs (:func:`to_dict`) differ, each as
+    ``"key (<stored> in the checkpoint, <current> now)"``, in field order.
+
+    Keys in ``may_change`` and leaves named ``download`` are skipped; data file and folder
+    leaves (``path``, ``root``) compare as files, and match when the stored one no longer
+    exists. A key only one side has (a field added or removed by another densead version) is
+    not compared.
+    """
+    changes: list[str] = []
+
+    def walk(key: str, a: Any, b: Any) -> None:
+        if key in may_change or key.rsplit(".", 1)[-1] == "download":
+            return
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in b:
+                if k in a:
+                    walk(f"{key}.{k}" if key else str(k), a[k], b[k])
+            return
+        if key.rsplit(".", 1)[-1] in _PATH_LEAVES and _same_file(a, b):
+            return
+        if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+            if all(isinstance(x, Mapping) for x in (*a, *b)):
+                for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                    walk(f"{key}[{i}]", x, y)
+                return
+            a, b = list(a), list(b)
+        if a != b:
+            changes.append(f"{key} ({a!r} in the checkpoint, {b!r} now)")
+
+    walk("", stored, current)
+    return changes
 
 
 class _ConfigLoader(yaml.SafeLoader):

@@ -74,6 +74,7 @@ from densead.io import atomic_torch_save
 from densead.train import (
     CHECKPOINT_NAME,
     MAX_DROPPED_FRACTION,
+    check_output,
     learning_rate,
     load_checkpoint,
     portable_optimizer_state,
@@ -560,24 +561,27 @@ def train_road_glow(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, RoadStepResult], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train one road Glow with the masked loss as ``cfg`` says; returns the checkpoint path.
 
     ``<output_dir>/checkpoint.pt`` is written every ``train.checkpoint_every`` steps and at the
-    end; with ``resume`` an existing one is continued (a finished one is returned as it is).
+    end. An existing one is continued with ``resume`` (a finished one is returned as it is; one
+    of another data protocol or other settings is refused), replaced with ``overwrite``, and
+    refused otherwise (:func:`densead.train.check_output`).
     """
     _check_config(cfg)
     tcfg, mcfg, dcfg, gcfg = cfg.train, cfg.model, cfg.data, cfg.general_images
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = resolve_device(tcfg.device)
-    if resume and ckpt_path.is_file():
-        done = load_checkpoint(ckpt_path)
-        if done["model_config"] != to_dict(mcfg):
-            raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
-        _check_resume_protocol(ckpt_path, done.get("config"), cfg)
-        if done["finished"] and done["step"] >= tcfg.steps:
-            return ckpt_path
+
+    def same_protocol(path: Path, ckpt: dict) -> None:
+        _check_resume_protocol(path, ckpt.get("config"), cfg)
+
+    done = check_output(ckpt_path, cfg, resume, overwrite, same_protocol)
+    if done is not None and done["finished"] and done["step"] >= tcfg.steps:
+        return ckpt_path
     torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only
 
     general = None

@@ -20,6 +20,9 @@ step). It is reused or resumed only while those are unchanged: when an earlier
 stage has changed, or will train further in this run (say ``general_train.steps``
 was raised), the run stops before training with :class:`StaleStageError`, which
 lists the stage folders to delete so they are retrained from the current models.
+A stage is likewise stale when its own settings changed since it was trained (say
+``in_dist_train.lr``, or ``general_train.steps`` lowered below its checkpoint's step;
+:func:`densead.train.resume_problems`), and so are the stages after it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,14 @@ from densead.evaluation import markdown_tables, spearman, write_evaluation
 from densead.flows import Glow
 from densead.io import atomic_write_text
 from densead.scoring import glow_outputs, read_scores_csv, save_heatmaps, write_scores_csv
-from densead.train import CHECKPOINT_NAME, load_checkpoint, load_glow, resolve_device, train_glow
+from densead.train import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_glow,
+    resolve_device,
+    resume_problems,
+    train_glow,
+)
 from densead.viz import plot_bars
 
 __all__ = [
@@ -248,6 +258,12 @@ def _check_reuse(cfg: ExperimentConfig, stages: list[_Stage]) -> None:
         if state[st.name] is not None:
             record = _read_parents(root / st.name)
             reasons = []
+            changed = resume_problems(done, st.run)
+            if changed:
+                reasons.append(
+                    f"its settings changed since it was trained ({st.name}/config.yaml has them): "
+                    + "; ".join(changed)
+                )
             for p in st.parents:
                 p_ckpt = root / p / CHECKPOINT_NAME
                 if p in will_train:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text", "read_checkpoint"]
+__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text", "check_overwrite", "read_checkpoint"]
 
 
 def _umask() -> int:
@@ -41,9 +41,33 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path.chmod(0o666 & ~_umask())
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        _fsync(tmp_path)  # the content is on disk before the name points at it (a crash or power
+        os.replace(tmp_path, path)  # loss leaves the old file or the new one, never an empty one)
+        _fsync(path.parent)  # and the rename itself
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a file system that cannot sync folders
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def check_overwrite(path: str | os.PathLike[str], overwrite: bool, resumable: bool = False) -> None:
+    """Refuse to train over an existing model: raise FileExistsError naming ``path`` and the
+    flags that go on (``--resume`` too, where the trainer can continue it) unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        resume = "continue it with --resume, " if resumable else ""
+        raise FileExistsError(
+            f"{path} exists: {resume}train anew over it with --overwrite, or set another output_dir"
+        )
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from densead.config import ConfigError, FieldError, check_device, from_dict, require, save_config, to_dict
 from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform
 from densead.features import load_weights
-from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
+from densead.io import atomic_torch_save, atomic_write_text, check_overwrite, read_checkpoint
 from densead.train import resolve_device
 
 __all__ = [
@@ -630,12 +630,15 @@ def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
     return path
 
 
-def train_segmenter(cfg: SegmenterRunConfig, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+def train_segmenter(
+    cfg: SegmenterRunConfig, progress: bool = True, overwrite: bool = False
+) -> tuple[Path, dict[str, Any]]:
     """Train on the CamVid train split, save the checkpoint, report mIoU on ``cfg.train.eval_split``.
 
     The loss ignores train id 255: void pixels, padding, and the held-out classes. The output
     folder, both splits and the model are checked before training starts; the checkpoint is
-    written before the evaluation and written again with its metrics.
+    written before the evaluation and written again with its metrics. An existing checkpoint
+    is refused unless ``overwrite``.
 
     Returns:
         Path of ``<output_dir>/checkpoint.pt`` (``model`` state_dict, ``config``, ``classes``,
@@ -645,6 +648,7 @@ def train_segmenter(cfg: SegmenterRunConfig, progress: bool = True) -> tuple[Pat
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
     out_dir = check_output_dir(cfg.output_dir)
+    check_overwrite(out_dir / CHECKPOINT_NAME, overwrite)
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)

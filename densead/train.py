@@ -6,7 +6,10 @@ Design points:
   ``s`` is a pure function of ``(seed, s)`` (permutation per epoch, augmentation
   and dequantization noise from generators seeded by the step). ``--resume``
   therefore continues exactly as an uninterrupted run would, with nothing but
-  the step, model and optimizer saved.
+  the step, model and optimizer saved. It continues only a run of the same
+  settings (:func:`resume_problems`): a changed learning rate, seed, batch or
+  data would make a model of two recipes under a config naming one. Without
+  ``resume`` an existing checkpoint is kept unless ``overwrite`` says otherwise.
 * One host sync per step: the finiteness of the gradient norm. Only when it is
   not finite are the per-sample log-likelihoods inspected; non-finite samples
   are dropped and the step recomputed on the rest, or skipped when more than
@@ -26,9 +29,10 @@ Design points:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,7 @@ from densead.config import (
     OutlierConfig,
     TrainConfig,
     TrainRunConfig,
+    config_changes,
     from_dict,
     save_config,
     to_dict,
@@ -51,7 +56,7 @@ from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
 from densead.flows import FastPath, FastTraining, Glow, apply_fast_path, resolve_fast_path
 from densead.flows.fast import on_side_stream
-from densead.io import atomic_torch_save, read_checkpoint
+from densead.io import atomic_torch_save, check_overwrite, read_checkpoint
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -59,12 +64,14 @@ __all__ = [
     "StepResult",
     "build_glow",
     "build_optimizer",
+    "check_output",
     "learning_rate",
     "load_checkpoint",
     "load_glow",
     "outlier_loss",
     "portable_optimizer_state",
     "resolve_device",
+    "resume_problems",
     "set_learning_rate",
     "start_or_resume",
     "step_function",
@@ -145,6 +152,52 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
     """Read a densead Glow checkpoint (``weights_only=True``); errors name the file."""
     return read_checkpoint(path, ("model", "model_config"), device=device)
+
+
+def resume_problems(done: Mapping[str, Any], cfg: Any) -> list[str]:
+    """Why checkpoint ``done`` cannot be continued, or reused as finished, by a run of ``cfg``
+    (a run config with ``train.steps``): the settings it was trained with that ``cfg`` changes
+    (:func:`~densead.config.config_changes`), and a step beyond ``train.steps``. Empty when it
+    can. A checkpoint without its config is compared by its step only."""
+    stored = done.get("config")
+    problems = config_changes(stored, to_dict(cfg)) if isinstance(stored, Mapping) else []
+    step = int(done["step"])
+    if step > cfg.train.steps:
+        problems.append(f"train.steps ({cfg.train.steps} now, but the checkpoint is at step {step})")
+    return problems
+
+
+def check_output(
+    ckpt_path: Path,
+    cfg: Any,
+    resume: bool,
+    overwrite: bool,
+    check: Callable[[Path, dict], None] | None = None,
+) -> dict | None:
+    """The checkpoint at ``ckpt_path`` that a run of ``cfg`` continues (None: it starts anew).
+    ``check(ckpt_path, checkpoint)`` runs first on a checkpoint to continue (a more specific
+    refusal, e.g. the road Glows' data protocol).
+
+    Raises:
+        FileExistsError: a checkpoint is there, and neither ``resume`` nor ``overwrite``.
+        ValueError: ``resume``, and the checkpoint's settings differ (:func:`resume_problems`).
+    """
+    if not resume or not ckpt_path.is_file():
+        check_overwrite(ckpt_path, overwrite, resumable=True)
+        return None
+    done = read_checkpoint(ckpt_path, ("model", "model_config", "step", "finished"))
+    if done["model_config"] != to_dict(cfg.model):
+        raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
+    if check is not None:
+        check(ckpt_path, done)
+    problems = resume_problems(done, cfg)
+    if problems:
+        raise ValueError(
+            f"{ckpt_path}: cannot resume: it was trained with other settings: {'; '.join(problems)}. "
+            "Set them back (--set KEY=VALUE), or train into a new output_dir (train.init_from="
+            f"{ckpt_path} starts it from these weights)"
+        )
+    return done
 
 
 def start_or_resume(
@@ -521,12 +574,14 @@ def train_glow(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, StepResult], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train one Glow as ``cfg`` says; returns the checkpoint path.
 
     The checkpoint ``<output_dir>/checkpoint.pt`` is written every
-    ``train.checkpoint_every`` steps and at the end; with ``resume`` an
-    existing one is continued (a finished one is returned as it is).
+    ``train.checkpoint_every`` steps and at the end. An existing one is continued with
+    ``resume`` (a finished one is returned as it is; one of other settings is refused:
+    :func:`check_output`), replaced with ``overwrite``, and refused otherwise.
     """
     tcfg, mcfg, ocfg = cfg.train, cfg.model, cfg.outlier
     if tcfg.steps < 1:
@@ -534,12 +589,9 @@ def train_glow(
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = dist.init_from_env(resolve_device(tcfg.device))
-    if resume and ckpt_path.is_file():
-        done = load_checkpoint(ckpt_path)
-        if done["model_config"] != to_dict(mcfg):
-            raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
-        if done["finished"] and done["step"] >= tcfg.steps:
-            return ckpt_path
+    done = check_output(ckpt_path, cfg, resume, overwrite)
+    if done is not None and done["finished"] and done["step"] >= tcfg.steps:
+        return ckpt_path
     torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only
 
     data = load_image_set(cfg.data, mcfg.n_bins, name="training data")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,10 @@ from densead.config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
     TrainRunConfig,
+    config_changes,
     from_dict,
     load_config,
     save_config,
@@ -156,3 +161,41 @@ def test_range_errors_name_the_experiments_own_keys() -> None:
     data["general_train"]["warmup_steps"] = 0
     data["outlier_train"]["steps"] = 0  # a stage that is not trained: valid
     assert from_dict(ExperimentConfig, data, "exp.yaml").outlier_train.steps == 0
+
+
+def test_config_changes_names_each_changed_key_and_skips_what_may_change(tmp_path: Path) -> None:
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"")
+    mixed = DataConfig(source="npz", path=str(data), mix=(DataConfig(source="sklearn_digits", stop=10),))
+    run = TrainRunConfig(str(tmp_path / "a"), mixed, ModelConfig(), TrainConfig(lr=1e-3))
+    stored = to_dict(run)
+    assert config_changes(stored, to_dict(run)) == []
+    other = replace(
+        run,
+        output_dir=str(tmp_path / "b"),  # may change: where it writes, logs, saves, how far it goes
+        data=replace(mixed, download=True, path=str(Path(os.path.relpath(data)))),  # same file
+        train=replace(run.train, steps=5, log_every=1, checkpoint_every=1, device="cpu", fast="off"),
+    )
+    assert config_changes(stored, to_dict(other)) == []
+    changed = replace(
+        run,
+        data=replace(mixed, mix=(DataConfig(source="sklearn_digits", stop=20),)),
+        train=replace(run.train, lr=2e-3, seed=3),
+    )
+    assert config_changes(stored, to_dict(changed)) == [
+        "data.mix[0].stop (10 in the checkpoint, 20 now)",
+        "train.lr (0.001 in the checkpoint, 0.002 now)",
+        "train.seed (0 in the checkpoint, 3 now)",
+    ]
+    # Another existing file is another dataset; a stored file that is gone has moved.
+    elsewhere = tmp_path / "other.npz"
+    elsewhere.write_bytes(b"")
+    moved = to_dict(replace(run, data=replace(mixed, path=str(elsewhere))))
+    assert config_changes(stored, moved) == [
+        f"data.path ({str(data)!r} in the checkpoint, {str(elsewhere)!r} now)"
+    ]
+    data.unlink()
+    assert config_changes(stored, moved) == []
+    # A key only one side has (another densead version's fields) is not compared.
+    older = {**stored, "train": {k: v for k, v in stored["train"].items() if k != "optimizer"}}
+    assert config_changes(older, to_dict(replace(run, train=replace(run.train, optimizer="adam")))) == []

@@ -157,9 +157,16 @@ def test_resume_refuses_another_data_protocol(tmp_path: Path) -> None:
     assert "'Bicyclist'" in str(e.value) and str(out / "checkpoint.pt") in str(e.value)
     with pytest.raises(ValueError, match=r"data\.split \('train' in the checkpoint, 'test' now\)"):
         train_road_glow(road_config(out, root, 2, split="test"), resume=True, progress=False)
+    # Other settings of the recipe are refused too (a model of two recipes), after the protocol.
+    cropped = replace(road_config(out, root, 2), data=replace(road_config(out, root, 2).data, crop_width=8))
+    with pytest.raises(ValueError, match=r"other settings: data\.crop_width \(16 in the checkpoint, 8 now\)"):
+        train_road_glow(cropped, resume=True, progress=False)
+    with pytest.raises(FileExistsError, match=r"--resume.*--overwrite"):
+        train_road_glow(road_config(out, root, 2), progress=False)
     assert (out / "checkpoint.pt").read_bytes() == before  # nothing continued
-    # More steps and other train keys (and a crop size) may change on resume.
-    resumed = replace(road_config(out, root, 2), data=replace(road_config(out, root, 2).data, crop_width=8))
+    # More steps may (and where it runs, logs and saves).
+    resumed = road_config(out, root, 2)
+    resumed = replace(resumed, train=replace(resumed.train, device="cpu", log_every=2, checkpoint_every=1))
     load = load_checkpoint(train_road_glow(resumed, resume=True, progress=False))
     assert load["step"] == 2 and load["finished"]
 

@@ -17,7 +17,7 @@ import yaml
 from test_tools import DIGITS, tiny_experiment
 
 import densead.experiment as experiment
-from densead.config import ConfigError, ExperimentConfig, from_dict
+from densead.config import ConfigError, ExperimentConfig, TrainConfig, from_dict
 from densead.data.images import load_image_set
 from densead.data.transforms import to_model_input
 from densead.experiment import StaleStageError, check_experiment, run_experiment
@@ -225,6 +225,28 @@ def test_a_changed_parent_checkpoint_makes_its_children_stale(finished: Path, tm
     os.utime(out / "general" / "checkpoint.pt", (child + 10, child + 10))
     with pytest.raises(StaleStageError, match=r"in_dist: general's checkpoint is newer than in_dist's"):
         train_stages(out)
+
+
+def test_a_stage_whose_own_settings_changed_is_stale_and_so_are_those_after_it(
+    finished: Path, tmp_path: Path
+) -> None:
+    out = copy_of(finished, tmp_path)
+    before = {p: content(p) for p in out.glob("*/checkpoint.pt")}
+    other_lr = tiny(out)
+    lr = other_lr["in_dist_train"].get("lr", TrainConfig().lr)
+    other_lr["in_dist_train"] = {**other_lr["in_dist_train"], "lr": 2 * lr}
+    with pytest.raises(StaleStageError, match=r"in_dist: its settings changed since it was trained") as err:
+        run_experiment(config(other_lr), progress=False)
+    assert f"train.lr ({lr!r} in the checkpoint, {2 * lr!r} now)" in str(err.value)
+    assert "general:" not in str(err.value) and f"rm -r {out / 'in_dist'}" in str(err.value)
+    fewer = tiny(out)
+    fewer["general_train"] = {**fewer["general_train"], "steps": 1}
+    with pytest.raises(StaleStageError) as err:
+        run_experiment(config(fewer), progress=False)
+    assert "general: its settings changed" in str(err.value)
+    assert "train.steps (1 now, but the checkpoint is at step 2)" in str(err.value)
+    assert "in_dist: general is retrained" in str(err.value)
+    assert {p: content(p) for p in out.glob("*/checkpoint.pt")} == before  # refused before training
 
 
 def train_stages(out: Path) -> dict[str, Path]:

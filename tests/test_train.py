@@ -161,9 +161,56 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_the_folder_as_it_was(t
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_glow(wider, on_step=stop, progress=False)
+        train_glow(wider, on_step=stop, progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # config.yaml still fits checkpoint.pt
     train_glow(load_config(TrainRunConfig, out / "config.yaml"), resume=True, progress=False)
+
+
+def test_an_existing_checkpoint_is_kept_unless_resumed_or_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    path = train_glow(run_cfg(out, 2), progress=False)
+    before = path.read_bytes()
+    with pytest.raises(
+        FileExistsError, match=r"run/checkpoint\.pt exists: continue it with --resume, train anew"
+    ):
+        train_glow(run_cfg(out, 3), progress=False)
+    assert path.read_bytes() == before
+    train_glow(run_cfg(out, 1, seed=5), progress=False, overwrite=True)
+    fresh = load_checkpoint(path)
+    assert fresh["step"] == 1 and fresh["config"]["train"]["seed"] == 5
+
+
+def test_resume_refuses_other_settings_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    path = train_glow(run_cfg(out, 2), progress=False)
+    before = path.read_bytes()
+    with pytest.raises(
+        ValueError, match=r"cannot resume.*train\.lr \(0\.001 in the checkpoint, 0\.002 now\)"
+    ) as e:
+        train_glow(
+            replace(run_cfg(out, 4), train=replace(run_cfg(out, 4).train, lr=2e-3)),
+            resume=True,
+            progress=False,
+        )
+    assert str(path) in str(e.value) and "train.init_from=" in str(e.value)
+    for changed, message in [
+        (run_cfg(out, 4, seed=1), r"train\.seed \(0 in the checkpoint, 1 now\)"),
+        (run_cfg(out, 4, amp=True), r"train\.amp \(False in the checkpoint, True now\)"),
+        (
+            replace(run_cfg(out, 4), data=replace(DIGITS, stop=500)),
+            r"data\.stop \(600 in the checkpoint, 500 now\)",
+        ),
+        (run_cfg(out, 1), r"train\.steps \(1 now, but the checkpoint is at step 2\)"),  # a finished run
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train_glow(changed, resume=True, progress=False)
+    assert path.read_bytes() == before
+    # Where it writes and runs, how often it logs and saves, and how far it goes may change.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    cfg = run_cfg(moved, 3, device="cpu", fast="off")
+    cfg = replace(cfg, train=replace(cfg.train, log_every=2, checkpoint_every=1))
+    assert load_checkpoint(train_glow(cfg, resume=True, progress=False))["step"] == 3
 
 
 def test_outputs_get_the_mode_of_any_new_file(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ from densead.data.road import ANOMALY, INLIER, VOID
 from densead.detectors.glow import MIN_LOG_PROB
 from densead.features import FrozenFeatureExtractor
 from densead.flows import ActNorm, FeatureFlow
-from densead.io import atomic_torch_save, atomic_write_text, read_checkpoint
+from densead.io import atomic_torch_save, atomic_write_text, check_overwrite, read_checkpoint
 from densead.metrics import PixelMetrics
 from densead.segmenter import (
     SCENE_SPLITS,
@@ -827,8 +827,9 @@ def fit_normalization(
     return stats
 
 
-def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Path:
+def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Train one flow per tap on in-distribution CamVid pixels, fit the normalization, save.
+    An existing checkpoint is refused unless ``overwrite``.
 
     Returns:
         ``<output_dir>/feature_flows.pt``: ``density`` state_dict (flows + normalization buffers),
@@ -841,6 +842,7 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True) -> Pa
         raise ValueError(f"train.class_balance must be >= 0, got {tcfg.class_balance}")
     device = resolve_device(tcfg.device)
     out_dir = check_output_dir(cfg.output_dir)
+    check_overwrite(out_dir / CHECKPOINT_NAME, overwrite)
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
