@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +82,64 @@ def test_train_flow_rejects_unknown_key(tmp_path: Path) -> None:
     proc = run_tool("tools/train_flow.py", str(path), ok=False)
     assert proc.returncode != 0 and "bad.yaml" in proc.stderr and "'trian'" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_training_tools_end_bad_input_with_one_line_and_keep_checkpoints(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    config = trained["root"] / "general.yaml"
+    before = trained["general"].read_bytes()
+    cases = [
+        (["--set", "train.lr=-1"], r"general\.yaml: train\.lr: must be > 0, got -1"),
+        (
+            [
+                "--set",
+                f"output_dir={tmp_path / 'o'}",
+                "--set",
+                "data.source=npz",
+                "--set",
+                "data.path=nope.npz",
+            ],
+            r"nope\.npz",
+        ),
+        (
+            [],
+            r"general/checkpoint\.pt exists: continue it with --resume, train anew over it with --overwrite",
+        ),
+        (
+            ["--resume", "--set", "train.seed=3"],
+            r"cannot resume: .*train\.seed \(0 in the checkpoint, 3 now\)",
+        ),
+        (["--resume", "--overwrite"], r"--resume continues the checkpoint, --overwrite replaces it"),
+    ]
+    for flags, message in cases:
+        proc = run_tool("tools/train_flow.py", str(config), "--no-progress", *flags, ok=False)
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert re.match(rf"train_flow\.py: error: .*{message}", proc.stderr.splitlines()[-1]), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert trained["general"].read_bytes() == before
+    # DENSEAD_TRACEBACK=1: the traceback, for a bug report.
+    env = {**os.environ, "DENSEAD_TRACEBACK": "1"}
+    cmd = [sys.executable, "tools/train_flow.py", str(config), "--set", "train.lr=-1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_sigterm_runs_the_cleanups(tmp_path: Path) -> None:
+    """A tool killed with SIGTERM leaves no temporary file (here one of atomic_path's)."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from densead.cli import stop_on_sigterm\n"
+        "from densead.io import atomic_path\n"
+        "stop_on_sigterm()\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = run_tool("-c", script, str(tmp_path / "out.csv"), ok=False)
+    assert proc.returncode == 143, proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> None:

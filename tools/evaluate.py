@@ -36,6 +36,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from densead.cli import stop_on_sigterm
 from densead.dense_scoring import (
     component_metrics_markdown,
     evaluate_dense,
@@ -90,6 +91,7 @@ def pixel_main(argv: list[str]) -> int:
         p.print_help()
         return 0
     args = p.parse_args(argv)
+    stop_on_sigterm()  # a kill runs the cleanups: no temporary files left
     for flag in ("min_segment_size", "min_instance_size"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, help="folder for metrics.csv, metrics.md and plots")
     args = p.parse_args(argv)
+    stop_on_sigterm()
     # Everything is checked before anything is written.
     try:
         cols = read_scores_csv(args.scores, score_columns=args.detectors or is_score_column)

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from densead.cli import tool_errors
 from densead.config import load_config
 from densead.detectors.feature_density import (
     CHECKPOINT_NAME,
@@ -36,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heatmaps", metavar="DIR", help="write heat-map PNGs here")
     parser.add_argument("--n-heatmaps", type=int, default=8, help="frames with heat maps (default 8)")
     args = parser.parse_args(argv)
-    cfg = load_config(FeatureFlowsRunConfig, args.config, args.set)
-    rows, seg = evaluate_run(cfg, args.checkpoint, args.heatmaps, args.n_heatmaps)
+    with tool_errors(parser):
+        cfg = load_config(FeatureFlowsRunConfig, args.config, args.set)
+        rows, seg = evaluate_run(cfg, args.checkpoint, args.heatmaps, args.n_heatmaps)
     print(f"segmenter mIoU {100 * seg['miou']:.1f}% on {cfg.eval.split} ({seg['seconds']:.0f} s)")
     print(markdown_table(rows), end="")
     print(f"tables: {(Path(cfg.output_dir) / f'eval_{cfg.eval.split}').resolve()}")

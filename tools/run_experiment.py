@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from densead.cli import tool_errors
 from densead.config import ConfigError, ExperimentConfig, load_config
 from densead.experiment import StaleStageError, run_experiment
 
@@ -30,16 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     def fail(message: str) -> None:
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
-    try:
-        cfg = load_config(ExperimentConfig, args.config, args.set)
-    except ConfigError as err:  # names the file and the key
-        fail(str(err))
-    try:
-        report = run_experiment(cfg, progress=not args.no_progress)
-    except ConfigError as err:  # a key of the experiment's config (check_experiment)
-        fail(f"{args.config}: {err}")
-    except StaleStageError as err:
-        fail(str(err))
+    with tool_errors(parser):  # data files and the like: they name themselves
+        try:
+            cfg = load_config(ExperimentConfig, args.config, args.set)
+        except ConfigError as err:  # names the file and the key
+            fail(str(err))
+        try:
+            report = run_experiment(cfg, progress=not args.no_progress)
+        except ConfigError as err:  # a key of the experiment's config (check_experiment)
+            fail(f"{args.config}: {err}")
+        except StaleStageError as err:
+            fail(str(err))
     print(report.read_text())
     print(f"Report, scores, plots and heatmaps in {report.parent.resolve()}")
     return 0

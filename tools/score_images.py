@@ -48,6 +48,7 @@ import sys
 from pathlib import Path
 
 from densead import distributed as dist
+from densead.cli import stop_on_sigterm
 from densead.config import DataConfig
 from densead.data.images import load_image_set
 from densead.data.road import ROAD_DATASETS
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     road.add_argument("--calibration-frames", type=int, default=64, help="frames spread over it (0: all)")
     args = p.parse_args(argv)
+    stop_on_sigterm()  # a kill runs the cleanups: no temporary files or .partial-* folders left
     for flag, least in (("batch_size", 1), ("size", 0), ("max_frames", 0), ("calibration_frames", 0)):
         value = getattr(args, flag)
         if value is not None and value < least:

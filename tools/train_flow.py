@@ -3,7 +3,11 @@
     python tools/train_flow.py configs/cifar10_glow.yaml [--set train.steps=1000 ...] [--resume]
 
 Writes <output_dir>/checkpoint.pt (state_dicts + resolved config, atomically,
-every train.checkpoint_every steps) and <output_dir>/config.yaml.
+every train.checkpoint_every steps) and <output_dir>/config.yaml. An existing
+checkpoint is continued with --resume (only under the settings it was trained
+with; train.steps may grow, and where it runs, logs and saves may change),
+replaced with --overwrite, and otherwise refused. Errors of the config or the
+data end the tool with one line naming the key or file (exit status 2).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from densead.cli import tool_errors
 from densead.config import TrainRunConfig, load_config
 from densead.distributed import finish, is_main
 from densead.train import train_glow
@@ -24,9 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     parser.add_argument("--resume", action="store_true", help="continue <output_dir>/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="train anew over an existing checkpoint")
     args = parser.parse_args(argv)
-    cfg = load_config(TrainRunConfig, args.config, args.set)
-    path = train_glow(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
+    with tool_errors(parser):
+        cfg = load_config(TrainRunConfig, args.config, args.set)
+        path = train_glow(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if is_main():
         print(f"checkpoint: {path.resolve()}")
     finish()

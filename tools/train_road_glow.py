@@ -8,7 +8,8 @@ Writes <output_dir>/checkpoint.pt (state_dicts + resolved config, atomically, ev
 train.checkpoint_every steps) and <output_dir>/config.yaml. Pixels of data.held_out classes and
 data.void classes never enter the loss (see densead/dense.py). --resume refuses a checkpoint trained
 under other data keys that define the frames or the inlier/anomaly/void labels (dataset, root, split,
-held_out, void, max_frames, protocol, downscale); steps and other train keys may change.
+held_out, void, max_frames, protocol, downscale), and one of other settings (train.steps may grow; where
+it runs, logs and saves may change). An existing checkpoint is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from densead.cli import tool_errors
 from densead.config import load_config
 from densead.dense import RoadTrainConfig, train_road_glow
 
@@ -28,9 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     parser.add_argument("--resume", action="store_true", help="continue <output_dir>/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="train anew over an existing checkpoint")
     args = parser.parse_args(argv)
-    cfg = load_config(RoadTrainConfig, args.config, args.set)
-    path = train_road_glow(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
+    with tool_errors(parser):
+        cfg = load_config(RoadTrainConfig, args.config, args.set)
+        path = train_road_glow(
+            cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite
+        )
     print(f"checkpoint: {path.resolve()}")
     return 0
 

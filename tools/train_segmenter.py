@@ -4,7 +4,8 @@
 
 Writes <output_dir>/checkpoint.pt (state_dict + resolved config + test mIoU, atomically),
 <output_dir>/config.yaml and <output_dir>/metrics.yaml, and prints the mIoU over the
-in-distribution classes on the evaluation split.
+in-distribution classes on the evaluation split. An existing checkpoint is replaced only
+with --overwrite.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from densead.cli import tool_errors
 from densead.config import load_config
 from densead.segmenter import SegmenterRunConfig, train_segmenter
 
@@ -23,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="segmenter YAML file (see configs/camvid_segmenter.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     parser.add_argument("--quiet", action="store_true", help="no per-step log")
+    parser.add_argument("--overwrite", action="store_true", help="train anew over an existing checkpoint")
     args = parser.parse_args(argv)
-    cfg = load_config(SegmenterRunConfig, args.config, args.set)
-    path, metrics = train_segmenter(cfg, progress=not args.quiet)
+    with tool_errors(parser):
+        cfg = load_config(SegmenterRunConfig, args.config, args.set)
+        path, metrics = train_segmenter(cfg, progress=not args.quiet, overwrite=args.overwrite)
     n_classes = len(metrics["iou"])
     print(f"{metrics['split']} mIoU over {n_classes} in-distribution classes: {100 * metrics['miou']:.1f}%")
     for name, iou in metrics["iou"].items():

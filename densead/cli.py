@@ -1,0 +1,57 @@
+"""What every command-line tool shares: errors of the input as one line, and a clean stop.
+
+* A bad config, file or argument (``ValueError``, which :class:`~densead.config.ConfigError`
+  is, and the ``OSError``s of a missing, existing or unwritable file) ends the tool with
+  ``<prog>: error: <message>`` and exit status 2, as argparse does for a bad flag: every
+  library error names the file, key or shape at fault, so a traceback adds nothing but noise.
+  ``DENSEAD_TRACEBACK=1`` shows it anyway (a bug report).
+* ``SIGTERM`` (``kill``, a batch scheduler's time limit) stops the tool as Ctrl-C does: the
+  cleanups run, so no temporary file or ``.partial-*`` folder is left behind. Its exit status
+  is 143, as for a process killed by the signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+__all__ = ["USAGE_ERRORS", "stop_on_sigterm", "tool_errors"]
+
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_on_sigterm() -> None:
+    """From now on, SIGTERM raises ``SystemExit(143)`` in the main thread (cleanups run)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+@contextlib.contextmanager
+def tool_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Run a tool's work: the errors of its input end it as usage errors (module docstring)."""
+    stop_on_sigterm()
+    try:
+        yield
+    except USAGE_ERRORS as err:
+        if os.environ.get("DENSEAD_TRACEBACK"):
+            raise
+        message = str(err)
+        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
