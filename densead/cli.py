@@ -1,10 +1,11 @@
 """What every command-line tool shares: errors of the input as one line, and a clean stop.
 
 * A bad config, file or argument (``ValueError``, which :class:`~densead.config.ConfigError`
-  is, and the ``OSError``s of a missing, existing or unwritable file) ends the tool with
-  ``<prog>: error: <message>`` and exit status 2, as argparse does for a bad flag: every
-  library error names the file, key or shape at fault, so a traceback adds nothing but noise.
-  ``DENSEAD_TRACEBACK=1`` shows it anyway (a bug report).
+  is, ``KeyError`` of a missing entry, and the ``OSError`` of a missing, existing, unwritable
+  or too long file name, or a full disk) ends the tool with ``<prog>: error: <message>`` and
+  exit status 2, as argparse does for a bad flag: every library error names the file, key or
+  shape at fault, so a traceback adds nothing but noise. ``DENSEAD_TRACEBACK=1`` shows it
+  anyway (a bug report).
 * ``SIGTERM`` (``kill``, a batch scheduler's time limit) stops the tool as Ctrl-C does: the
   cleanups run, so no temporary file or ``.partial-*`` folder is left behind. Its exit status
   is 143, as for a process killed by the signal.
@@ -22,14 +23,7 @@ from types import FrameType
 
 __all__ = ["USAGE_ERRORS", "stop_on_sigterm", "tool_errors"]
 
-USAGE_ERRORS: tuple[type[Exception], ...] = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-)
+USAGE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, OSError)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -49,9 +43,10 @@ def tool_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     try:
         yield
     except USAGE_ERRORS as err:
-        if os.environ.get("DENSEAD_TRACEBACK"):
+        if os.environ.get("DENSEAD_TRACEBACK", "0") not in ("", "0"):
             raise
-        message = str(err)
+        # str() of a KeyError is the repr of its message: quoted, with escapes.
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
         if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in message:
             message = f"{err.filename}: {message}"
         parser.exit(2, f"{parser.prog}: error: {message}\n")

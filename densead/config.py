@@ -20,6 +20,7 @@ import yaml
 from densead.io import atomic_write_text
 
 __all__ = [
+    "ConfigChange",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -417,18 +418,35 @@ def _same_file(stored: object, current: object) -> bool:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigChange:
+    """One setting in which a stored config and the current one differ."""
+
+    key: str  # dotted, e.g. ``train.lr`` or ``data.mix[0].stop``
+    stored: Any
+    current: Any
+
+    def __str__(self) -> str:
+        sections = isinstance(self.stored, Mapping) != isinstance(self.current, Mapping)
+
+        def show(v: Any) -> str:  # a section added or removed: not its whole content
+            return "a section" if sections and isinstance(v, Mapping) else repr(v)
+
+        return f"{self.key} ({show(self.stored)} in the checkpoint, {show(self.current)} now)"
+
+
 def config_changes(
     stored: Mapping[str, Any], current: Mapping[str, Any], may_change: frozenset[str] = RESUMABLE_KEYS
-) -> list[str]:
-    """The settings in which two plain configs (:func:`to_dict`) differ, each as
-    ``"key (<stored> in the checkpoint, <current> now)"``, in field order.
+) -> list[ConfigChange]:
+    """The settings in which two plain configs (:func:`to_dict`) differ, in field order; each
+    reads ``key (<stored> in the checkpoint, <current> now)`` as a string.
 
     Keys in ``may_change`` and leaves named ``download`` are skipped; data file and folder
     leaves (``path``, ``root``) compare as files, and match when the stored one no longer
     exists. A key only one side has (a field added or removed by another densead version) is
     not compared.
     """
-    changes: list[str] = []
+    changes: list[ConfigChange] = []
 
     def walk(key: str, a: Any, b: Any) -> None:
         if key in may_change or key.rsplit(".", 1)[-1] == "download":
@@ -447,7 +465,7 @@ def config_changes(
                 return
             a, b = list(a), list(b)
         if a != b:
-            changes.append(f"{key} ({a!r} in the checkpoint, {b!r} now)")
+            changes.append(ConfigChange(key, a, b))
 
     walk("", stored, current)
     return changes

@@ -493,48 +493,11 @@ class RoadBatches:
 PROTOCOL_KEYS = ("dataset", "root", "split", "held_out", "void", "max_frames", "protocol", "downscale")
 
 
-def _same_root(a: object, b: object) -> bool:
-    if a == b:
+def _is_protocol_key(key: str) -> bool:
+    """Keys of a road Glow's config that define which pixels are inliers, anomalies or void."""
+    if key == "general_images" or key.startswith("general_images.data"):
         return True
-    try:
-        return Path(str(a)).samefile(Path(str(b)))
-    except OSError:
-        return False
-
-
-def _check_resume_protocol(ckpt_path: Path, stored: object, cfg: RoadTrainConfig) -> None:
-    """Refuse to continue a model trained under another data protocol (label leakage: the
-    stored run may have seen as inliers what the new config calls anomalies)."""
-    if not isinstance(stored, dict):
-        return  # a checkpoint without its config: nothing to compare
-    new = to_dict(cfg)
-    old_data = stored.get("data") if isinstance(stored.get("data"), dict) else {}
-    differ = []
-    for key in PROTOCOL_KEYS:
-        if key not in old_data:
-            continue
-        a, b = old_data[key], new["data"][key]
-        if key == "root" and _same_root(a, b):
-            continue
-        if a != b:
-            differ.append(f"data.{key} ({a!r} in the checkpoint, {b!r} now)")
-    old_general, new_general = stored.get("general_images"), new["general_images"]
-    if "general_images" in stored and (old_general is None) != (new_general is None):
-        differ.append(
-            f"general_images ({'set' if old_general else 'none'} in the checkpoint, "
-            f"{'set' if new_general else 'none'} now)"
-        )
-    elif (
-        isinstance(old_general, dict)
-        and new_general is not None
-        and old_general.get("data") != new_general["data"]
-    ):
-        differ.append("general_images.data")
-    if differ:
-        raise ValueError(
-            f"{ckpt_path}: cannot resume: it was trained under another data protocol: {'; '.join(differ)}. "
-            "Train into a new output_dir instead."
-        )
+    return key.startswith("data.") and key.split(".")[1].split("[")[0] in PROTOCOL_KEYS
 
 
 def _check_config(cfg: RoadTrainConfig) -> None:
@@ -574,12 +537,9 @@ def train_road_glow(
     tcfg, mcfg, dcfg, gcfg = cfg.train, cfg.model, cfg.data, cfg.general_images
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    device = resolve_device(tcfg.device)
+    device = resolve_device(tcfg.device, "train.device")
 
-    def same_protocol(path: Path, ckpt: dict) -> None:
-        _check_resume_protocol(path, ckpt.get("config"), cfg)
-
-    done = check_output(ckpt_path, cfg, resume, overwrite, same_protocol)
+    done = check_output(ckpt_path, cfg, resume, overwrite, _is_protocol_key)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path
     torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only

@@ -299,9 +299,10 @@ def _check_reuse(cfg: ExperimentConfig, stages: list[_Stage]) -> None:
         lines = [f"  {name}: {why}" for name, why in stale.items()]
         folders = " ".join(str(root / name) for name in stale)
         raise StaleStageError(
-            f"{root}: reusing these stages would mix models trained from different versions of "
-            "the stages before them:\n" + "\n".join(lines) + f"\nDelete their folders to retrain them "
-            f"from the current models: rm -r {folders}"
+            f"{root}: these finished or interrupted stages no longer fit this config (reusing them "
+            "would report models trained with other settings, or from other versions of the stages "
+            "before them):\n" + "\n".join(lines) + f"\nDelete their folders to retrain them with "
+            f"this config: rm -r {folders}"
         )
 
 
@@ -478,6 +479,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
     import time
 
     check_experiment(cfg)
+    for key in ("general_train", "in_dist_train", "outlier_train"):
+        resolve_device(getattr(cfg, key).device, f"{key}.device")
     sets = _test_sets(cfg)
     for key, dcfg in (("general", cfg.general), ("in_dist", cfg.in_dist)):
         if _needs_own_size(dcfg):

@@ -35,11 +35,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp makes the file private (0600); the result gets the mode any new file gets here.
-    tmp_path.chmod(0o666 & ~_umask())
-    try:
+    try:  # from the moment it exists: a SIGTERM (SystemExit, densead.cli) anywhere removes it
+        os.close(fd)
+        # mkstemp makes the file private (0600); the result gets the mode any new file gets here.
+        tmp_path.chmod(0o666 & ~_umask())
         yield tmp_path
         _fsync(tmp_path)  # the content is on disk before the name points at it (a crash or power
         os.replace(tmp_path, path)  # loss leaves the old file or the new one, never an empty one)

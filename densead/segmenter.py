@@ -646,7 +646,7 @@ def train_segmenter(
         (``miou``, ``pixel_accuracy``, per-class ``iou``, ``train_seconds``).
     """
     tcfg = cfg.train
-    device = resolve_device(tcfg.device)
+    device = resolve_device(tcfg.device, "train.device")
     out_dir = check_output_dir(cfg.output_dir)
     check_overwrite(out_dir / CHECKPOINT_NAME, overwrite)
     if tcfg.num_threads > 0:

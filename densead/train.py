@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from densead import distributed as dist
 from densead.config import (
     OPTIMIZER_NAMES,
+    ConfigChange,
     ConfigError,
     ModelConfig,
     OutlierConfig,
@@ -71,6 +72,7 @@ __all__ = [
     "outlier_loss",
     "portable_optimizer_state",
     "resolve_device",
+    "resume_changes",
     "resume_problems",
     "set_learning_rate",
     "start_or_resume",
@@ -86,11 +88,19 @@ CHECKPOINT_NAME = "checkpoint.pt"
 MAX_DROPPED_FRACTION = 0.75
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise ``torch.device(name)``, which must be
+    there: a CUDA device this machine lacks is a ValueError naming ``key`` (a config may name
+    one for the machine it is meant for, so this is checked where it runs)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            have = f"{count} CUDA device(s)" if count else "none (torch.cuda.is_available() is False)"
+            raise ValueError(f"{key}: {name!r}, but this machine's CUDA devices: {have}; use auto or cpu")
+    return device
 
 
 def build_glow(cfg: ModelConfig) -> Glow:
@@ -154,13 +164,45 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return read_checkpoint(path, ("model", "model_config"), device=device)
 
 
+def _effective(plain: Any, train: Mapping[str, Any] | None = None) -> Any:
+    """A plain config as it acts: settings without effect dropped, equal meanings made equal
+    (data ``classes`` as sets; ``path`` / ``split`` of the scikit-learn sources, which read
+    neither; ``lr_reference_batch`` without ``lr_scaling``; an outlier ``batch_size`` of 0,
+    which is the training batch size)."""
+    if isinstance(plain, list):
+        return [_effective(x, train) for x in plain]
+    if not isinstance(plain, Mapping):
+        return plain
+    out = {k: _effective(v, plain.get("train", train)) for k, v in plain.items()}
+    if "source" in out:  # a DataConfig
+        for key in ("classes", "exclude_classes"):
+            if isinstance(out.get(key), list):
+                out[key] = sorted(set(out[key]))
+        if str(out["source"]).startswith("sklearn_"):
+            out.pop("path", None)
+            out.pop("split", None)
+    if out.get("lr_scaling") == "none":
+        out.pop("lr_reference_batch", None)
+    if "reference" in out and out.get("batch_size") == 0 and isinstance(train, Mapping):
+        out["batch_size"] = train.get("batch_size", 0)  # an OutlierConfig
+    return out
+
+
+def resume_changes(done: Mapping[str, Any], cfg: Any) -> list[ConfigChange]:
+    """The settings checkpoint ``done`` was trained with that a run of ``cfg`` changes, as they
+    act (:func:`~densead.config.config_changes`; keys that may change on resume are skipped).
+    None for a checkpoint without its config."""
+    stored = done.get("config")
+    if not isinstance(stored, Mapping):
+        return []
+    return config_changes(_effective(stored), _effective(to_dict(cfg)))
+
+
 def resume_problems(done: Mapping[str, Any], cfg: Any) -> list[str]:
     """Why checkpoint ``done`` cannot be continued, or reused as finished, by a run of ``cfg``
-    (a run config with ``train.steps``): the settings it was trained with that ``cfg`` changes
-    (:func:`~densead.config.config_changes`), and a step beyond ``train.steps``. Empty when it
-    can. A checkpoint without its config is compared by its step only."""
-    stored = done.get("config")
-    problems = config_changes(stored, to_dict(cfg)) if isinstance(stored, Mapping) else []
+    (a run config with ``train.steps``): the settings it changes (:func:`resume_changes`), and
+    a step beyond ``train.steps``. Empty when it can."""
+    problems = [str(c) for c in resume_changes(done, cfg)]
     step = int(done["step"])
     if step > cfg.train.steps:
         problems.append(f"train.steps ({cfg.train.steps} now, but the checkpoint is at step {step})")
@@ -172,24 +214,39 @@ def check_output(
     cfg: Any,
     resume: bool,
     overwrite: bool,
-    check: Callable[[Path, dict], None] | None = None,
+    is_protocol: Callable[[str], bool] | None = None,
 ) -> dict | None:
     """The checkpoint at ``ckpt_path`` that a run of ``cfg`` continues (None: it starts anew).
-    ``check(ckpt_path, checkpoint)`` runs first on a checkpoint to continue (a more specific
-    refusal, e.g. the road Glows' data protocol).
+
+    Args:
+        is_protocol: keys that define the data protocol (which pixels are inliers, anomalies or
+            void): a change of one is refused first, as another protocol (label leakage), and
+            without the advice to start from the checkpoint's weights.
 
     Raises:
         FileExistsError: a checkpoint is there, and neither ``resume`` nor ``overwrite``.
-        ValueError: ``resume``, and the checkpoint's settings differ (:func:`resume_problems`).
+        ValueError: ``resume``, and the checkpoint's model or settings differ
+            (:func:`resume_problems`).
     """
     if not resume or not ckpt_path.is_file():
         check_overwrite(ckpt_path, overwrite, resumable=True)
         return None
     done = read_checkpoint(ckpt_path, ("model", "model_config", "step", "finished"))
-    if done["model_config"] != to_dict(cfg.model):
-        raise ValueError(f"{ckpt_path}: model config differs from the one being resumed")
-    if check is not None:
-        check(ckpt_path, done)
+    stored_model, model = done["model_config"], to_dict(cfg.model)
+    if stored_model != model:
+        changed = config_changes({"model": stored_model}, {"model": model}) or [
+            ConfigChange("model", stored_model, model)  # a field only one side has
+        ]
+        raise ValueError(
+            f"{ckpt_path}: cannot resume: it is another model: {'; '.join(map(str, changed))}. "
+            "Set them back (--set KEY=VALUE) or train into a new output_dir"
+        )
+    protocol = [str(c) for c in resume_changes(done, cfg) if is_protocol is not None and is_protocol(c.key)]
+    if protocol:
+        raise ValueError(
+            f"{ckpt_path}: cannot resume: it was trained under another data protocol: {'; '.join(protocol)}. "
+            "Set them back (--set KEY=VALUE) or train into a new output_dir"
+        )
     problems = resume_problems(done, cfg)
     if problems:
         raise ValueError(
@@ -588,7 +645,7 @@ def train_glow(
         raise ConfigError(f"train.steps must be >= 1 to train, got {tcfg.steps}")
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    device = dist.init_from_env(resolve_device(tcfg.device))
+    device = dist.init_from_env(resolve_device(tcfg.device, "train.device"))
     done = check_output(ckpt_path, cfg, resume, overwrite)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path

@@ -13,6 +13,7 @@ from densead.config import (
     DataConfig,
     ExperimentConfig,
     ModelConfig,
+    OutlierConfig,
     TrainConfig,
     TrainRunConfig,
     config_changes,
@@ -182,7 +183,7 @@ def test_config_changes_names_each_changed_key_and_skips_what_may_change(tmp_pat
         data=replace(mixed, mix=(DataConfig(source="sklearn_digits", stop=20),)),
         train=replace(run.train, lr=2e-3, seed=3),
     )
-    assert config_changes(stored, to_dict(changed)) == [
+    assert [str(c) for c in config_changes(stored, to_dict(changed))] == [
         "data.mix[0].stop (10 in the checkpoint, 20 now)",
         "train.lr (0.001 in the checkpoint, 0.002 now)",
         "train.seed (0 in the checkpoint, 3 now)",
@@ -191,7 +192,7 @@ def test_config_changes_names_each_changed_key_and_skips_what_may_change(tmp_pat
     elsewhere = tmp_path / "other.npz"
     elsewhere.write_bytes(b"")
     moved = to_dict(replace(run, data=replace(mixed, path=str(elsewhere))))
-    assert config_changes(stored, moved) == [
+    assert [str(c) for c in config_changes(stored, moved)] == [
         f"data.path ({str(data)!r} in the checkpoint, {str(elsewhere)!r} now)"
     ]
     data.unlink()
@@ -199,3 +200,7 @@ def test_config_changes_names_each_changed_key_and_skips_what_may_change(tmp_pat
     # A key only one side has (another densead version's fields) is not compared.
     older = {**stored, "train": {k: v for k, v in stored["train"].items() if k != "optimizer"}}
     assert config_changes(older, to_dict(replace(run, train=replace(run.train, optimizer="adam")))) == []
+    # A section added or removed is named, not printed whole.
+    outlier = OutlierConfig(DataConfig(source="sklearn_digits"), str(tmp_path / "g.pt"))
+    (added,) = config_changes(stored, to_dict(replace(run, outlier=outlier)))
+    assert str(added) == "outlier (None in the checkpoint, a section now)"

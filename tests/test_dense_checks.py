@@ -15,8 +15,8 @@ from test_dense import TINY, _one_thread, fake_camvid  # noqa: F401 - _one_threa
 
 import densead.detectors.feature_density as fd
 import densead.segmenter as seg
-from densead.config import ConfigError, TrainConfig, load_config, to_dict
-from densead.dense import RoadDataConfig, RoadTrainConfig, train_road_glow
+from densead.config import ConfigError, DataConfig, TrainConfig, load_config, to_dict
+from densead.dense import GeneralImagesConfig, RoadDataConfig, RoadTrainConfig, train_road_glow
 from densead.detectors.feature_density import (
     FeatureFlowsRunConfig,
     FlowConfig,
@@ -169,6 +169,41 @@ def test_resume_refuses_another_data_protocol(tmp_path: Path) -> None:
     resumed = replace(resumed, train=replace(resumed.train, device="cpu", log_every=2, checkpoint_every=1))
     load = load_checkpoint(train_road_glow(resumed, resume=True, progress=False))
     assert load["step"] == 2 and load["finished"]
+
+
+def test_road_resume_compares_data_files_as_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = camvid(tmp_path / "camvid")
+    photos = tmp_path / "photos.npz"
+    np.savez(photos, images=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "glow"
+    first = road_config(out, root, 1)
+    first = replace(first, general_images=GeneralImagesConfig(DataConfig(source="npz", path=str(photos))))
+    train_road_glow(first, progress=False)
+
+    # The same photos and frames spelled relative to another working directory, and download: resumed.
+    monkeypatch.chdir(tmp_path)
+    same = replace(
+        road_config(out, Path("camvid"), 2),
+        general_images=GeneralImagesConfig(DataConfig(source="npz", path="photos.npz", download=True)),
+    )
+    assert load_checkpoint(train_road_glow(same, resume=True, progress=False))["step"] == 2
+    # Other photos are another protocol (they train the general model), named leaf by leaf.
+    other = tmp_path / "other.npz"
+    other.write_bytes(photos.read_bytes())
+    elsewhere = replace(same, general_images=GeneralImagesConfig(DataConfig(source="npz", path=str(other))))
+    with pytest.raises(ValueError, match=r"another data protocol: general_images\.data\.path \('photos\.npz"):
+        train_road_glow(
+            replace(elsewhere, train=replace(elsewhere.train, steps=3)), resume=True, progress=False
+        )
+    # Frames moved (the stored folder is gone): resumed from the new place.
+    root.rename(tmp_path / "moved")
+    moved = replace(same, data=replace(same.data, root=str(tmp_path / "moved")))
+    assert (
+        load_checkpoint(train_road_glow(replace(moved, train=replace(moved.train, steps=3)), resume=True))[
+            "step"
+        ]
+        == 3
+    )
 
 
 # --------------------------------------------------------------------------- 3. checks before training

@@ -89,6 +89,8 @@ def test_training_tools_end_bad_input_with_one_line_and_keep_checkpoints(
 ) -> None:
     config = trained["root"] / "general.yaml"
     before = trained["general"].read_bytes()
+    noimages = tmp_path / "noimages.npz"
+    np.savez(noimages, x=np.zeros(3))
     cases = [
         (["--set", "train.lr=-1"], r"general\.yaml: train\.lr: must be > 0, got -1"),
         (
@@ -110,6 +112,21 @@ def test_training_tools_end_bad_input_with_one_line_and_keep_checkpoints(
             ["--resume", "--set", "train.seed=3"],
             r"cannot resume: .*train\.seed \(0 in the checkpoint, 3 now\)",
         ),
+        (
+            [
+                "--set",
+                f"output_dir={tmp_path / 'o2'}",
+                "--set",
+                "data.source=npz",
+                "--set",
+                f"data.path={noimages}",
+            ],
+            r"noimages\.npz: no 'images' array \(found: x\)$",  # a KeyError's message, not its repr
+        ),
+        (
+            ["--set", f"output_dir={tmp_path / 'o3'}", "--set", "train.device=cuda:99"],
+            r"train\.device: 'cuda:99', but this machine's CUDA devices: ",
+        ),
         (["--resume", "--overwrite"], r"--resume continues the checkpoint, --overwrite replaces it"),
     ]
     for flags, message in cases:
@@ -118,11 +135,14 @@ def test_training_tools_end_bad_input_with_one_line_and_keep_checkpoints(
         assert re.match(rf"train_flow\.py: error: .*{message}", proc.stderr.splitlines()[-1]), proc.stderr
         assert "Traceback" not in proc.stderr
     assert trained["general"].read_bytes() == before
-    # DENSEAD_TRACEBACK=1: the traceback, for a bug report.
-    env = {**os.environ, "DENSEAD_TRACEBACK": "1"}
+    # DENSEAD_TRACEBACK=1: the traceback, for a bug report (0: none).
     cmd = [sys.executable, "tools/train_flow.py", str(config), "--set", "train.lr=-1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    for value, code in (("1", 1), ("0", 2)):
+        env = {**os.environ, "DENSEAD_TRACEBACK": value}
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False
+        )
+        assert proc.returncode == code and ("Traceback" in proc.stderr) == (value == "1"), proc.stderr
 
 
 def test_sigterm_runs_the_cleanups(tmp_path: Path) -> None:
@@ -139,6 +159,20 @@ def test_sigterm_runs_the_cleanups(tmp_path: Path) -> None:
     )
     proc = run_tool("-c", script, str(tmp_path / "out.csv"), ok=False)
     assert proc.returncode == 143, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_while_the_temporary_file_is_being_prepared_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import densead.io
+
+    def stop() -> int:  # a SIGTERM between mkstemp and the first write
+        raise SystemExit(143)
+
+    monkeypatch.setattr(densead.io, "_umask", stop)
+    with pytest.raises(SystemExit), densead.io.atomic_path(tmp_path / "out.csv"):
+        raise AssertionError("not reached")
     assert list(tmp_path.iterdir()) == []
 
 

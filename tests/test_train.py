@@ -19,9 +19,17 @@ from densead.config import (
     TrainConfig,
     TrainRunConfig,
     load_config,
+    to_dict,
 )
 from densead.flows import Glow
-from densead.train import load_checkpoint, load_glow, outlier_loss, train_glow, training_step
+from densead.train import (
+    load_checkpoint,
+    load_glow,
+    outlier_loss,
+    resume_changes,
+    train_glow,
+    training_step,
+)
 
 DIGITS = DataConfig(
     source="sklearn_digits", channels=1, size=8, exclude_classes=(0,), stop=600, augment="translate"
@@ -201,6 +209,10 @@ def test_resume_refuses_other_settings_and_keeps_the_checkpoint(tmp_path: Path) 
             r"data\.stop \(600 in the checkpoint, 500 now\)",
         ),
         (run_cfg(out, 1), r"train\.steps \(1 now, but the checkpoint is at step 2\)"),  # a finished run
+        (
+            replace(run_cfg(out, 4), model=replace(TINY, hidden=32)),
+            r"it is another model: model\.hidden \(16 in the checkpoint, 32 now\)",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             train_glow(changed, resume=True, progress=False)
@@ -208,9 +220,21 @@ def test_resume_refuses_other_settings_and_keeps_the_checkpoint(tmp_path: Path) 
     # Where it writes and runs, how often it logs and saves, and how far it goes may change.
     moved = tmp_path / "moved"
     out.rename(moved)
-    cfg = run_cfg(moved, 3, device="cpu", fast="off")
-    cfg = replace(cfg, train=replace(cfg.train, log_every=2, checkpoint_every=1))
+    cfg = run_cfg(moved, 3, device="cpu", fast="off", lr_reference_batch=32)  # unused: lr_scaling none
+    # Settings as they act: the same classes in another order, and a path and split the
+    # scikit-learn data does not read.
+    data = replace(DIGITS, exclude_classes=(0, 0), path=str(tmp_path / "unread"), split="test")
+    cfg = replace(cfg, data=data, train=replace(cfg.train, log_every=2, checkpoint_every=1))
     assert load_checkpoint(train_glow(cfg, resume=True, progress=False))["step"] == 3
+
+
+def test_an_outlier_batch_size_of_zero_is_the_training_batch_size() -> None:
+    outlier = OutlierConfig(DIGITS, "general.pt")
+    cfg = TrainRunConfig("run", DIGITS, TINY, TrainConfig(batch_size=16), outlier)
+    done = {"config": to_dict(cfg), "step": 0}
+    assert resume_changes(done, replace(cfg, outlier=replace(outlier, batch_size=16))) == []
+    (change,) = resume_changes(done, replace(cfg, outlier=replace(outlier, batch_size=8)))
+    assert str(change) == "outlier.batch_size (16 in the checkpoint, 8 now)"
 
 
 def test_outputs_get_the_mode_of_any_new_file(tmp_path: Path) -> None:

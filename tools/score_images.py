@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(d.needs_general for d in detectors) and not args.general:
         p.error(f"detector(s) {[d.name for d in detectors if d.needs_general]} need --general")
 
-    device = dist.init_from_env(resolve_device(args.device))
+    device = dist.init_from_env(resolve_device(args.device, "--device"))
     model, mcfg = load_glow(args.checkpoint, device)
     general = load_glow(args.general, device)[0] if args.general else None
     try:  # the general model must see the data as the in-distribution one does

@@ -840,7 +840,7 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
     tcfg = cfg.train
     if tcfg.class_balance < 0:
         raise ValueError(f"train.class_balance must be >= 0, got {tcfg.class_balance}")
-    device = resolve_device(tcfg.device)
+    device = resolve_device(tcfg.device, "train.device")
     out_dir = check_output_dir(cfg.output_dir)
     check_overwrite(out_dir / CHECKPOINT_NAME, overwrite)
     if tcfg.num_threads > 0:
@@ -1175,7 +1175,7 @@ def evaluate_run(
         The rows of :func:`evaluate_dense_detectors` and the segmenter's mIoU on the split
         (plus ``seconds``, the evaluation wall time).
     """
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     checkpoint = checkpoint or Path(cfg.output_dir) / CHECKPOINT_NAME
