@@ -70,7 +70,7 @@ from densead.data.images import ImageSet, load_image_set
 from densead.data.road import INLIER, ROAD_DATASETS, VOID, RoadDataset
 from densead.data.transforms import to_model_input
 from densead.flows import FastTraining, Glow, GlowOutput, resolve_fast_path
-from densead.io import atomic_torch_save
+from densead.io import atomic_torch_save, require_file
 from densead.train import (
     CHECKPOINT_NAME,
     MAX_DROPPED_FRACTION,
@@ -370,7 +370,9 @@ def _step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 8 + stream) % (2**62)
 
 
-def load_training_frames(cfg: RoadDataConfig, multiple: int) -> tuple[list[Tensor], list[Tensor]]:
+def load_training_frames(
+    cfg: RoadDataConfig, multiple: int, progress: bool = True
+) -> tuple[list[Tensor], list[Tensor]]:
     """Every frame shrunk by ``cfg.downscale``: uint8 ``(C, h, w)`` images and bool keep masks.
 
     Frames are padded (image mirrored, label void) to multiples of ``downscale · multiple`` so
@@ -378,7 +380,12 @@ def load_training_frames(cfg: RoadDataConfig, multiple: int) -> tuple[list[Tenso
     """
     dataset = cfg.source().open()
     images, keeps = [], []
-    for i in tqdm(range(len(dataset)), desc=f"load {cfg.dataset}", leave=False, disable=len(dataset) < 50):
+    for i in tqdm(
+        range(len(dataset)),
+        desc=f"load {cfg.dataset}",
+        leave=False,
+        disable=not progress or len(dataset) < 50,
+    ):
         item = dataset[i]
         if item["label"] is None:
             raise ValueError(f"frame {dataset.frames[i].image} has no label; training needs labelled frames")
@@ -542,6 +549,8 @@ def train_road_glow(
     done = check_output(ckpt_path, cfg, resume, overwrite, _is_protocol_key)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path
+    if done is None and tcfg.init_from:  # before the frames are read
+        require_file(tcfg.init_from, "train.init_from")
     torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only
 
     general = None
@@ -550,7 +559,7 @@ def train_road_glow(
         if general.images.shape[1] != mcfg.in_channels:
             raise ValueError(f"general_images.data: images have {general.images.shape[1]} channels, need 3")
     needs_road = gcfg is None or round(gcfg.fraction * tcfg.batch_size) < tcfg.batch_size
-    frames, keeps = load_training_frames(dcfg, 2**mcfg.n_scales) if needs_road else ([], [])
+    frames, keeps = load_training_frames(dcfg, 2**mcfg.n_scales, progress) if needs_road else ([], [])
     batches = RoadBatches(
         frames,
         keeps,

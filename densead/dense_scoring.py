@@ -886,10 +886,13 @@ def pixel_metrics_markdown(rows: Sequence[PixelMetricRow]) -> str:
         lines = [
             f"### {set_name} ({sub[0].n_pixels} pixels, {sub[0].n_anomaly} anomalous, void excluded)",
             "",
-            "| detector | AUROC | AP | FPR95 |",
+            "| detector | AUROC % | AP % | FPR95 % |",
             "|---|---|---|---|",
         ]
-        lines += [f"| {r.detector} | {r.auroc:.4f} | {r.ap:.4f} | {r.fpr95:.4f} |" for r in sub]
+        # Percent with two decimals, as every other table here (the CSV keeps the fractions).
+        lines += [
+            f"| {r.detector} | {100 * r.auroc:.2f} | {100 * r.ap:.2f} | {100 * r.fpr95:.2f} |" for r in sub
+        ]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

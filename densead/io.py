@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text", "check_overwrite", "read_checkpoint"]
+__all__ = [
+    "atomic_path",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "check_overwrite",
+    "read_checkpoint",
+    "require_file",
+]
 
 
 def _umask() -> int:
@@ -57,6 +64,12 @@ def _fsync(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def require_file(path: str | os.PathLike[str], key: str, what: str = "checkpoint") -> None:
+    """Before any work: FileNotFoundError naming the config ``key`` when ``path`` is no file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}: {what} not found: {path}")
 
 
 def check_overwrite(path: str | os.PathLike[str], overwrite: bool, resumable: bool = False) -> None:

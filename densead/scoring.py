@@ -65,11 +65,13 @@ def score_image_set(
     device: torch.device | str = "cpu",
     progress: bool = False,
     heatmap_dir: str | Path | None = None,
+    n_heatmaps: int = 0,
 ) -> dict[str, np.ndarray]:
     """``{detector name: (N,) float64 scores}`` over an image set.
 
     With ``heatmap_dir``, also writes one overlay PNG per image and detector
-    (the detector's pixel map, from the same forward pass as the score).
+    (the detector's pixel map, from the same forward pass as the score) for the
+    first ``n_heatmaps`` images (0: every image).
     Under torchrun, every rank scores its shard and writes its images' PNGs;
     every rank returns all scores in input order.
     """
@@ -80,17 +82,22 @@ def score_image_set(
     names = image_names(images)
     # Under torchrun each rank scores a contiguous shard; scores are gathered in input order.
     mine = dist.shard_range(len(images))
+    # Images of this shard (by their place in it) that get heat maps.
+    n_maps = 0 if heatmap_dir is None else len(images) if n_heatmaps <= 0 else n_heatmaps
+    n_maps = max(0, min(n_maps, mine.stop) - mine.start)
     names = names[mine]
     images = ImageSet(images.images[mine], images.labels[mine], images.name)
     parts: dict[str, list[np.ndarray]] = {d.name: [np.zeros(0)] for d in detectors}
     for sl, x in iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}"):
-        if heatmap_dir is None:
+        keep = min(sl.stop, n_maps) - sl.start  # images of this batch that get heat maps
+        if keep <= 0 or heatmap_dir is None:
             results = {k: (v, None) for k, v in scorer.score(x, list(detectors)).items()}
         else:
             results = scorer.score_maps(x, list(detectors))
-            part = ImageSet(images.images[sl], images.labels[sl], images.name)
-            maps = {k: m for k, (_, m) in results.items()}
-            save_heatmaps(heatmap_dir, part, maps, [n.replace("/", "__") for n in names[sl]], n_bins)
+            part = ImageSet(images.images[sl][:keep], images.labels[sl][:keep], images.name)
+            maps = {k: m[:keep] for k, (_, m) in results.items()}
+            stems = [n.replace("/", "__") for n in names[sl][:keep]]
+            save_heatmaps(heatmap_dir, part, maps, stems, n_bins)
         for name, (s, _) in results.items():
             parts[name].append(s.double().cpu().numpy())
     return {name: dist.gather_concat(np.concatenate(p)) for name, p in parts.items()}

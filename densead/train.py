@@ -57,7 +57,7 @@ from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
 from densead.flows import FastPath, FastTraining, Glow, apply_fast_path, resolve_fast_path
 from densead.flows.fast import on_side_stream
-from densead.io import atomic_torch_save, check_overwrite, read_checkpoint
+from densead.io import atomic_torch_save, check_overwrite, read_checkpoint, require_file
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -649,14 +649,18 @@ def train_glow(
     done = check_output(ckpt_path, cfg, resume, overwrite)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path
+    if done is None and tcfg.init_from:  # files named by the config: before the data is read
+        require_file(tcfg.init_from, "train.init_from")
+    if ocfg is not None:
+        require_file(ocfg.reference, "outlier.reference")
     torch.manual_seed(tcfg.seed)  # initial weights (InvConv rotations) only
 
-    data = load_image_set(cfg.data, mcfg.n_bins, name="training data")
+    data = load_image_set(cfg.data, mcfg.n_bins, name="data")
     _check_channels(data, mcfg, "data")
     batches = _Batches(data.images.to(device), tcfg.batch_size, tcfg.seed, stream=0)
     out_batches, reference = None, None
     if ocfg is not None:
-        odata = load_image_set(ocfg.data, mcfg.n_bins, name="outlier data")
+        odata = load_image_set(ocfg.data, mcfg.n_bins, name="outlier.data")
         _check_channels(odata, mcfg, "outlier.data")
         out_batches = _Batches(
             odata.images.to(device), ocfg.batch_size or tcfg.batch_size, tcfg.seed, stream=1

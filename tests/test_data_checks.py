@@ -88,6 +88,26 @@ def test_missing_torchvision_set_names_the_config_key_and_the_flag(source: str, 
     assert "download=True" not in message and ".." not in message
 
 
+def test_a_failed_download_is_named_and_leaves_no_empty_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    def offline(self: object) -> None:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tvd.CIFAR10, "download", offline)
+    root = tmp_path / "data" / "cifar10"
+    with pytest.raises(FileNotFoundError) as err:
+        load_image_set(DataConfig(source="cifar10", path=str(root), download=True), name="data")
+    message = str(err.value)
+    assert message.startswith(f"data: torchvision cifar10 (train) under '{root}': download failed (")
+    assert "Name or service not known" in message and "source: npz" in message
+    assert list(tmp_path.iterdir()) == []  # torchvision made data/cifar10; both are gone
+
+
 def test_glow_names_the_dtype_it_expects() -> None:
     glow = Glow(in_channels=1, n_scales=2, n_steps=1, hidden=8).eval()
     x = torch.rand(2, 1, 8, 8) - 0.5

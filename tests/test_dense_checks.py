@@ -295,6 +295,13 @@ def test_out_of_range_backbone_level_is_a_config_error() -> None:
 # --------------------------------------------------------------------------- 5. logits node
 
 
+def test_a_missing_segmenter_is_named_by_its_key_and_leaves_no_folder(tmp_path: Path) -> None:
+    root = camvid(tmp_path / "camvid")
+    with pytest.raises(FileNotFoundError, match=r"^segmenter: segmenter checkpoint not found: .*nothing\.pt"):
+        train_feature_flows(flows_config(tmp_path, root, tmp_path / "nothing.pt"), progress=False)
+    assert not (tmp_path / "flows").exists()
+
+
 def test_bad_logits_node_is_refused_before_flow_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

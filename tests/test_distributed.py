@@ -137,6 +137,11 @@ def _score_worker(rank: int, port: int, ckpt: str, out: str) -> None:
     images = load_image_set(DataConfig(source="sklearn_digits", channels=1, size=8, stop=37), mcfg.n_bins)
     dets = [get_detector("raw"), get_detector("last_scale")]
     scores = score_image_set(GlowScorer(model), images, dets, batch_size=8, heatmap_dir=Path(out) / "heat")
+    # The first 23 images' heat maps: all of rank 0's 19 and 4 of rank 1's, in a batch of 8.
+    capped = score_image_set(
+        GlowScorer(model), images, dets, 8, heatmap_dir=Path(out) / "heat23", n_heatmaps=23
+    )
+    assert all(np.array_equal(capped[k], v) for k, v in scores.items())
     torch.save({k: torch.from_numpy(v) for k, v in scores.items()}, Path(out) / f"scores{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -144,7 +149,7 @@ def _score_worker(rank: int, port: int, ckpt: str, out: str) -> None:
 def test_distributed_scoring_equals_single_process(tmp_path: Path) -> None:
     from densead.data.images import load_image_set
     from densead.detectors import GlowScorer, get_detector
-    from densead.scoring import score_image_set
+    from densead.scoring import image_names, score_image_set
     from densead.train import load_glow
 
     ckpt = train_glow(cfg_for(tmp_path / "model", steps=1), progress=False)
@@ -163,6 +168,14 @@ def test_distributed_scoring_equals_single_process(tmp_path: Path) -> None:
     one = sorted(p.name for p in (tmp_path / "one" / "heat").iterdir())
     two = sorted(p.name for p in (tmp_path / "two" / "heat").iterdir())
     assert one == two and len(one) == 37 * 2
+    capped = score_image_set(
+        GlowScorer(model), images, dets, 8, heatmap_dir=tmp_path / "one" / "heat23", n_heatmaps=23
+    )
+    assert all(np.array_equal(capped[k], v) for k, v in single.items())
+    one = sorted(p.name for p in (tmp_path / "one" / "heat23").iterdir())
+    two = sorted(p.name for p in (tmp_path / "two" / "heat23").iterdir())
+    names = [n.replace("/", "__") for n in image_names(images)[:23]]
+    assert one == two == sorted(f"{n}_{d.name}.png" for n in names for d in dets)
 
 
 def test_torchrun_score_images_writes_the_single_process_csv(tmp_path: Path) -> None:

@@ -364,3 +364,17 @@ def test_evaluate_help_says_general_test_is_left_out(evaluate: ModuleType, tmp_p
         == 0
     )
     assert {r["anomaly_set"] for r in csv.DictReader((out / "metrics.csv").open())} == {"svhn"}
+
+
+def test_a_missing_dataset_or_cuda_device_is_a_usage_error_not_a_traceback(
+    models: dict[str, Path], score_images: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "scores.csv"
+    base = ["--checkpoint", str(models["in"]), "--out", str(out), "--no-progress"]
+    err = usage_error(score_images, [*base, "--dataset", "svhn", "--root", str(tmp_path / "svhn")], capsys)
+    assert "torchvision svhn (test) under" in err and "--download" in err and "Traceback" not in err
+    err = usage_error(score_images, [*score_args(models, out)[:-3], "--device", "cuda:99"], capsys)
+    assert "--device: 'cuda:99', but this machine's CUDA devices" in err
+    err = usage_error(score_images, score_args(models, out, "--n-heatmaps", "-1"), capsys)
+    assert "--n-heatmaps must be >= 0, got -1" in err
+    assert not out.exists() and not (tmp_path / "svhn").exists()

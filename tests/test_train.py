@@ -138,8 +138,13 @@ def test_bad_inputs(tmp_path: Path) -> None:
     rgb_model = TrainRunConfig(str(tmp_path / "x"), DIGITS, ModelConfig(in_channels=3, n_scales=2, n_steps=1))
     with pytest.raises(ValueError, match=r"data: images have 1 channels but model.in_channels is 3"):
         train_glow(rgb_model, progress=False)
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(FileNotFoundError, match=r"^train\.init_from: checkpoint not found: .*missing\.pt"):
         train_glow(run_cfg(tmp_path / "y", 1, init_from=str(tmp_path / "missing.pt")), progress=False)
+    outlier = OutlierConfig(DIGITS, str(tmp_path / "nogeneral.pt"))
+    with pytest.raises(
+        FileNotFoundError, match=r"^outlier\.reference: checkpoint not found: .*nogeneral\.pt"
+    ):
+        train_glow(replace(run_cfg(tmp_path / "y", 1), outlier=outlier), progress=False)
     (tmp_path / "garbage.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="garbage.pt"):
         load_glow(tmp_path / "garbage.pt")

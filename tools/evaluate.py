@@ -26,7 +26,7 @@ which in-distribution classes each detector's false alarms at 95 % TPR come from
 metrics (component_metrics.csv and .md): maps thresholded at their best pixel F1, then sIoU per
 anomaly instance, PPV per predicted segment and the component F1 averaged over thresholds
 0.25-0.75; --min-segment-size / --min-instance-size (pixels of the maps; 500 / 100 as the
-benchmark's RoadAnomaly21 track, 50 / 10 as RoadObstacle21).
+benchmark's RoadAnomaly21 track, 50 / 10 as RoadObstacle21). Its flags: evaluate.py --pixel --help.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from densead.cli import stop_on_sigterm
+from densead.cli import tool_errors
 from densead.dense_scoring import (
     component_metrics_markdown,
     evaluate_dense,
@@ -91,50 +91,63 @@ def pixel_main(argv: list[str]) -> int:
         p.print_help()
         return 0
     args = p.parse_args(argv)
-    stop_on_sigterm()  # a kill runs the cleanups: no temporary files left
-    for flag in ("min_segment_size", "min_instance_size"):
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        p.error(f"--out {args.out} exists and is not a folder")
-    sizes = (args.min_segment_size, args.min_instance_size) if args.components else None
-    asked = " ".join(f for f, on in (("--by-class", args.by_class), ("--components", args.components)) if on)
-    tables = []
-    for run_dir in args.pixel:
-        try:  # one pass over the maps for every table (and one more for the components)
-            tables.append(
-                evaluate_dense(
-                    run_dir, args.detectors, args.mode, args.by_class, sizes, progress=not args.no_progress
+    with tool_errors(p):  # input errors: one line, exit status 2; SIGTERM runs the cleanups (densead.cli)
+        for flag in ("min_segment_size", "min_instance_size"):
+            if getattr(args, flag) < 0:
+                p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            p.error(f"--out {args.out} exists and is not a folder")
+        sizes = (args.min_segment_size, args.min_instance_size) if args.components else None
+        asked = " ".join(
+            f for f, on in (("--by-class", args.by_class), ("--components", args.components)) if on
+        )
+        tables = []
+        for run_dir in args.pixel:
+            try:  # one pass over the maps for every table (and one more for the components)
+                tables.append(
+                    evaluate_dense(
+                        run_dir,
+                        args.detectors,
+                        args.mode,
+                        args.by_class,
+                        sizes,
+                        progress=not args.no_progress,
+                    )
                 )
-            )
-        except (ValueError, FileNotFoundError, KeyError) as err:  # a bad run: a usage error, nothing written
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            p.error(f"{asked + ': ' if asked else ''}{run_dir}: {message}")
-    # Runs of one set (two checkpoints on camvid_test) keep apart: their set is named with the run.
-    set_names = [next((r.set_name for table in run for r in table), None) for run in tables]
-    repeated = {s for s in set_names if set_names.count(s) > 1}
-    rows, by_class, components = [], [], []
-    for run_dir, set_name, (metrics, classes, comps) in zip(args.pixel, set_names, tables, strict=True):
-        if set_name in repeated:
-            label = f"{set_name} [{run_dir}]"
-            metrics, classes, comps = (
-                [replace(r, set_name=label) for r in t] for t in (metrics, classes, comps)
-            )
-        rows += metrics
-        by_class += classes
-        components += comps
-    write_pixel_metrics(args.out, rows)
-    print(pixel_metrics_markdown(rows))
-    if args.by_class:
-        write_false_positives(args.out, by_class)
-        print(false_positives_markdown(by_class))
-    if args.components:
-        write_component_metrics(args.out, components)
-        print(component_metrics_markdown(components))
-    written = "pixel_metrics.csv, pixel_metrics.md" + (", pixel_fp_by_class.csv/.md" if args.by_class else "")
-    written += ", component_metrics.csv/.md" if args.components else ""
-    print(f"{written} -> {Path(args.out).resolve()}")
-    return 0
+            except (
+                ValueError,
+                FileNotFoundError,
+                KeyError,
+            ) as err:  # a bad run: a usage error, nothing written
+                message = err.args[0] if isinstance(err, KeyError) and err.args else err
+                p.error(f"{asked + ': ' if asked else ''}{run_dir}: {message}")
+        # Runs of one set (two checkpoints on camvid_test) keep apart: their set is named with the run.
+        set_names = [next((r.set_name for table in run for r in table), None) for run in tables]
+        repeated = {s for s in set_names if set_names.count(s) > 1}
+        rows, by_class, components = [], [], []
+        for run_dir, set_name, (metrics, classes, comps) in zip(args.pixel, set_names, tables, strict=True):
+            if set_name in repeated:
+                label = f"{set_name} [{run_dir}]"
+                metrics, classes, comps = (
+                    [replace(r, set_name=label) for r in t] for t in (metrics, classes, comps)
+                )
+            rows += metrics
+            by_class += classes
+            components += comps
+        write_pixel_metrics(args.out, rows)
+        print(pixel_metrics_markdown(rows))
+        if args.by_class:
+            write_false_positives(args.out, by_class)
+            print(false_positives_markdown(by_class))
+        if args.components:
+            write_component_metrics(args.out, components)
+            print(component_metrics_markdown(components))
+        written = "pixel_metrics.csv, pixel_metrics.md" + (
+            ", pixel_fp_by_class.csv/.md" if args.by_class else ""
+        )
+        written += ", component_metrics.csv/.md" if args.components else ""
+        print(f"{written} -> {Path(args.out).resolve()}")
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,42 +170,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, help="folder for metrics.csv, metrics.md and plots")
     args = p.parse_args(argv)
-    stop_on_sigterm()
-    # Everything is checked before anything is written.
-    try:
-        cols = read_scores_csv(args.scores, score_columns=args.detectors or is_score_column)
-    except (FileNotFoundError, ValueError) as err:
-        hint = ""
-        if not args.detectors and "score column" in str(err):
-            hint = f" (without --detectors, {SCORE_COLUMNS} is a score column)"
-        p.error(f"{err}{hint}")
-    files = ", ".join(args.scores)
-    if "set" not in cols:
-        p.error(f"{files}: no 'set' column (columns: {', '.join(cols)})")
-    sets = list(dict.fromkeys(cols["set"].tolist()))
-    if args.in_set not in sets:
-        p.error(f"--in-set {args.in_set!r} not among the sets in the scores: {sets}")
-    if args.anomaly_sets:
-        unknown = [s for s in args.anomaly_sets if s not in sets]
-        if unknown:
-            p.error(f"--anomaly-sets {unknown} not among the sets in the scores: {sets}")
-        if args.in_set in args.anomaly_sets:
-            p.error(f"--anomaly-sets lists the --in-set {args.in_set!r}: its images cannot be both classes")
-        anomaly_sets = args.anomaly_sets
-    else:
-        anomaly_sets = [s for s in sets if s != args.in_set and s != "general_test"]
-        if not anomaly_sets:
-            p.error(
-                f"no anomaly sets in {files}: its sets are {sets}, with --in-set {args.in_set!r} "
-                "(general_test is used only if named in --anomaly-sets)"
-            )
-    detectors = args.detectors or [c for c in cols if is_score_column(c)]
-    if not detectors:
-        p.error(f"{files}: no score columns (columns: {', '.join(cols)})")
-    rows = write_evaluation(args.out, cols, args.in_set, anomaly_sets, detectors, DISPLAY_NAMES)
-    print(markdown_tables(rows, DISPLAY_NAMES))
-    print(f"metrics.csv, metrics.md, ROC curves and histograms -> {Path(args.out).resolve()}")
-    return 0
+    with tool_errors(p):  # input errors: one line, exit status 2; SIGTERM runs the cleanups (densead.cli)
+        # Everything is checked before anything is written.
+        try:
+            cols = read_scores_csv(args.scores, score_columns=args.detectors or is_score_column)
+        except (FileNotFoundError, ValueError) as err:
+            hint = ""
+            if not args.detectors and "score column" in str(err):
+                hint = f" (without --detectors, {SCORE_COLUMNS} is a score column)"
+            p.error(f"{err}{hint}")
+        files = ", ".join(args.scores)
+        if "set" not in cols:
+            p.error(f"{files}: no 'set' column (columns: {', '.join(cols)})")
+        sets = list(dict.fromkeys(cols["set"].tolist()))
+        if args.in_set not in sets:
+            p.error(f"--in-set {args.in_set!r} not among the sets in the scores: {sets}")
+        if args.anomaly_sets:
+            unknown = [s for s in args.anomaly_sets if s not in sets]
+            if unknown:
+                p.error(f"--anomaly-sets {unknown} not among the sets in the scores: {sets}")
+            if args.in_set in args.anomaly_sets:
+                p.error(
+                    f"--anomaly-sets lists the --in-set {args.in_set!r}: its images cannot be both classes"
+                )
+            anomaly_sets = args.anomaly_sets
+        else:
+            anomaly_sets = [s for s in sets if s != args.in_set and s != "general_test"]
+            if not anomaly_sets:
+                p.error(
+                    f"no anomaly sets in {files}: its sets are {sets}, with --in-set {args.in_set!r} "
+                    "(general_test is used only if named in --anomaly-sets)"
+                )
+        detectors = args.detectors or [c for c in cols if is_score_column(c)]
+        if not detectors:
+            p.error(f"{files}: no score columns (columns: {', '.join(cols)})")
+        rows = write_evaluation(args.out, cols, args.in_set, anomaly_sets, detectors, DISPLAY_NAMES)
+        print(markdown_tables(rows, DISPLAY_NAMES))
+        print(f"metrics.csv, metrics.md, ROC curves and histograms -> {Path(args.out).resolve()}")
+        return 0
 
 
 if __name__ == "__main__":

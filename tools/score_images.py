@@ -11,8 +11,8 @@ scale<i>, ratio_scale<i>, ratio_last_scale.
 
 Road mode: dense maps of road frames instead of image scores; --out is a folder.
 
-    python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \
-        --checkpoint runs/camvid_glow/checkpoint.pt --general runs/camvid_glow_general/checkpoint.pt \
+    python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \\
+        --checkpoint runs/camvid_glow/checkpoint.pt --general runs/camvid_glow_general/checkpoint.pt \\
         --detector raw,ratio,scale1,scale2,last_scale --out runs/camvid_scores
 
 writes maps/<detector>/<frame>.npy (float16 in [0, 1], dataset-level min-max), overlays/<detector>/
@@ -26,10 +26,10 @@ Glow detectors. --combine adds combo:<a>+<b> maps: the mean of the components af
 each on the inlier pixels of --calibration-frames frames of --calibration-split (never the split
 under test; see densead/combined_maps.py):
 
-    python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \
-        --feature-flows runs/camvid_feature_flows/feature_flows.pt \
-        --checkpoint runs/camvid_glow/checkpoint.pt --general runs/camvid_glow_general/checkpoint.pt \
-        --detector density_cls,msp,ratio,last_scale \
+    python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \\
+        --feature-flows runs/camvid_feature_flows/feature_flows.pt \\
+        --checkpoint runs/camvid_glow/checkpoint.pt --general runs/camvid_glow_general/checkpoint.pt \\
+        --detector density_cls,msp,ratio,last_scale \\
         --combine density_cls+ratio,density_cls+last_scale --out runs/camvid_combined_scores
 
 Then: python tools/evaluate.py --pixel runs/camvid_combined_scores --out runs/camvid_combined_eval
@@ -48,7 +48,7 @@ import sys
 from pathlib import Path
 
 from densead import distributed as dist
-from densead.cli import stop_on_sigterm
+from densead.cli import tool_errors
 from densead.config import DataConfig
 from densead.data.images import load_image_set
 from densead.data.road import ROAD_DATASETS
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set-name", default="", help="value of the CSV's 'set' column")
     p.add_argument("--out", required=True, help="CSV file to write (road mode: output folder)")
     p.add_argument("--heatmaps", help="folder for one overlay PNG per image and detector")
+    p.add_argument(
+        "--n-heatmaps", type=int, default=0, help="heat maps of the first N images only (0: every image)"
+    )
     p.add_argument("--batch-size", type=int, help="images per batch (default 256; road mode: frames, 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -108,89 +111,96 @@ def main(argv: list[str] | None = None) -> int:
     )
     road.add_argument("--calibration-frames", type=int, default=64, help="frames spread over it (0: all)")
     args = p.parse_args(argv)
-    stop_on_sigterm()  # a kill runs the cleanups: no temporary files or .partial-* folders left
-    for flag, least in (("batch_size", 1), ("size", 0), ("max_frames", 0), ("calibration_frames", 0)):
-        value = getattr(args, flag)
-        if value is not None and value < least:
-            p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
-    if not [name for name in args.detector.split(",") if name.strip()]:
-        p.error(f"--detector names no detector: {args.detector!r}")
-    if args.road:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            p.error("road mode runs in one process; torchrun is supported for image scoring")
-        return _road_main(p, args)
-    if not args.checkpoint:
-        p.error("--checkpoint is required (except in road mode with feature detectors only)")
-    for flag in ("feature_flows", "combine", "segmenter"):
-        if getattr(args, flag):
-            p.error(f"--{flag.replace('_', '-')} is for road mode (--road)")
-    if args.batch_size is None:
-        args.batch_size = 256
+    with tool_errors(p):  # input errors: one line, exit status 2; SIGTERM runs the cleanups (densead.cli)
+        for flag, least in (
+            ("batch_size", 1),
+            ("size", 0),
+            ("max_frames", 0),
+            ("calibration_frames", 0),
+            ("n_heatmaps", 0),
+        ):
+            value = getattr(args, flag)
+            if value is not None and value < least:
+                p.error(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+        if not [name for name in args.detector.split(",") if name.strip()]:
+            p.error(f"--detector names no detector: {args.detector!r}")
+        if args.road:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                p.error("road mode runs in one process; torchrun is supported for image scoring")
+            return _road_main(p, args)
+        if not args.checkpoint:
+            p.error("--checkpoint is required (except in road mode with feature detectors only)")
+        for flag in ("feature_flows", "combine", "segmenter"):
+            if getattr(args, flag):
+                p.error(f"--{flag.replace('_', '-')} is for road mode (--road)")
+        if args.batch_size is None:
+            args.batch_size = 256
 
-    try:
-        detectors = [get_detector(name.strip()) for name in args.detector.split(",") if name.strip()]
-    except ValueError as err:
-        p.error(f"--detector: {err}")
-    try:
-        classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
-    except ValueError:
-        p.error(f"--classes must be comma-separated integer labels, got {args.classes!r}")
-    if any(d.needs_general for d in detectors) and not args.general:
-        p.error(f"detector(s) {[d.name for d in detectors if d.needs_general]} need --general")
+        try:
+            detectors = [get_detector(name.strip()) for name in args.detector.split(",") if name.strip()]
+        except ValueError as err:
+            p.error(f"--detector: {err}")
+        try:
+            classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
+        except ValueError:
+            p.error(f"--classes must be comma-separated integer labels, got {args.classes!r}")
+        if any(d.needs_general for d in detectors) and not args.general:
+            p.error(f"detector(s) {[d.name for d in detectors if d.needs_general]} need --general")
 
-    device = dist.init_from_env(resolve_device(args.device, "--device"))
-    model, mcfg = load_glow(args.checkpoint, device)
-    general = load_glow(args.general, device)[0] if args.general else None
-    try:  # the general model must see the data as the in-distribution one does
-        scorer = GlowScorer(model, general)
-    except ValueError as err:
-        p.error(f"--general {args.general} does not fit --checkpoint {args.checkpoint}: {err}")
-    try:  # scales that exist (in both models, for scale-wise ratios)
-        scorer.check_detectors(detectors)
-    except ValueError as err:
-        with_general = f" with --general {args.general}" if args.general else ""
-        p.error(f"--checkpoint {args.checkpoint}{with_general}: {err}")
-    if args.input:
-        path = Path(args.input)
-        if not path.exists():
-            p.error(f"input not found: {path}")
-        source = "npz" if path.is_file() else "folder"
-        set_name = args.set_name or path.stem
-    else:
-        source, path, set_name = args.dataset, Path(args.root), args.set_name or args.dataset
-    dcfg = DataConfig(
-        source=source,
-        path=str(path),
-        split=args.split,
-        download=args.download,
-        classes=classes,
-        channels=mcfg.in_channels,
-        size=args.size,
-        resize=args.resize,
-    )
-    images = load_image_set(dcfg, mcfg.n_bins, set_name)
-    scores = score_image_set(
-        scorer,
-        images,
-        detectors,
-        args.batch_size,
-        device,
-        progress=not args.no_progress,
-        heatmap_dir=args.heatmaps,
-    )
-    columns = {
-        "set": [set_name] * len(images),
-        "index": list(range(len(images))),
-        "name": image_names(images),
-        "label": images.labels.tolist(),
-    }
-    if dist.is_main():  # under torchrun every rank holds all scores; one writes them
-        write_scores_csv(args.out, columns | scores)
-        print(f"{len(images)} images scored with {', '.join(scores)} -> {Path(args.out).resolve()}")
-        if args.heatmaps:
-            print(f"heatmaps -> {Path(args.heatmaps).resolve()}")
-    dist.finish()
-    return 0
+        device = dist.init_from_env(resolve_device(args.device, "--device"))
+        model, mcfg = load_glow(args.checkpoint, device)
+        general = load_glow(args.general, device)[0] if args.general else None
+        try:  # the general model must see the data as the in-distribution one does
+            scorer = GlowScorer(model, general)
+        except ValueError as err:
+            p.error(f"--general {args.general} does not fit --checkpoint {args.checkpoint}: {err}")
+        try:  # scales that exist (in both models, for scale-wise ratios)
+            scorer.check_detectors(detectors)
+        except ValueError as err:
+            with_general = f" with --general {args.general}" if args.general else ""
+            p.error(f"--checkpoint {args.checkpoint}{with_general}: {err}")
+        if args.input:
+            path = Path(args.input)
+            if not path.exists():
+                p.error(f"input not found: {path}")
+            source = "npz" if path.is_file() else "folder"
+            set_name = args.set_name or path.stem
+        else:
+            source, path, set_name = args.dataset, Path(args.root), args.set_name or args.dataset
+        dcfg = DataConfig(
+            source=source,
+            path=str(path),
+            split=args.split,
+            download=args.download,
+            classes=classes,
+            channels=mcfg.in_channels,
+            size=args.size,
+            resize=args.resize,
+        )
+        images = load_image_set(dcfg, mcfg.n_bins, set_name)
+        scores = score_image_set(
+            scorer,
+            images,
+            detectors,
+            args.batch_size,
+            device,
+            progress=not args.no_progress,
+            heatmap_dir=args.heatmaps,
+            n_heatmaps=args.n_heatmaps,
+        )
+        columns = {
+            "set": [set_name] * len(images),
+            "index": list(range(len(images))),
+            "name": image_names(images),
+            "label": images.labels.tolist(),
+        }
+        if dist.is_main():  # under torchrun every rank holds all scores; one writes them
+            write_scores_csv(args.out, columns | scores)
+            print(f"{len(images)} images scored with {', '.join(scores)} -> {Path(args.out).resolve()}")
+            if args.heatmaps:
+                print(f"heatmaps -> {Path(args.heatmaps).resolve()}")
+        dist.finish()
+        return 0
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -200,6 +210,8 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.heatmaps:
         p.error("--heatmaps is for images; road mode writes overlays into <--out>/overlays")
+    if args.n_heatmaps:
+        p.error("--n-heatmaps is for images (with --heatmaps); road mode writes an overlay per frame")
     if args.segmenter and not args.feature_flows:
         p.error("--segmenter is the segmenter of --feature-flows; give both")
     detectors = [name.strip() for name in args.detector.split(",") if name.strip()]

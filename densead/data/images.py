@@ -155,12 +155,24 @@ def _load_folder(cfg: DataConfig) -> _Raw:
     return _Raw(np.stack(images), np.asarray(labels, dtype=np.int64), 256, names)
 
 
+def _created_folders(path: Path) -> list[Path]:
+    """The folders that creating ``path`` would make (missing ancestors included), deepest first."""
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
 def _load_torchvision(cfg: DataConfig) -> _Raw:
     import torchvision.datasets as tvd
 
     train = cfg.split == "train"
     if cfg.split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' for {cfg.source}, got {cfg.split!r}")
+    where = f"torchvision {cfg.source} ({cfg.split}) under {cfg.path!r}"
+    made = _created_folders(Path(cfg.path).absolute())
     try:
         if cfg.source in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if cfg.source == "cifar10" else tvd.CIFAR100
@@ -172,17 +184,32 @@ def _load_torchvision(cfg: DataConfig) -> _Raw:
         cls = tvd.MNIST if cfg.source == "mnist" else tvd.FashionMNIST
         ds = cls(cfg.path, train=train, download=cfg.download)
         return _Raw(ds.data.numpy()[..., None], ds.targets.numpy().astype(np.int64), 256)
+    except OSError as err:  # the download (URLError, HTTPError, a full disk, ...)
+        _remove_empty(made)
+        raise FileNotFoundError(
+            f"{where}: download failed ({err}); without internet access here, fetch the files "
+            f"elsewhere into that folder, or give the images as an .npz (source: npz)"
+        ) from None
     except RuntimeError as err:
         # torchvision's advice ("You can use download=True") is for its Python API; say what the
         # config key and the command-line flag are.
+        _remove_empty(made)
         reason = re.sub(r"\s*You can use download=True to download it\.?", "", str(err)).strip().rstrip(".")
-        where = f"torchvision {cfg.source} ({cfg.split}) under {cfg.path!r}"
         if cfg.download:
             raise FileNotFoundError(f"{where}: {reason} (after download)") from None
         raise FileNotFoundError(
-            f"{where}: {reason}. To fetch it, set download: true in the data config "
-            "(command line: --download)"
+            f"{where}: {reason}. To fetch it, set download: true in this data's config (training tools: "
+            "--set <key>.download=true, e.g. data.download=true; score_images.py: --download)"
         ) from None
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download made, while they are empty (deepest first)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _load_sklearn_digits(cfg: DataConfig) -> _Raw:
@@ -288,7 +315,10 @@ def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageS
         raise ValueError(f"unknown augment {cfg.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
     if cfg.channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {cfg.channels}")
-    raw = SOURCES[cfg.source](cfg)
+    try:
+        raw = SOURCES[cfg.source](cfg)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{name}: {err}" if name else str(err)) from None
     images, labels = raw.images, raw.labels
     names = raw.names if raw.names is not None else np.asarray([], dtype=str)
     stop = cfg.stop or len(images)

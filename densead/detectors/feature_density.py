@@ -72,7 +72,7 @@ from densead.data.road import ANOMALY, INLIER, VOID
 from densead.detectors.glow import MIN_LOG_PROB
 from densead.features import FrozenFeatureExtractor
 from densead.flows import ActNorm, FeatureFlow
-from densead.io import atomic_torch_save, atomic_write_text, check_overwrite, read_checkpoint
+from densead.io import atomic_torch_save, atomic_write_text, check_overwrite, read_checkpoint, require_file
 from densead.metrics import PixelMetrics
 from densead.segmenter import (
     SCENE_SPLITS,
@@ -841,8 +841,9 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
     if tcfg.class_balance < 0:
         raise ValueError(f"train.class_balance must be >= 0, got {tcfg.class_balance}")
     device = resolve_device(tcfg.device, "train.device")
+    require_file(cfg.segmenter, "segmenter", "segmenter checkpoint")  # before a folder is made
+    check_overwrite(Path(cfg.output_dir) / CHECKPOINT_NAME, overwrite)
     out_dir = check_output_dir(cfg.output_dir)
-    check_overwrite(out_dir / CHECKPOINT_NAME, overwrite)
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
