@@ -62,6 +62,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = run_tool("tools/train_flow.py", str(root / "general.yaml"), "--no-progress")
     general = root / "general" / "checkpoint.pt"
     assert str(general.resolve()) in out.stdout
+    bpd = load_checkpoint(general)["history"][-1][1]
+    assert f"step 2: {bpd:.3f} bits/dim on its training batch\n" in out.stdout  # also with --no-progress
     run_tool(
         "tools/train_flow.py",
         str(root / "general.yaml"),

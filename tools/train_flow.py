@@ -18,7 +18,7 @@ import sys
 from densead.cli import tool_errors
 from densead.config import TrainRunConfig, load_config
 from densead.distributed import finish, is_main
-from densead.train import train_glow
+from densead.train import load_checkpoint, train_glow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(TrainRunConfig, args.config, args.set)
         path = train_glow(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if is_main():
+        history = load_checkpoint(path)["history"]
+        if history:  # [step, bits/dim, outlier loss] of the last logged training batch
+            step, bpd, outlier = history[-1]
+            extra = f", outlier loss {outlier:.1f}" if cfg.outlier is not None else ""
+            print(f"step {step}: {bpd:.3f} bits/dim on its training batch{extra}")
         print(f"checkpoint: {path.resolve()}")
     finish()
     return 0
