@@ -191,7 +191,7 @@ def _effective(plain: Any, train: Mapping[str, Any] | None = None) -> Any:
 def resume_changes(done: Mapping[str, Any], cfg: Any) -> list[ConfigChange]:
     """The settings checkpoint ``done`` was trained with that a run of ``cfg`` changes, as they
     act (:func:`~densead.config.config_changes`; keys that may change on resume are skipped).
-    None for a checkpoint without its config."""
+    Empty for a checkpoint without its config."""
     stored = done.get("config")
     if not isinstance(stored, Mapping):
         return []
