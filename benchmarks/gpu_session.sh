@@ -67,6 +67,13 @@ fi
 if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; elif command -v python3 >/dev/null; then PY=python3; else PY=python; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DENSEAD_CIFAR="$CIFAR"
 BENCH=(benchmarks/flow_throughput.py)
+# One compile cache for the parts that run one after another (a later part reuses what an earlier
+# one compiled), emptied after a part that timed out: a process killed while writing a kernel
+# left it truncated, and the next part failed loading it (InductorError: "<kernel>.so: file too
+# short", seen in the CPU smoke run). Runs side by side (bpd) get their own.
+CACHE=$(mktemp -d)
+export TORCHINDUCTOR_CACHE_DIR="$CACHE/inductor" TRITON_CACHE_DIR="$CACHE/triton"
+trap 'rm -rf "$CACHE"' EXIT
 
 left() { echo $((BUDGET - (SECONDS - START))); }
 
@@ -80,7 +87,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a timeout (at most the time l
     fi
     echo "== $name (timeout ${limit}s): $*"
     timeout --signal=INT --kill-after=10 "$limit" "$@" 2>>"$OUT_DIR/stderr.log" | tee -a "$OUT_DIR/$name.md"
-    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - START))s"
+    local status=${PIPESTATUS[0]}
+    echo "== $name: exit $status after $((SECONDS - START))s"
+    if ((status == 124 || status == 137)); then  # timed out: maybe in the middle of a compile
+        rm -rf "${CACHE:?}/inductor" "${CACHE:?}/triton"
+    fi
 }
 
 bpd() {  # the trajectories of BPD_RUNS ("lever:steps" or "lever:steps:seed"), side by side, into bpd.md
@@ -94,7 +105,10 @@ bpd() {  # the trajectories of BPD_RUNS ("lever:steps" or "lever:steps:seed"), s
     for run in $BPD_RUNS; do
         IFS=: read -r lever steps seed <<<"$run"
         n=$((n + 1))
-        timeout --signal=INT --kill-after=10 "$limit" $PY "${BENCH[@]}" --batch-sizes "$BPD_BATCH" \
+        # Own compile caches: runs compiling the same kernels at once raced on the shared one
+        # (InductorError: "<kernel>.so: file too short", seen on CPU with two compiling runs).
+        TORCHINDUCTOR_CACHE_DIR="$parts/inductor$n" TRITON_CACHE_DIR="$parts/triton$n" \
+            timeout --signal=INT --kill-after=10 "$limit" $PY "${BENCH[@]}" --batch-sizes "$BPD_BATCH" \
             --levers "$lever" --bpd-steps "$steps" --seed "${seed:-0}" --bpd-every "$BPD_EVERY" "${EXTRA[@]}" \
             >"$parts/$n.md" 2>>"$OUT_DIR/stderr.log" &
     done
