@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["USAGE_ERRORS", "stop_on_sigterm", "tool_errors"]
+__all__ = ["USAGE_ERRORS", "error_message", "stop_on_sigterm", "tool_errors"]
 
 USAGE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, OSError)
 
@@ -36,6 +36,15 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
+def error_message(err: BaseException) -> str:
+    """The message of a library error as a tool prints it: a ``KeyError``'s own text (its
+    ``str()`` is the repr: quoted, with escapes); an ``OSError``'s with the file it names."""
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in message:
+        message = f"{err.filename}: {message}"
+    return message
+
+
 @contextlib.contextmanager
 def tool_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Run a tool's work: the errors of its input end it as usage errors (module docstring)."""
@@ -45,8 +54,4 @@ def tool_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     except USAGE_ERRORS as err:
         if os.environ.get("DENSEAD_TRACEBACK", "0") not in ("", "0"):
             raise
-        # str() of a KeyError is the repr of its message: quoted, with escapes.
-        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in message:
-            message = f"{err.filename}: {message}"
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+        parser.exit(2, f"{parser.prog}: error: {error_message(err)}\n")

@@ -79,6 +79,8 @@ RESERVED_SET_NAMES = (IN_SET, GENERAL_SET)
 
 # Beside a stage's checkpoint: the checkpoints it started from (see the module docstring).
 PARENTS_NAME = "parents.yaml"
+# The training sections of ExperimentConfig, one per kind of stage.
+TRAIN_KEYS = ("general_train", "in_dist_train", "outlier_train")
 
 # Detector columns of scores.csv → names in the paper's tables.
 DISPLAY_NAMES = {"raw": "raw", "last_scale": "last scale", "ratio": "Diff", "ratio_outlier": "Diff†"}
@@ -250,12 +252,10 @@ def _check_reuse(cfg: ExperimentConfig, stages: list[_Stage]) -> None:
     digests: dict[str, str] = {}
     for st in stages:
         ckpt = root / st.name / CHECKPOINT_NAME
+        state[st.name] = None
         if ckpt.is_file():
             done = load_checkpoint(ckpt)
             state[st.name] = (int(done["step"]), bool(done["finished"]))
-        else:
-            state[st.name] = None
-        if state[st.name] is not None:
             record = _read_parents(root / st.name)
             reasons = []
             changed = resume_problems(done, st.run)
@@ -479,8 +479,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
     import time
 
     check_experiment(cfg)
-    for key in ("general_train", "in_dist_train", "outlier_train"):
-        resolve_device(getattr(cfg, key).device, f"{key}.device")
+    devices = {key: resolve_device(getattr(cfg, key).device, f"{key}.device") for key in TRAIN_KEYS}
     sets = _test_sets(cfg)
     for key, dcfg in (("general", cfg.general), ("in_dist", cfg.in_dist)):
         if _needs_own_size(dcfg):
@@ -494,7 +493,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
     t0 = time.time()
     ckpts = _train(cfg, stages, progress)
     t1 = time.time()
-    device = resolve_device(cfg.in_dist_train.device)
+    device = devices["in_dist_train"]  # scoring runs where the in-distribution model trained
     models = {name: load_glow(path, device)[0] for name, path in ckpts.items()}
     cols, heat = _score_sets(cfg, models, sets, device, progress)
     # report.md is written last: while the outputs below are being replaced, none is left

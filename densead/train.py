@@ -198,11 +198,14 @@ def resume_changes(done: Mapping[str, Any], cfg: Any) -> list[ConfigChange]:
     return config_changes(_effective(stored), _effective(to_dict(cfg)))
 
 
-def resume_problems(done: Mapping[str, Any], cfg: Any) -> list[str]:
+def resume_problems(
+    done: Mapping[str, Any], cfg: Any, changes: list[ConfigChange] | None = None
+) -> list[str]:
     """Why checkpoint ``done`` cannot be continued, or reused as finished, by a run of ``cfg``
-    (a run config with ``train.steps``): the settings it changes (:func:`resume_changes`), and
-    a step beyond ``train.steps``. Empty when it can."""
-    problems = [str(c) for c in resume_changes(done, cfg)]
+    (a run config with ``train.steps``): the settings it changes (``changes``, by default
+    :func:`resume_changes`), and a step beyond ``train.steps``. Empty when it can."""
+    changes = resume_changes(done, cfg) if changes is None else changes
+    problems = [str(c) for c in changes]
     step = int(done["step"])
     if step > cfg.train.steps:
         problems.append(f"train.steps ({cfg.train.steps} now, but the checkpoint is at step {step})")
@@ -241,13 +244,14 @@ def check_output(
             f"{ckpt_path}: cannot resume: it is another model: {'; '.join(map(str, changed))}. "
             "Set them back (--set KEY=VALUE) or train into a new output_dir"
         )
-    protocol = [str(c) for c in resume_changes(done, cfg) if is_protocol is not None and is_protocol(c.key)]
+    changes = resume_changes(done, cfg)
+    protocol = [str(c) for c in changes if is_protocol is not None and is_protocol(c.key)]
     if protocol:
         raise ValueError(
             f"{ckpt_path}: cannot resume: it was trained under another data protocol: {'; '.join(protocol)}. "
             "Set them back (--set KEY=VALUE) or train into a new output_dir"
         )
-    problems = resume_problems(done, cfg)
+    problems = resume_problems(done, cfg, changes)
     if problems:
         raise ValueError(
             f"{ckpt_path}: cannot resume: it was trained with other settings: {'; '.join(problems)}. "

@@ -36,7 +36,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from densead.cli import tool_errors
+from densead.cli import error_message, tool_errors
 from densead.dense_scoring import (
     component_metrics_markdown,
     evaluate_dense,
@@ -119,8 +119,7 @@ def pixel_main(argv: list[str]) -> int:
                 FileNotFoundError,
                 KeyError,
             ) as err:  # a bad run: a usage error, nothing written
-                message = err.args[0] if isinstance(err, KeyError) and err.args else err
-                p.error(f"{asked + ': ' if asked else ''}{run_dir}: {message}")
+                p.error(f"{asked + ': ' if asked else ''}{run_dir}: {error_message(err)}")
         # Runs of one set (two checkpoints on camvid_test) keep apart: their set is named with the run.
         set_names = [next((r.set_name for table in run for r in table), None) for run in tables]
         repeated = {s for s in set_names if set_names.count(s) > 1}

@@ -14,7 +14,7 @@ import sys
 
 from densead.cli import tool_errors
 from densead.config import ConfigError, ExperimentConfig, load_config
-from densead.experiment import StaleStageError, run_experiment
+from densead.experiment import run_experiment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,21 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-
-    def fail(message: str) -> None:
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-    with tool_errors(parser):  # data files and the like: they name themselves
-        try:
-            cfg = load_config(ExperimentConfig, args.config, args.set)
-        except ConfigError as err:  # names the file and the key
-            fail(str(err))
+    with tool_errors(parser):  # config errors, stale stages, data files: they name themselves
+        cfg = load_config(ExperimentConfig, args.config, args.set)
         try:
             report = run_experiment(cfg, progress=not args.no_progress)
-        except ConfigError as err:  # a key of the experiment's config (check_experiment)
-            fail(f"{args.config}: {err}")
-        except StaleStageError as err:
-            fail(str(err))
+        except ConfigError as err:  # a key of the experiment's config (check_experiment): name the file
+            raise ConfigError(f"{args.config}: {err}") from None
     print(report.read_text())
     print(f"Report, scores, plots and heatmaps in {report.parent.resolve()}")
     return 0

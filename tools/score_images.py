@@ -48,7 +48,7 @@ import sys
 from pathlib import Path
 
 from densead import distributed as dist
-from densead.cli import tool_errors
+from densead.cli import error_message, tool_errors
 from densead.config import DataConfig
 from densead.data.images import load_image_set
 from densead.data.road import ROAD_DATASETS
@@ -238,7 +238,7 @@ def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             calibration_frames=args.calibration_frames,
         )
     except (ValueError, FileNotFoundError, KeyError) as err:  # bad names, missing files: a usage error
-        p.error(str(err.args[0] if isinstance(err, KeyError) and err.args else err))
+        p.error(error_message(err))
     dets = ", ".join(run.detectors)
     print(f"{len(run.names)} frames of {source.name} scored with {dets} -> {run.out_dir.resolve()}")
     return 0
