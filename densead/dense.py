@@ -628,7 +628,7 @@ def train_road_glow(
 def trained_data(checkpoint: str | Path) -> dict:
     """The ``data`` section of the config a road Glow was trained with; ``{}`` for checkpoints
     without one (image Glows)."""
-    config = load_checkpoint(checkpoint).get("config", {})
+    config = load_checkpoint(checkpoint, mmap=True).get("config", {})
     data = config.get("data") if isinstance(config, dict) else None
     return data if isinstance(data, dict) else {}
 

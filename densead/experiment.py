@@ -254,7 +254,7 @@ def _check_reuse(cfg: ExperimentConfig, stages: list[_Stage]) -> None:
         ckpt = root / st.name / CHECKPOINT_NAME
         state[st.name] = None
         if ckpt.is_file():
-            done = load_checkpoint(ckpt)
+            done = load_checkpoint(ckpt, mmap=True)
             state[st.name] = (int(done["step"]), bool(done["finished"]))
             record = _read_parents(root / st.name)
             reasons = []
@@ -314,7 +314,7 @@ def _train(cfg: ExperimentConfig, stages: list[_Stage], progress: bool) -> dict[
         if st.parents and (not (stage_dir / CHECKPOINT_NAME).is_file() or _read_parents(stage_dir) is None):
             # Starting (or adopting an unrecorded run): remember what it starts from.
             record = {
-                p: {"sha256": _digest(ckpts[p]), "step": int(load_checkpoint(ckpts[p])["step"])}
+                p: {"sha256": _digest(ckpts[p]), "step": int(load_checkpoint(ckpts[p], mmap=True)["step"])}
                 for p in st.parents
             }
             atomic_write_text(stage_dir / PARENTS_NAME, yaml.safe_dump(record, sort_keys=False))

@@ -100,6 +100,7 @@ def read_checkpoint(
     keys: Sequence[str],
     kind: str = "",
     device: torch.device | str = "cpu",
+    mmap: bool = False,
 ) -> dict:
     """Load a checkpoint dict with ``weights_only=True`` and check that it holds ``keys``.
 
@@ -108,6 +109,12 @@ def read_checkpoint(
         keys: entries the checkpoint must have.
         kind: what it should be (``"segmenter"``, ``"feature-flow"``; empty: a Glow), for the messages.
         device: ``map_location``.
+        mmap: map the tensors from the file instead of reading them (CPU only), for reads of a
+            few small entries (step, config, history): the paper-size Glow's checkpoint with its
+            optimizer state is about 0.5 GB, and a reader that does not touch the weights then
+            costs neither the time nor the memory of reading them
+            (``benchmarks/checkpoint_read.py``). Drop the dict soon: its tensors keep the file
+            mapped, and Windows cannot replace a mapped file.
 
     Raises:
         FileNotFoundError: no such file.
@@ -118,7 +125,12 @@ def read_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"{label} not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu" if mmap else device, weights_only=True, mmap=mmap)
+        except Exception:  # noqa: BLE001 - mmap needs the zip format: read it plainly, or say why not
+            if not mmap:
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err) or "Weights only" in str(err):

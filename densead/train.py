@@ -159,9 +159,10 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else lr
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Read a densead Glow checkpoint (``weights_only=True``); errors name the file."""
-    return read_checkpoint(path, ("model", "model_config"), device=device)
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", mmap: bool = False) -> dict:
+    """Read a densead Glow checkpoint (``weights_only=True``); errors name the file. ``mmap``:
+    for reads of its small entries (step, config, history), see :func:`~densead.io.read_checkpoint`."""
+    return read_checkpoint(path, ("model", "model_config"), device=device, mmap=mmap)
 
 
 def _effective(plain: Any, train: Mapping[str, Any] | None = None) -> Any:
@@ -219,7 +220,8 @@ def check_output(
     overwrite: bool,
     is_protocol: Callable[[str], bool] | None = None,
 ) -> dict | None:
-    """The checkpoint at ``ckpt_path`` that a run of ``cfg`` continues (None: it starts anew).
+    """The ``step`` and ``finished`` entries of the checkpoint at ``ckpt_path`` that a run of
+    ``cfg`` continues (None: it starts anew). Its weights are not read here.
 
     Args:
         is_protocol: keys that define the data protocol (which pixels are inliers, anomalies or
@@ -234,7 +236,7 @@ def check_output(
     if not resume or not ckpt_path.is_file():
         check_overwrite(ckpt_path, overwrite, resumable=True)
         return None
-    done = read_checkpoint(ckpt_path, ("model", "model_config", "step", "finished"))
+    done = read_checkpoint(ckpt_path, ("model", "model_config", "step", "finished"), mmap=True)
     stored_model, model = done["model_config"], to_dict(cfg.model)
     if stored_model != model:
         changed = config_changes({"model": stored_model}, {"model": model}) or [
@@ -258,7 +260,7 @@ def check_output(
             "Set them back (--set KEY=VALUE), or train into a new output_dir (train.init_from="
             f"{ckpt_path} starts it from these weights)"
         )
-    return done
+    return {"step": int(done["step"]), "finished": bool(done["finished"])}
 
 
 def start_or_resume(

@@ -23,6 +23,7 @@ from densead.config import (
 )
 from densead.flows import Glow
 from densead.train import (
+    check_output,
     load_checkpoint,
     load_glow,
     outlier_loss,
@@ -258,3 +259,24 @@ def test_a_checkpoint_holding_objects_is_refused_without_advice_to_unpickle_it(t
     with pytest.raises(ValueError, match=r"objects\.pt: not a readable densead checkpoint") as err:
         load_glow(path)
     assert "weights_only=False" not in str(err.value) and "objects other than tensors" in str(err.value)
+
+
+def test_small_entries_read_mapped_equal_a_whole_read_in_any_checkpoint_format(tmp_path: Path) -> None:
+    cfg = run_cfg(tmp_path / "run", 2)
+    path = train_glow(cfg, progress=False)
+    whole, mapped = load_checkpoint(path), load_checkpoint(path, mmap=True)
+    assert mapped["step"] == whole["step"] == 2 and mapped["history"] == whole["history"]
+    assert mapped["config"] == whole["config"] and mapped["model_config"] == whole["model_config"]
+    assert all(torch.equal(mapped["model"][k], v) for k, v in whole["model"].items())
+    # What a resume keeps from its check holds no tensors, so no mapping outlives the check.
+    assert check_output(path, cfg, resume=True, overwrite=False) == {"step": 2, "finished": True}
+
+    legacy = tmp_path / "legacy.pt"  # the pre-zip format, which cannot be mapped, is read whole
+    torch.save(whole, legacy, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(legacy, mmap=True)["history"] == whole["history"]
+
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
+    torch.save({"model": Path("x"), "model_config": {}}, tmp_path / "objects.pt")
+    for name, reason in (("cut.pt", ""), ("objects.pt", "objects other than tensors")):
+        with pytest.raises(ValueError, match=rf"{name}: not a readable densead checkpoint \(.*{reason}"):
+            load_checkpoint(tmp_path / name, mmap=True)

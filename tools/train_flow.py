@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(TrainRunConfig, args.config, args.set)
         path = train_glow(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if is_main():
-        history = load_checkpoint(path)["history"]
+        history = load_checkpoint(path, mmap=True)["history"]
         if history:  # [step, bits/dim, outlier loss] of the last logged training batch
             step, bpd, outlier = history[-1]
             extra = f", outlier loss {outlier:.1f}" if cfg.outlier is not None else ""
