@@ -23,6 +23,7 @@ map functions, no second implementation (see :mod:`densead.frame_scorers` for th
 
     maps/<detector>/<frame>.npy       float16 (H, W) in [0, 1], the frame's own shape
     overlays/<detector>/<frame>.png   the map as a heat map over the frame
+                                      (combination folders: combo-<a>+<b>, see detector_folder)
     summary.csv                       per frame: name, height, width, anomaly_fraction,
                                       void_fraction, <detector>_mean, <detector>_max (raw units)
     rescale.json                      per detector the [lo, hi] of the rescaling
@@ -118,6 +119,7 @@ __all__ = [
     "SENTINEL_LIMIT",
     "frame_maps",
     "pixel_metrics_markdown",
+    "detector_folder",
     "safe_name",
     "score_road_dataset",
     "write_dense_maps",
@@ -134,6 +136,20 @@ SUMMARY_FILE = "summary.csv"
 def safe_name(name: str) -> str:
     """A frame name as a file stem (``/`` → ``__``)."""
     return name.replace("/", "__")
+
+
+def detector_folder(detector: str) -> str:
+    """A detector's folder under ``maps/`` and ``overlays/``: its name, with a combination's
+    ``combo:`` as ``combo-`` (Windows allows no ``:`` in file names)."""
+    return detector.replace(":", "-")
+
+
+def _map_folder(run_dir: Path, detector: str) -> Path:
+    """``maps/<detector_folder>`` of a run; runs written before the folders were renamed have
+    ``maps/combo:<a>+<b>``, read where it is the one that exists."""
+    folder = run_dir / "maps" / detector_folder(detector)
+    legacy = run_dir / "maps" / detector
+    return legacy if not folder.is_dir() and legacy.is_dir() else folder
 
 
 # --------------------------------------------------------------------------- rescaling
@@ -206,10 +222,10 @@ class DenseRun:
     rescale: MapRescale
 
     def map_path(self, detector: str, name: str) -> Path:
-        return self.out_dir / "maps" / detector / f"{safe_name(name)}.npy"
+        return self.out_dir / "maps" / detector_folder(detector) / f"{safe_name(name)}.npy"
 
     def overlay_path(self, detector: str, name: str) -> Path:
-        return self.out_dir / "overlays" / detector / f"{safe_name(name)}.png"
+        return self.out_dir / "overlays" / detector_folder(detector) / f"{safe_name(name)}.png"
 
 
 def _label_stats(label: np.ndarray | None) -> tuple[Any, Any]:
@@ -317,10 +333,11 @@ def write_frame_maps(
             for n, m in maps.items():
                 columns[f"{n}_mean"].append(float(m.mean(dtype=np.float64)))
                 columns[f"{n}_max"].append(float(m.max()))
-                (staging / "maps" / n).mkdir(parents=True, exist_ok=True)
-                np.save(staging / "maps" / n / f"{stem}.npy", rescale.apply(n, m))
+                folder = detector_folder(n)
+                (staging / "maps" / folder).mkdir(parents=True, exist_ok=True)
+                np.save(staging / "maps" / folder / f"{stem}.npy", rescale.apply(n, m))
                 if overlays:
-                    save_png(staging / "overlays" / n / f"{stem}.png", heatmap_overlay(item["image"], m))
+                    save_png(staging / "overlays" / folder / f"{stem}.png", heatmap_overlay(item["image"], m))
         _swap_in_run(staging, out_dir)
         write_scores_csv(out_dir / SUMMARY_FILE, columns)
         rescale.save(out_dir / RESCALE_FILE)
@@ -627,6 +644,7 @@ def _labelled_maps(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]]:
     """Per frame of the run: (label 0/1/255, semantic ids or None, ``{detector: float16 map}``)."""
     frames = {f.name: f for f in dataset.frames}
+    folders = {det: _map_folder(run_dir, det) for det in detectors}
     for name in tqdm(run["frames"], desc=f"evaluate {run_dir.name}", disable=not progress, leave=False):
         frame = frames.get(name)
         if frame is None:
@@ -636,8 +654,7 @@ def _labelled_maps(
         label, semantic = dataset.map_label(read_label(frame.label))
         maps = {}
         for det in detectors:
-            path = run_dir / "maps" / det / f"{safe_name(name)}.npy"
-            maps[det] = _read_map(path, label.shape, frame.label)
+            maps[det] = _read_map(folders[det] / f"{safe_name(name)}.npy", label.shape, frame.label)
         yield label, semantic, maps
 
 

@@ -22,7 +22,13 @@ from test_dense import fake_camvid, random_glow, save_tiny_checkpoint
 from densead.combined_maps import Combination, CombinedFrameScorer, fit_inlier_stats, spread_frames
 from densead.data.road import CAMVID_CLASSES, VOID, CamVid, pad_frame
 from densead.dense import RoadDataConfig, RoadSource
-from densead.dense_scoring import MapRescale, frame_maps, score_road_dataset
+from densead.dense_scoring import (
+    MapRescale,
+    detector_folder,
+    evaluate_dense_run,
+    frame_maps,
+    score_road_dataset,
+)
 from densead.detectors import GlowScorer, get_detector
 from densead.detectors.feature_density import (
     DenseFeatureDetector,
@@ -291,8 +297,16 @@ def test_road_combination_calibrates_on_the_train_split_only(tmp_path: Path) -> 
         combo = (
             (m["raw"][0] - mean["raw"]) / std["raw"] + (m["ratio"][0] - mean["ratio"]) / std["ratio"]
         ) / 2
-        written = np.load(tmp_path / "a" / "maps" / "combo:raw+ratio" / f"{name}.npy")
+        written = np.load(tmp_path / "a" / "maps" / "combo-raw+ratio" / f"{name}.npy")
         assert np.abs(written.astype(np.float64) - rescale.apply("combo:raw+ratio", combo)).max() <= 1e-3
+    # Folder names hold no ':' (Windows); a run written with the former combo:<a>+<b> folders
+    # still evaluates, to the same numbers.
+    for folder in ("maps", "overlays"):
+        assert sorted(p.name for p in (tmp_path / "a" / folder).iterdir()) == ["combo-raw+ratio", "raw"]
+    rows = evaluate_dense_run(tmp_path / "a")
+    assert [r.detector for r in rows] == ["raw", "combo:raw+ratio"]
+    (tmp_path / "a" / "maps" / "combo-raw+ratio").rename(tmp_path / "a" / "maps" / "combo:raw+ratio")
+    assert evaluate_dense_run(tmp_path / "a") == rows
     # Test labels never reach the constants; train labels do.
     _relabel(root, "test", 9)  # every test pixel a Pedestrian (anomaly)
     assert score("b", calibration_frames=3)["calibration"] == run["calibration"]
@@ -398,9 +412,9 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
     assert not set(run["calibration"]["frames"]) & set(test_names)
     assert set(run["calibration"]["mean"]) == {"density_cls", "ratio", "density_mean", "last_scale"}
     for det in run["detectors"]:
-        m = np.load(out / "maps" / det / f"{run['frames'][0]}.npy")
+        m = np.load(out / "maps" / detector_folder(det) / f"{run['frames'][0]}.npy")
         assert m.dtype == np.float16 and m.shape == (360, 480) and 0 <= m.min() <= m.max() <= 1, det
-        assert (out / "overlays" / det / f"{run['frames'][0]}.png").stat().st_size > 0, det
+        assert (out / "overlays" / detector_folder(det) / f"{run['frames'][0]}.png").stat().st_size > 0, det
 
     proc = run_tool("tools/evaluate.py", "--pixel", str(out), "--out", str(tmp_path / "eval"),
                     "--mode", "exact", "--by-class", "--components", "--min-segment-size", "20",

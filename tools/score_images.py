@@ -22,9 +22,9 @@ camvid, cityscapes, fishyscapes_laf, smiyc, lostandfound, road_anomaly or folder
 Feature-density detectors (density_<tap>, density_mean, density_min, msp, max_logit, entropy) come
 from --feature-flows (a checkpoint of tools/train_feature_flows.py; frames are resized and padded
 as that run saw them). --detector may mix them with Glow detectors; --checkpoint is needed only for
-Glow detectors. --combine adds combo:<a>+<b> maps: the mean of the components after standardizing
-each on the inlier pixels of --calibration-frames frames of --calibration-split (never the split
-under test; see densead/combined_maps.py):
+Glow detectors. --combine adds combo:<a>+<b> maps (folders maps/combo-<a>+<b>): the mean of the
+components after standardizing each on the inlier pixels of --calibration-frames frames of
+--calibration-split (never the split under test; see densead/combined_maps.py):
 
     python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \\
         --feature-flows runs/camvid_feature_flows/feature_flows.pt \\
