@@ -7,6 +7,7 @@ in-distribution test set gives the negatives, each anomaly set the positives.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ def evaluate_columns(
     """AUROC / AP / FPR@95%TPR of each detector on each anomaly set vs ``in_set``."""
     if "set" not in cols:
         raise KeyError("scores have no 'set' column")
+    if in_set in anomaly_sets:  # against itself every metric is that of a coin flip
+        raise ValueError(f"set {in_set!r} is the in-distribution set and cannot also be an anomaly set")
     rows = []
     for det in detectors:
         neg = _scores(cols, det, in_set)
@@ -59,7 +62,7 @@ def evaluate_columns(
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
+    """Spearman rank correlation (average ranks for ties); NaN where either side is constant."""
 
     def ranks(x: np.ndarray) -> np.ndarray:
         order = np.argsort(x, kind="mergesort")
@@ -72,7 +75,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
     ra, rb = ranks(np.asarray(a, dtype=np.float64)), ranks(np.asarray(b, dtype=np.float64))
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    norm = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / norm) if norm > 0 else math.nan
 
 
 def markdown_tables(rows: Sequence[MetricRow], display: Mapping[str, str] | None = None) -> str:

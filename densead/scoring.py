@@ -19,6 +19,7 @@ from densead.data.transforms import to_model_input
 from densead.detectors.glow import GlowDetector, GlowScorer
 from densead.flows import Glow, GlowOutput, apply_fast_path, resolve_fast_path
 from densead.io import atomic_write_text
+from densead.train import resolve_device
 from densead.viz import heatmap_overlay, save_png
 
 __all__ = [
@@ -42,14 +43,23 @@ def iter_model_batches(
     device: torch.device,
     progress: bool = False,
     desc: str = "",
+    dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[slice, Tensor]]:
-    """Noise-free model inputs of an image set, batch by batch: ``(index slice, x)``."""
+    """Noise-free model inputs of an image set, batch by batch: ``(index slice, x)`` of ``dtype``
+    (the model's). Levels must lie in ``0 … n_bins−1`` (:func:`~densead.data.images.load_image_set`
+    requantizes to a model's ``n_bins``): others would leave ``[−0.5, 0.5)`` and score silently."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     n = len(images)
+    low, top = (int(images.images.min()), int(images.images.max())) if n else (0, 0)
+    if low < 0 or top >= n_bins:
+        raise ValueError(
+            f"{images.name}: image levels span {low}…{top}, but the model takes "
+            f"0…{n_bins - 1} (n_bins {n_bins}); load_image_set(..., n_bins) requantizes images to it"
+        )
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         sl = slice(start, min(start + batch_size, n))
-        yield sl, to_model_input(images.images[sl].to(device), n_bins, dequantize=False)
+        yield sl, to_model_input(images.images[sl].to(device), n_bins, dequantize=False).to(dtype)
 
 
 def image_names(images: ImageSet) -> list[str]:
@@ -75,10 +85,10 @@ def score_image_set(
     Under torchrun, every rank scores its shard and writes its images' PNGs;
     every rank returns all scores in input order.
     """
-    device = torch.device(device)
-    n_bins = scorer.model.n_bins
+    device = resolve_device(str(device), "device")
+    n_bins, dtype = scorer.model.n_bins, next(scorer.model.parameters()).dtype
     scorer.check_detectors(detectors)
-    scorer.model.check_input(images.images[:1].float())
+    scorer.model.check_input(images.images[:1].to(dtype))
     names = image_names(images)
     # Under torchrun each rank scores a contiguous shard; scores are gathered in input order.
     mine = dist.shard_range(len(images))
@@ -88,7 +98,8 @@ def score_image_set(
     names = names[mine]
     images = ImageSet(images.images[mine], images.labels[mine], images.name)
     parts: dict[str, list[np.ndarray]] = {d.name: [np.zeros(0)] for d in detectors}
-    for sl, x in iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}"):
+    batches = iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}", dtype)
+    for sl, x in batches:
         keep = min(sl.stop, n_maps) - sl.start  # images of this batch that get heat maps
         if keep <= 0 or heatmap_dir is None:
             results = {k: (v, None) for k, v in scorer.score(x, list(detectors)).items()}
@@ -119,8 +130,9 @@ def glow_outputs(
     """
     model.eval()
     apply_fast_path(model, resolve_fast_path(fast, device, allow_compile=False))
+    dtype = next(model.parameters()).dtype
     for sl, x in iter_model_batches(
-        images, model.n_bins, batch_size, device, progress, f"eval {images.name}"
+        images, model.n_bins, batch_size, device, progress, f"eval {images.name}", dtype
     ):
         with torch.no_grad():
             out = model(x)

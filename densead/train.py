@@ -94,7 +94,10 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     one for the machine it is meant for, so this is checked where it runs)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{key}: {name!r} is not a device; use auto, cpu, cuda or cuda:<index>") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
@@ -331,6 +334,10 @@ def _per_sample_losses(
         if x_out is not None:
             lp_out = model(x_out).log_prob(discrete=True)
             lo = outlier_loss(lp_out, ref_log_prob, ocfg.weight, ocfg.temperature)
+            # An outlier with no finite likelihood under the model has no finite gradient, even
+            # though its loss saturates (log p = −inf: loss 0): NaN marks it for training_step
+            # to drop, as a sample the reference gives −inf is marked by its infinite loss.
+            lo = lo.masked_fill(~torch.isfinite(lp_out), math.nan)
     return nll, lo
 
 
@@ -412,7 +419,9 @@ def training_step(
 
 
 def _mean(t: Tensor | None) -> Tensor:
-    return t.detach().mean() if t is not None else torch.zeros(())
+    """The logged mean of per-sample outlier losses; NaN marks a sample the model gives no finite
+    likelihood (:func:`_per_sample_losses`), left out where its gradient was finite all the same."""
+    return t.detach().nanmean() if t is not None else torch.zeros(())
 
 
 # Optimizers whose step can be captured in a CUDA graph (``capturable``, learning rate as a tensor).
@@ -515,7 +524,7 @@ class GraphedTrainingStep:
             self.max_grad_norm,
         )
         self.nll = nll.detach().mean()
-        self.outlier = lo.detach().mean() if lo is not None else nll.new_zeros(())
+        self.outlier = _mean(lo) if lo is not None else nll.new_zeros(())
 
     def _eager(self, x: Tensor, x_out: Tensor | None) -> StepResult:
         return training_step(

@@ -125,6 +125,18 @@ def test_actnorm_initializes_once_to_unit_statistics() -> None:
     assert torch.equal(bias, layer.bias)
 
 
+def test_actnorm_refuses_to_initialize_from_an_empty_batch() -> None:
+    layer = ActNorm(3).train()  # the mean of nothing would make NaN weights that never re-initialize
+    for empty in (torch.zeros(0, 3, 4, 4), torch.zeros(2, 3, 0, 4)):
+        with pytest.raises(
+            ValueError, match=r"non-empty first training batch, got \((0, 3, 4, 4|2, 3, 0, 4)\)"
+        ):
+            layer(empty)
+        assert not bool(layer.initialized)
+    layer(torch.randn(2, 3, 4, 4))
+    assert bool(layer.initialized) and torch.isfinite(layer.log_scale).all()
+
+
 def test_actnorm_does_not_initialize_in_eval_mode() -> None:
     layer = ActNorm(3).eval()
     layer(torch.randn(4, 3, 2, 2) * 5)

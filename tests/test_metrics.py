@@ -635,3 +635,31 @@ def test_pixel_f1_threshold_is_the_best_of_every_threshold() -> None:
         f1.update(s.astype(np.float32), y)
     with pytest.raises(ValueError, match="both classes"):
         PixelF1().compute()
+
+
+def test_spearman_matches_scipy_and_is_nan_without_a_warning_for_constant_scores() -> None:
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    from densead.evaluation import spearman
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, 200).astype(float)  # many ties
+    b = a + rng.normal(0, 2, 200)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(spearman(np.full(10, 3.0), np.arange(10.0)))
+
+
+def test_evaluate_columns_refuses_the_in_distribution_set_as_an_anomaly_set() -> None:
+    from densead.evaluation import evaluate_columns
+
+    cols = {"set": np.array(["in"] * 4 + ["out"] * 4), "raw": np.arange(8.0)}
+    (row,) = evaluate_columns(cols, "in", ["out"], ["raw"])
+    assert row.auroc == 1.0 and (row.n_in, row.n_anomaly) == (4, 4)
+    with pytest.raises(
+        ValueError, match="set 'in' is the in-distribution set and cannot also be an anomaly set"
+    ):
+        evaluate_columns(cols, "in", ["out", "in"], ["raw"])

@@ -18,7 +18,7 @@ from densead.config import ModelConfig, to_dict
 from densead.data.images import ImageSet
 from densead.detectors import GlowScorer, get_detector
 from densead.flows import Glow
-from densead.scoring import iter_model_batches, read_scores_csv
+from densead.scoring import iter_model_batches, read_scores_csv, score_image_set
 from densead.train import build_glow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +202,39 @@ def test_model_batches_refuse_a_batch_size_below_one() -> None:
     for bad in (0, -3):
         with pytest.raises(ValueError, match=f"batch size must be >= 1, got {bad}"):
             next(iter_model_batches(images, 256, bad, torch.device("cpu")))
+
+
+def test_model_batches_refuse_levels_beyond_the_models_bins() -> None:
+    # 0…255 levels into a 32-bin model would leave [−0.5, 0.5) and score silently.
+    images = ImageSet(
+        torch.full((2, 3, 8, 8), 200, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), "mine"
+    )
+    with pytest.raises(
+        ValueError, match=r"mine: image levels span 200…200, but the model takes 0…31 \(n_bins 32\)"
+    ):
+        next(iter_model_batches(images, 32, 4, torch.device("cpu")))
+    with pytest.raises(ValueError, match="mine: image levels span"):
+        score_image_set(GlowScorer(tiny_glow(n_bins=32)), images, [get_detector("raw")])
+    assert next(iter_model_batches(images, 256, 4, torch.device("cpu")))[1].max() < 0.5
+
+
+def test_a_float64_model_scores_its_own_dtype_and_a_missing_device_is_named() -> None:
+    images = ImageSet(
+        torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+        torch.zeros(5, dtype=torch.long),
+        "set",
+    )
+    detectors = [get_detector("raw"), get_detector("last_scale")]
+    single = score_image_set(GlowScorer(tiny_glow()), images, detectors, batch_size=2)
+    double = score_image_set(GlowScorer(tiny_glow().double()), images, detectors, batch_size=2)
+    for name in ("raw", "last_scale"):
+        np.testing.assert_allclose(double[name], single[name], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"device: 'cuda:99', but this machine's CUDA devices"):
+        score_image_set(GlowScorer(tiny_glow()), images, detectors, device="cuda:99")
+    with pytest.raises(
+        ValueError, match=r"device: 'gpu' is not a device; use auto, cpu, cuda or cuda:<index>"
+    ):
+        score_image_set(GlowScorer(tiny_glow()), images, detectors, device="gpu")
 
 
 # ---- 4.-6. evaluate.py: sets, CSV contents, the help ----------------------------------------------

@@ -83,6 +83,10 @@ class ActNorm(FlowLayer):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set bias and scale from the statistics of ``x`` (B, C, H, W)."""
+        if x.shape[0] * x.shape[2] * x.shape[3] == 0:  # mean of nothing: NaN weights for good
+            raise ValueError(
+                f"ActNorm's data-dependent init needs a non-empty first training batch, got {tuple(x.shape)}"
+            )
         xf = x.detach().to(self.bias.dtype)
         mean = xf.mean(dim=(0, 2, 3))
         sq = (xf * xf).mean(dim=(0, 2, 3))
