@@ -8,7 +8,9 @@
   anyway (a bug report).
 * ``SIGTERM`` (``kill``, a batch scheduler's time limit) stops the tool as Ctrl-C does: the
   cleanups run, so no temporary file or ``.partial-*`` folder is left behind. Its exit status
-  is 143, as for a process killed by the signal.
+  is 143, as for a process killed by the signal; Ctrl-C's is 130, with one line
+  ``<prog>: interrupted`` instead of a traceback. The handler is the tool's only while its
+  work runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 __all__ = ["USAGE_ERRORS", "error_message", "stop_on_sigterm", "tool_errors"]
 
@@ -30,10 +33,12 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def stop_on_sigterm() -> None:
-    """From now on, SIGTERM raises ``SystemExit(143)`` in the main thread (cleanups run)."""
+def stop_on_sigterm() -> Any:
+    """From now on, SIGTERM raises ``SystemExit(143)`` in the main thread (cleanups run).
+    Returns the handler it replaces (None outside the main thread, where nothing changes)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        return signal.signal(signal.SIGTERM, _terminate)
+    return None
 
 
 def error_message(err: BaseException) -> str:
@@ -48,10 +53,18 @@ def error_message(err: BaseException) -> str:
 @contextlib.contextmanager
 def tool_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Run a tool's work: the errors of its input end it as usage errors (module docstring)."""
-    stop_on_sigterm()
+    previous = stop_on_sigterm()
+    traceback = os.environ.get("DENSEAD_TRACEBACK", "0") not in ("", "0")
     try:
         yield
     except USAGE_ERRORS as err:
-        if os.environ.get("DENSEAD_TRACEBACK", "0") not in ("", "0"):
+        if traceback:
             raise
         parser.exit(2, f"{parser.prog}: error: {error_message(err)}\n")
+    except KeyboardInterrupt:
+        if traceback:
+            raise
+        parser.exit(130, f"{parser.prog}: interrupted\n")
+    finally:
+        if previous is not None:  # a SIGTERM after the work (or in shutdown) acts as it did before
+            signal.signal(signal.SIGTERM, previous)

@@ -8,6 +8,7 @@ checkpoint, so a run can always be rebuilt from its own folder.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from densead.io import atomic_write_text
+from densead.io import atomic_write_text, not_a_file
 
 __all__ = [
     "ConfigChange",
@@ -29,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "TrainRunConfig",
     "apply_overrides",
+    "checkpoint_config",
     "config_changes",
     "from_dict",
     "load_config",
@@ -402,8 +404,30 @@ RESUMABLE_KEYS = frozenset(
     }
 )
 # Data leaves that name files or folders: equal when they are the same file (a relative and an
-# absolute spelling of one path) or when the stored one is gone (the data moved).
+# absolute spelling of one path) or when the stored one, absolute, is gone (the data moved).
 _PATH_LEAVES = frozenset({"path", "root"})
+# Leaves a checkpoint stores absolute (checkpoint_config): the data, and the checkpoints a run
+# started from or taps, named from the folder it ran in, so that they mean the same files when
+# the checkpoint is read from another folder.
+_FILE_LEAVES = _PATH_LEAVES | {"init_from", "reference", "segmenter", "backbone_checkpoint"}
+
+
+def checkpoint_config(cfg: Any) -> dict[str, Any]:
+    """:func:`to_dict` of ``cfg`` for a checkpoint: file and folder leaves (``path``, ``root``,
+    ``init_from``, ``reference``, ``segmenter``, ``backbone_checkpoint``) made absolute against
+    the working directory. Read from another folder, such a config still names the files it was
+    trained on: a resume compares its data with them, and scoring finds them."""
+
+    def walk(v: Any, key: str = "") -> Any:
+        if isinstance(v, Mapping):
+            return {k: walk(x, str(k)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x, key) for x in v]
+        if key in _FILE_LEAVES and isinstance(v, str) and v:
+            return os.path.abspath(v)
+        return v
+
+    return walk(to_dict(cfg))
 
 
 def _same_file(stored: object, current: object) -> bool:
@@ -411,7 +435,10 @@ def _same_file(stored: object, current: object) -> bool:
         return True
     old, new = Path(str(stored)), Path(str(current))
     if not old.exists():
-        return True
+        # Gone: the data moved, where the checkpoint names it absolute (checkpoint_config). A
+        # relative name (a checkpoint of densead before that) meant the folder training ran in,
+        # unknown here: it cannot be checked, so it does not match.
+        return old.is_absolute()
     try:
         return old.samefile(new)
     except OSError:
@@ -442,9 +469,10 @@ def config_changes(
     reads ``key (<stored> in the checkpoint, <current> now)`` as a string.
 
     Keys in ``may_change`` and leaves named ``download`` are skipped; data file and folder
-    leaves (``path``, ``root``) compare as files, and match when the stored one no longer
-    exists. A key only one side has (a field added or removed by another densead version) is
-    not compared.
+    leaves (``path``, ``root``) compare as files (a relative current one from the working
+    directory), and match when the stored one, absolute, no longer exists (the data moved); a
+    stored relative one that is not there from here cannot be checked and does not match. A
+    key only one side has (a field added or removed by another densead version) is not compared.
     """
     changes: list[ConfigChange] = []
 
@@ -522,7 +550,7 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
     """Read a YAML file into ``cls``, after ``key=value`` overrides."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(not_a_file(path, "config file"))
     try:
         data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:

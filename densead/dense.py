@@ -65,12 +65,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from densead.config import DataConfig, FieldError, ModelConfig, TrainConfig, require, save_config, to_dict
+from densead.config import (
+    DataConfig,
+    FieldError,
+    ModelConfig,
+    TrainConfig,
+    checkpoint_config,
+    require,
+    save_config,
+    to_dict,
+)
 from densead.data.images import ImageSet, load_image_set
 from densead.data.road import INLIER, ROAD_DATASETS, VOID, RoadDataset
 from densead.data.transforms import to_model_input
 from densead.flows import FastTraining, Glow, GlowOutput, resolve_fast_path
-from densead.io import atomic_torch_save, require_file
+from densead.io import atomic_torch_save, check_output_dir, require_file
 from densead.train import (
     CHECKPOINT_NAME,
     MAX_DROPPED_FRACTION,
@@ -545,7 +554,7 @@ def train_road_glow(
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = resolve_device(tcfg.device, "train.device")
-
+    check_output_dir(out_dir)
     done = check_output(ckpt_path, cfg, resume, overwrite, _is_protocol_key)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path
@@ -591,7 +600,7 @@ def train_road_glow(
                 "finished": finished,
                 "history": history,
                 "model_config": to_dict(mcfg),
-                "config": to_dict(cfg),
+                "config": checkpoint_config(cfg),
             },
             ckpt_path,
         )

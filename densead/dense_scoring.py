@@ -96,7 +96,7 @@ from densead.frame_scorers import (
     frame_maps,
     iter_frame_maps,
 )
-from densead.io import atomic_write_text
+from densead.io import atomic_write_text, check_output_dir, not_a_file, signals_deferred
 from densead.metrics import ComponentMetrics, FalsePositivesByClass, PixelF1, PixelMetrics
 from densead.scoring import write_scores_csv
 from densead.train import load_glow, resolve_device
@@ -192,7 +192,7 @@ class MapRescale:
     def load(cls, path: str | Path) -> MapRescale:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"rescale file not found: {path}")
+            raise FileNotFoundError(not_a_file(path, "rescale file"))
         try:
             data = json.loads(path.read_text())
             return cls({str(k): (float(v[0]), float(v[1])) for k, v in data.items()})
@@ -286,9 +286,7 @@ def write_frame_maps(
     names = list(scorer.names)
     if len(set(names)) != len(names):
         raise ValueError(f"detectors repeat: {names}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output folder {out_dir} exists and is not a folder")
+    out_dir = check_output_dir(out_dir, "output folder")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stems: dict[str, str] = {}
@@ -351,11 +349,13 @@ def write_frame_maps(
         }
         atomic_write_text(out_dir / RUN_FILE, json.dumps(run, indent=2) + "\n")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        with signals_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
         raise
-    shutil.rmtree(staging, ignore_errors=True)
+    with signals_deferred():  # a stop in the middle would leave part of the old run behind
+        shutil.rmtree(staging, ignore_errors=True)
     return DenseRun(out_dir, tuple(frame_names), tuple(names), rescale)
 
 
@@ -470,7 +470,13 @@ def _feature_scorer(
         FeatureFrameScorer(detector, cfg.data.scale, cfg.data.pad_divisor, names, device) if names else None
     )
     seen = _training_frames_scored(cfg.data, dataset)
-    if seen:
+    if seen is None:
+        warnings.warn(
+            f"cannot tell which frames of {source.name} the feature flows {feature_flows} were trained on: "
+            f"their data.root {cfg.data.root} is not found from here (run.json: training_frames_scored null)",
+            stacklevel=3,
+        )
+    elif seen:
         warnings.warn(
             f"{len(seen)} of the {len(dataset)} frames of {source.name} (e.g. {seen[0]}) are training frames "
             f"of the feature flows {feature_flows} (data.protocol {cfg.data.protocol}, role train): their "
@@ -539,6 +545,7 @@ def score_road_dataset(
     plain = [d for d in detectors if not d.startswith(COMBO_PREFIX)]
     needed = list(dict.fromkeys([*plain, *(c for combo in combos for c in combo.components)]))
     dev = resolve_device(device)
+    check_output_dir(out_dir, "output folder")  # before the calibration pass, not after it
     info: dict[str, Any] = {"source": asdict(source), "set_name": source.name}
     info["source"]["root"] = str(Path(source.root).resolve())
     dataset = source.open()

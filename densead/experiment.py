@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
 from densead.config import (
     ConfigError,
@@ -50,7 +54,7 @@ from densead.data.images import ImageSet, load_image_set
 from densead.detectors.glow import DETECTORS
 from densead.evaluation import markdown_tables, spearman, write_evaluation
 from densead.flows import Glow
-from densead.io import atomic_write_text
+from densead.io import atomic_write_text, check_output_dir, signals_deferred
 from densead.scoring import glow_outputs, read_scores_csv, save_heatmaps, write_scores_csv
 from densead.train import (
     CHECKPOINT_NAME,
@@ -468,6 +472,27 @@ def _report(
     return "\n".join(lines)
 
 
+def _replace_heatmaps(
+    out_dir: Path, heat: Mapping[str, Mapping[str, Tensor]], sets: Mapping[str, ImageSet], n_bins: int
+) -> None:
+    """``heatmaps/<set>/`` written whole into a hidden staging folder, then put in place of the
+    previous run's: no PNG of a set, image or detector this run does not show stays behind."""
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+    try:
+        new = staging / "heatmaps"
+        new.mkdir()
+        for set_name, maps in heat.items():
+            n = next(iter(maps.values())).shape[0] if maps else 0
+            shown = ImageSet(sets[set_name].images[:n], sets[set_name].labels[:n], set_name)
+            save_heatmaps(new / set_name, shown, maps, [f"{i:04d}" for i in range(n)], n_bins)
+        if os.path.lexists(out_dir / "heatmaps"):
+            os.replace(out_dir / "heatmaps", staging / "previous")
+        os.replace(new, out_dir / "heatmaps")
+    finally:
+        with signals_deferred():  # a stop in the middle would leave part of the staging folder
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
     """Train, score and evaluate; returns the report path (``<output_dir>/report.md``).
 
@@ -480,6 +505,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
 
     check_experiment(cfg)
     devices = {key: resolve_device(getattr(cfg, key).device, f"{key}.device") for key in TRAIN_KEYS}
+    check_output_dir(cfg.output_dir)
     sets = _test_sets(cfg)
     for key, dcfg in (("general", cfg.general), ("in_dist", cfg.in_dist)):
         if _needs_own_size(dcfg):
@@ -500,12 +526,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
     # beside them from an earlier run.
     (out_dir / "report.md").unlink(missing_ok=True)
     write_scores_csv(out_dir / "scores.csv", cols)
-    for set_name, maps in heat.items():
-        n = next(iter(maps.values())).shape[0] if maps else 0
-        shown = ImageSet(sets[set_name].images[:n], sets[set_name].labels[:n], set_name)
-        save_heatmaps(
-            out_dir / "heatmaps" / set_name, shown, maps, [f"{i:04d}" for i in range(n)], cfg.model.n_bins
-        )
+    _replace_heatmaps(out_dir, heat, sets, cfg.model.n_bins)
     t2 = time.time()
     wall = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),

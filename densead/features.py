@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from densead.io import not_a_file
+
 __all__ = ["FrozenFeatureExtractor", "load_state_dict_file", "load_weights"]
 
 # Wrappers a training script may put around a state_dict (timm, Lightning, densead).
@@ -45,7 +47,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(not_a_file(path, "checkpoint"))
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,12 @@ __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_text",
+    "check_output_dir",
     "check_overwrite",
+    "not_a_file",
     "read_checkpoint",
     "require_file",
+    "signals_deferred",
 ]
 
 
@@ -55,6 +60,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` files do: a zip archive, or (the format before
+    torch 1.6) a pickle's protocol byte."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -66,10 +79,57 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def not_a_file(path: str | os.PathLike[str], what: str) -> str:
+    """Why ``path`` (no file) cannot be read as ``what``: a folder, or not found."""
+    return f"{what} {path} is a folder, not a file" if Path(path).is_dir() else f"{what} not found: {path}"
+
+
 def require_file(path: str | os.PathLike[str], key: str, what: str = "checkpoint") -> None:
     """Before any work: FileNotFoundError naming the config ``key`` when ``path`` is no file."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{key}: {what} not found: {path}")
+        raise FileNotFoundError(f"{key}: {not_a_file(path, what)}")
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def check_output_dir(path: str | os.PathLike[str], key: str = "output_dir") -> Path:
+    """Before any work: a ValueError naming ``key`` when outputs cannot be written into the
+    folder ``path`` (it is a file, something on its way is a file, or the folder that would hold
+    it is not writable), instead of a lost model or score table at the end. Creates nothing: a
+    run stopped before its first output leaves no empty folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{key}: {path} exists and is not a folder")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{key}: cannot create {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}: cannot write into {parent} (permission denied)")
+    return path
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back until the block ends (main thread; elsewhere a no-op): for
+    cleanups that a stop in their middle would leave half done. A signal that came meanwhile is
+    raised again right after, to the handler it would have met."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    # Handlers, not a signal mask: a process-directed signal goes to any thread that does not
+    # block it (torch starts several), and the handler then runs in the main thread anyway.
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in _STOPS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():  # None: one installed outside Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def check_overwrite(path: str | os.PathLike[str], overwrite: bool, resumable: bool = False) -> None:
@@ -123,7 +183,12 @@ def read_checkpoint(
     path = Path(path)
     label = f"{kind} checkpoint" if kind else "checkpoint"
     if not path.is_file():
-        raise FileNotFoundError(f"{label} not found: {path}")
+        raise FileNotFoundError(not_a_file(path, label))
+    if not _torch_file(path):
+        raise ValueError(
+            f"{path}: not a readable {kind or 'densead'} checkpoint (not a file torch.save writes: "
+            "neither a zip archive nor a pickle)"
+        )
     try:
         try:
             ckpt = torch.load(path, map_location="cpu" if mmap else device, weights_only=True, mmap=mmap)

@@ -18,7 +18,7 @@ from densead.data.images import ImageSet
 from densead.data.transforms import to_model_input
 from densead.detectors.glow import GlowDetector, GlowScorer
 from densead.flows import Glow, GlowOutput, apply_fast_path, resolve_fast_path
-from densead.io import atomic_write_text
+from densead.io import atomic_write_text, not_a_file
 from densead.train import resolve_device
 from densead.viz import heatmap_overlay, save_png
 
@@ -197,7 +197,7 @@ TEXT_COLUMNS = ("set", "name")
 def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and ``(line number, row)`` of one scores file; every row as long as the header."""
     if not path.is_file():
-        raise FileNotFoundError(f"scores file not found: {path}")
+        raise FileNotFoundError(not_a_file(path, "scores file"))
     with path.open(newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)

@@ -37,10 +37,24 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from densead.config import ConfigError, FieldError, check_device, from_dict, require, save_config, to_dict
+from densead.config import (
+    ConfigError,
+    FieldError,
+    check_device,
+    checkpoint_config,
+    from_dict,
+    require,
+    save_config,
+)
 from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform
 from densead.features import load_weights
-from densead.io import atomic_torch_save, atomic_write_text, check_overwrite, read_checkpoint
+from densead.io import (
+    atomic_torch_save,
+    atomic_write_text,
+    check_output_dir,
+    check_overwrite,
+    read_checkpoint,
+)
 from densead.train import resolve_device
 
 __all__ = [
@@ -617,19 +631,6 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def check_output_dir(path: str | Path, key: str = "output_dir") -> Path:
-    """Create the output folder now, before any training: a path that is a file (or cannot be
-    created) is an error naming the key, not a lost model at the end."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{key}: {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{key}: cannot create {path}: {err}") from None
-    return path
-
-
 def train_segmenter(
     cfg: SegmenterRunConfig, progress: bool = True, overwrite: bool = False
 ) -> tuple[Path, dict[str, Any]]:
@@ -685,7 +686,13 @@ def train_segmenter(
 
     def save(metrics: dict[str, Any]) -> None:
         atomic_torch_save(
-            {"model": state, "config": to_dict(cfg), "classes": list(train.classes), "metrics": metrics}, path
+            {
+                "model": state,
+                "config": checkpoint_config(cfg),
+                "classes": list(train.classes),
+                "metrics": metrics,
+            },
+            path,
         )
 
     # The trained model is on disk before anything else can fail.

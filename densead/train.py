@@ -48,6 +48,7 @@ from densead.config import (
     OutlierConfig,
     TrainConfig,
     TrainRunConfig,
+    checkpoint_config,
     config_changes,
     from_dict,
     save_config,
@@ -57,7 +58,7 @@ from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
 from densead.flows import FastPath, FastTraining, Glow, apply_fast_path, resolve_fast_path
 from densead.flows.fast import on_side_stream
-from densead.io import atomic_torch_save, check_overwrite, read_checkpoint, require_file
+from densead.io import atomic_torch_save, check_output_dir, check_overwrite, read_checkpoint, require_file
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -661,6 +662,7 @@ def train_glow(
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = dist.init_from_env(resolve_device(tcfg.device, "train.device"))
+    check_output_dir(out_dir)
     done = check_output(ckpt_path, cfg, resume, overwrite)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path
@@ -708,7 +710,7 @@ def train_glow(
                 "finished": finished,
                 "history": history,
                 "model_config": to_dict(mcfg),
-                "config": to_dict(cfg),
+                "config": checkpoint_config(cfg),
             },
             ckpt_path,
         )

@@ -16,6 +16,7 @@ from densead.config import (
     OutlierConfig,
     TrainConfig,
     TrainRunConfig,
+    checkpoint_config,
     config_changes,
     from_dict,
     load_config,
@@ -197,6 +198,10 @@ def test_config_changes_names_each_changed_key_and_skips_what_may_change(tmp_pat
     ]
     data.unlink()
     assert config_changes(stored, moved) == []
+    # A stored relative path (densead before checkpoint_config) that is not there from here
+    # meant the folder that training ran in: it cannot be checked, so it does not match.
+    relative = {**stored, "data": {**stored["data"], "path": "somewhere/data.npz"}}
+    assert [c.key for c in config_changes(relative, moved)] == ["data.path"]
     # A key only one side has (another densead version's fields) is not compared.
     older = {**stored, "train": {k: v for k, v in stored["train"].items() if k != "optimizer"}}
     assert config_changes(older, to_dict(replace(run, train=replace(run.train, optimizer="adam")))) == []
@@ -204,3 +209,17 @@ def test_config_changes_names_each_changed_key_and_skips_what_may_change(tmp_pat
     outlier = OutlierConfig(DataConfig(source="sklearn_digits"), str(tmp_path / "g.pt"))
     (added,) = config_changes(stored, to_dict(replace(run, outlier=outlier)))
     assert str(added) == "outlier (None in the checkpoint, a section now)"
+
+
+def test_checkpoint_config_names_files_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = DataConfig(source="npz", path="d/in.npz", mix=(DataConfig(source="npz", path="d/mix.npz"),))
+    outlier = OutlierConfig(DataConfig(source="sklearn_digits"), "runs/general/checkpoint.pt")
+    run = TrainRunConfig("runs/a", data, ModelConfig(), TrainConfig(init_from="runs/g.pt"), outlier)
+    plain = checkpoint_config(run)
+    assert plain["data"]["path"] == str(tmp_path / "d/in.npz")
+    assert plain["data"]["mix"][0]["path"] == str(tmp_path / "d/mix.npz")
+    assert plain["train"]["init_from"] == str(tmp_path / "runs/g.pt")
+    assert plain["outlier"]["reference"] == str(tmp_path / "runs/general/checkpoint.pt")
+    assert plain["outlier"]["data"]["path"] == ""  # no file named: nothing to resolve
+    assert plain["output_dir"] == "runs/a" and plain["model"] == to_dict(run)["model"]

@@ -546,7 +546,7 @@ def test_frames_that_would_write_one_map_file_and_bad_outputs_are_refused_before
     assert not (tmp_path / "out").exists()
     (root / "a__b.png").unlink()
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(ValueError, match=r"output folder .*file exists and is not a folder"):
+    with pytest.raises(ValueError, match=r"output folder: .*file exists and is not a folder"):
         score_road_dataset(source, ckpt, tmp_path / "file", ["raw"], progress=False)
     with pytest.raises(ValueError, match=r"batch_size must be >= 1, got 0"):
         score_road_dataset(source, ckpt, tmp_path / "out", ["raw"], batch_size=0, progress=False)

@@ -3,6 +3,7 @@ input (config ranges, splits, frames, labels, mismatched checkpoints) before the
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from test_dense import TINY, _one_thread, fake_camvid  # noqa: F401 - _one_threa
 import densead.detectors.feature_density as fd
 import densead.segmenter as seg
 from densead.config import ConfigError, DataConfig, TrainConfig, load_config, to_dict
-from densead.dense import GeneralImagesConfig, RoadDataConfig, RoadTrainConfig, train_road_glow
+from densead.dense import GeneralImagesConfig, RoadDataConfig, RoadSource, RoadTrainConfig, train_road_glow
+from densead.dense_scoring import score_road_dataset
 from densead.detectors.feature_density import (
     FeatureFlowsRunConfig,
     FlowConfig,
@@ -138,6 +140,36 @@ def test_a_moved_run_finds_its_segmenter_by_flag_with_its_weights_checked(tmp_pa
         load_dense_detector(flows, segmenter=seg_b)
 
 
+def test_flows_trained_from_relative_paths_find_their_files_from_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = camvid(tmp_path / "camvid")
+    seg = save_segmenter(tmp_path / "a" / "checkpoint.pt", root, seed=1)
+    monkeypatch.chdir(tmp_path)
+    flows = train_feature_flows(
+        flows_config(tmp_path, Path("camvid"), Path("a/checkpoint.pt")), progress=False
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    detector, cfg = load_dense_detector(flows)  # its segmenter, named from where it was trained
+    assert cfg.segmenter == str(seg) and cfg.data.root == str(root)
+    source = RoadSource("camvid", str(root), "train")  # the frames the flows were trained on
+    with pytest.warns(UserWarning, match="2 of the 2 frames of camvid_train .* are training frames"):
+        score_road_dataset(source, None, tmp_path / "s", ["entropy"], feature_flows=flows, progress=False)
+    # A checkpoint of densead before it stored them absolute: the relative root cannot be found
+    # from here, which is said, not passed over.
+    ckpt = torch.load(flows, weights_only=True)
+    ckpt["config"]["data"]["root"] = "camvid"
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.warns(
+        UserWarning, match=r"cannot tell which frames of camvid_train .* data\.root camvid is not"
+    ):
+        score_road_dataset(
+            source, None, tmp_path / "o", ["entropy"], feature_flows=tmp_path / "old.pt", progress=False
+        )
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["training_frames_scored"] is None
+
+
 # --------------------------------------------------------------------------- 2. road Glow resume
 
 
@@ -191,7 +223,10 @@ def test_road_resume_compares_data_files_as_files(tmp_path: Path, monkeypatch: p
     other = tmp_path / "other.npz"
     other.write_bytes(photos.read_bytes())
     elsewhere = replace(same, general_images=GeneralImagesConfig(DataConfig(source="npz", path=str(other))))
-    with pytest.raises(ValueError, match=r"another data protocol: general_images\.data\.path \('photos\.npz"):
+    with pytest.raises(
+        ValueError,
+        match=r"another data protocol: general_images\.data\.path \('/.*/photos\.npz' in the checkpoint",
+    ):
         train_road_glow(
             replace(elsewhere, train=replace(elsewhere.train, steps=3)), resume=True, progress=False
         )

@@ -251,3 +251,19 @@ def test_a_stage_whose_own_settings_changed_is_stale_and_so_are_those_after_it(
 
 def train_stages(out: Path) -> dict[str, Path]:
     return experiment.train_experiment_models(config(tiny(out)), progress=False)
+
+
+def test_heatmaps_of_a_rerun_replace_the_previous_ones_whole(tmp_path: Path) -> None:
+    from densead.data.images import ImageSet
+    from densead.experiment import _replace_heatmaps
+
+    old = tmp_path / "heatmaps"
+    for stale in ("renamed_set/0000_raw.png", "digit_0/0003_raw.png"):  # a set and images no longer shown
+        (old / stale).parent.mkdir(parents=True, exist_ok=True)
+        (old / stale).write_bytes(b"old")
+    images = ImageSet(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), torch.zeros(3, dtype=torch.long), "digit_0")
+    heat = {"digit_0": {"raw": torch.rand(1, 8, 8), "ratio": torch.rand(1, 8, 8)}}
+    _replace_heatmaps(tmp_path, heat, {"digit_0": images}, n_bins=17)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["heatmaps/digit_0/0000_ratio.png", "heatmaps/digit_0/0000_raw.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmaps"]  # no staging folder left

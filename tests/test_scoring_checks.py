@@ -411,3 +411,33 @@ def test_a_missing_dataset_or_cuda_device_is_a_usage_error_not_a_traceback(
     err = usage_error(score_images, score_args(models, out, "--n-heatmaps", "-1"), capsys)
     assert "--n-heatmaps must be >= 0, got -1" in err
     assert not out.exists() and not (tmp_path / "svhn").exists()
+
+
+def test_outputs_that_cannot_be_written_stop_the_tool_before_scoring(
+    models: dict[str, Path],
+    score_images: ModuleType,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import densead.scoring
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scored before the outputs were checked")
+
+    monkeypatch.setattr(densead.scoring, "score_image_set", no_scoring)
+    monkeypatch.setattr(score_images, "score_image_set", no_scoring)
+    (tmp_path / "afile").write_text("")
+    err = usage_error(score_images, score_args(models, tmp_path), capsys)  # --out is a folder
+    assert f"--out: {tmp_path} is a folder; image scores go into a CSV file" in err
+    err = usage_error(score_images, score_args(models, tmp_path / "afile" / "s.csv"), capsys)
+    assert "--out: " in err and "afile exists and is not a folder" in err  # the folder it goes in
+    err = usage_error(
+        score_images, score_args(models, tmp_path / "s.csv", "--heatmaps", str(tmp_path / "afile")), capsys
+    )
+    assert "--heatmaps: " in err and "afile exists and is not a folder" in err
+    # Road mode: a file as --out, one line (no usage block), before the frames are read.
+    road = ["--road", "folder", "--root", str(tmp_path / "none"), "--out", str(tmp_path / "afile")]
+    err = usage_error(score_images, [*road, "--checkpoint", str(models["in"])], capsys)
+    assert err.count("\n") == 1 and "output folder: " in err and "afile exists and is not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -178,6 +178,84 @@ def test_a_stop_while_the_temporary_file_is_being_prepared_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_is_one_line_and_the_sigterm_handler_is_the_tools_only_while_it_works(tmp_path: Path) -> None:
+    script = (
+        "import argparse, os, signal, sys\n"
+        "from densead.cli import tool_errors\n"
+        "parser = argparse.ArgumentParser(prog='tool')\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "try:\n"
+        "    with tool_errors(parser):\n"
+        "        assert signal.getsignal(signal.SIGTERM) is not before\n"
+        "        if sys.argv[1] == 'interrupt':\n"
+        "            raise KeyboardInterrupt\n"
+        "finally:\n"
+        "    assert signal.getsignal(signal.SIGTERM) is before, 'handler left installed'\n"
+        "print('done')\n"
+    )
+    proc = run_tool("-c", script, "interrupt", ok=False)
+    assert proc.returncode == 130 and proc.stderr == "tool: interrupted\n", proc.stderr
+    proc = run_tool("-c", script, "work")
+    assert proc.stdout == "done\n" and proc.stderr == ""
+
+
+def test_signals_that_come_during_a_cleanup_act_after_it(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from densead.cli import stop_on_sigterm\n"
+        "from densead.io import signals_deferred\n"
+        "stop_on_sigterm()\n"
+        "with signals_deferred():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    for i in range(200):  # many bytecodes: a handler that could run would run here\n"
+        "        Path(sys.argv[1], str(i)).write_text('x')\n"
+        "    Path(sys.argv[1], 'cleaned').write_text('all of it')\n"
+        "print('not reached')\n"
+    )
+    proc = run_tool("-c", script, str(tmp_path), ok=False)
+    assert proc.returncode == 143 and "not reached" not in proc.stdout, proc.stderr
+    assert (tmp_path / "cleaned").is_file()
+
+
+def test_outputs_are_checked_before_the_work(tmp_path: Path) -> None:
+    from densead.io import check_output_dir
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"^output_dir: .*afile exists and is not a folder"):
+        check_output_dir(tmp_path / "afile")
+    with pytest.raises(
+        ValueError, match=r"^--out: cannot create .*afile/sub/deeper: .*afile is not a folder"
+    ):
+        check_output_dir(tmp_path / "afile" / "sub" / "deeper", "--out")
+    assert check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    # A trainer refuses before it reads data or trains (the config's data file does not exist).
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'afile'}\ndata: {{source: npz, path: {tmp_path / 'none.npz'}}}\n"
+        "model: {in_channels: 1, n_scales: 2, n_steps: 1, hidden: 8}\ntrain: {steps: 1}\n"
+    )
+    proc = run_tool("tools/train_flow.py", str(config), ok=False)
+    assert (
+        proc.returncode == 2
+        and "output_dir: " in proc.stderr
+        and "afile exists and is not a folder" in proc.stderr
+    )
+
+
+def test_a_checkpoint_that_is_a_folder_or_no_torch_file_is_named_as_such(tmp_path: Path) -> None:
+    from densead.train import load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint .* is a folder, not a file$"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "run.yaml").write_text("output_dir: runs/x\n")
+    with pytest.raises(
+        ValueError, match=r"run\.yaml: not a readable densead checkpoint \(not a file torch\.save"
+    ):
+        load_checkpoint(tmp_path / "run.yaml")
+
+
 def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 

@@ -304,3 +304,32 @@ def test_small_entries_read_mapped_equal_a_whole_read_in_any_checkpoint_format(t
     for name, reason in (("cut.pt", ""), ("objects.pt", "objects other than tensors")):
         with pytest.raises(ValueError, match=rf"{name}: not a readable densead checkpoint \(.*{reason}"):
             load_checkpoint(tmp_path / name, mmap=True)
+
+
+def test_a_resume_from_another_folder_compares_the_data_files_not_their_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    for folder, seed in (("first", 0), ("second", 1)):  # two different image sets, one name
+        (tmp_path / folder / "data").mkdir(parents=True)
+        images = np.random.default_rng(seed).integers(0, 256, (64, 8, 8), dtype=np.uint8)
+        np.savez(tmp_path / folder / "data" / "set.npz", images=images)
+    data = DataConfig(source="npz", path="data/set.npz", channels=1, size=8)
+
+    def cfg(steps: int, path: str = "data/set.npz") -> TrainRunConfig:
+        tcfg = TrainConfig(steps=steps, batch_size=16, log_every=1, checkpoint_every=100)
+        return TrainRunConfig(str(tmp_path / "run"), replace(data, path=path), TINY, tcfg)
+
+    monkeypatch.chdir(tmp_path / "first")
+    train_glow(cfg(2), progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["data"]["path"] == str(
+        tmp_path / "first" / "data" / "set.npz"
+    )
+    monkeypatch.chdir(tmp_path / "second")  # the same spelling names another file here
+    with pytest.raises(ValueError, match=r"cannot resume: it was trained with other settings: data\.path"):
+        train_glow(cfg(3), resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    # The same file spelled from here resumes.
+    resumed = train_glow(cfg(3, path="../first/data/set.npz"), resume=True, progress=False)
+    assert load_checkpoint(resumed)["step"] == 3

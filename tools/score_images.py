@@ -48,13 +48,14 @@ import sys
 from pathlib import Path
 
 from densead import distributed as dist
-from densead.cli import error_message, tool_errors
+from densead.cli import tool_errors
 from densead.config import DataConfig
 from densead.data.images import load_image_set
 from densead.data.road import ROAD_DATASETS
 from densead.dense import RoadSource
 from densead.dense_scoring import MapRescale, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
+from densead.io import check_output_dir
 from densead.scoring import image_names, score_image_set, write_scores_csv
 from densead.train import load_glow, resolve_device
 
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             with_general = f" with --general {args.general}" if args.general else ""
             p.error(f"--checkpoint {args.checkpoint}{with_general}: {err}")
+        if Path(args.out).is_dir():  # outputs checked before the scoring, not after it
+            raise ValueError(f"--out: {args.out} is a folder; image scores go into a CSV file")
+        check_output_dir(Path(args.out).parent, "--out")
+        if args.heatmaps:
+            check_output_dir(args.heatmaps, "--heatmaps")
         if args.input:
             path = Path(args.input)
             if not path.exists():
@@ -218,27 +224,25 @@ def _road_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     held_out, void = _names(args.held_out), _names(args.void)
     source = RoadSource(args.road, args.root, args.split, held_out, void, args.max_frames, args.protocol)
     calibration = RoadSource(args.road, args.root, args.calibration_split, held_out, void, 0, args.protocol)
-    try:
-        run = score_road_dataset(
-            source,
-            args.checkpoint,
-            args.out,
-            detectors,
-            general=args.general,
-            downscale=args.downscale,
-            rescale=MapRescale.load(args.rescale_from) if args.rescale_from else None,
-            overlays=not args.no_overlays,
-            batch_size=args.batch_size or 1,
-            device=args.device,
-            progress=not args.no_progress,
-            feature_flows=args.feature_flows,
-            segmenter=args.segmenter,
-            combine=[c for c in args.combine.split(",") if c.strip()],
-            calibration=calibration,
-            calibration_frames=args.calibration_frames,
-        )
-    except (ValueError, FileNotFoundError, KeyError) as err:  # bad names, missing files: a usage error
-        p.error(error_message(err))
+    # Bad names and missing or unreadable files end the tool as one line (tool_errors).
+    run = score_road_dataset(
+        source,
+        args.checkpoint,
+        args.out,
+        detectors,
+        general=args.general,
+        downscale=args.downscale,
+        rescale=MapRescale.load(args.rescale_from) if args.rescale_from else None,
+        overlays=not args.no_overlays,
+        batch_size=args.batch_size or 1,
+        device=args.device,
+        progress=not args.no_progress,
+        feature_flows=args.feature_flows,
+        segmenter=args.segmenter,
+        combine=[c for c in args.combine.split(",") if c.strip()],
+        calibration=calibration,
+        calibration_frames=args.calibration_frames,
+    )
     dets = ", ".join(run.detectors)
     print(f"{len(run.names)} frames of {source.name} scored with {dets} -> {run.out_dir.resolve()}")
     return 0

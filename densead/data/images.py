@@ -23,6 +23,7 @@ from torch import Tensor
 
 from densead.config import DataConfig
 from densead.data.transforms import AUGMENTATIONS
+from densead.io import not_a_file
 
 __all__ = ["IMAGE_EXTENSIONS", "SOURCES", "ImageSet", "load_image_set", "to_greyscale"]
 
@@ -90,7 +91,7 @@ def _npz_labels(labels: object, n: int, path: Path) -> np.ndarray:
 def _load_npz(cfg: DataConfig) -> _Raw:
     path = Path(cfg.path)
     if not path.is_file():
-        raise FileNotFoundError(f"npz image set not found: {path}")
+        raise FileNotFoundError(not_a_file(path, "npz image set"))
     with path.open("rb") as fh:
         head = fh.read(len(_NPY_MAGIC))
     if head.startswith(_NPY_MAGIC):

@@ -66,7 +66,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densead.config import FieldError, check_device, from_dict, require, save_config, to_dict
+from densead.config import (
+    FieldError,
+    check_device,
+    checkpoint_config,
+    from_dict,
+    require,
+    save_config,
+)
 from densead.data.outliers import OutlierPasteConfig, PhotoPaster
 from densead.data.road import ANOMALY, INLIER, VOID
 from densead.detectors.glow import MIN_LOG_PROB
@@ -940,7 +947,7 @@ def save_feature_density(
     atomic_torch_save(
         {
             "density": {k: v.detach().cpu() for k, v in density.state_dict().items()},
-            "config": to_dict(cfg),
+            "config": checkpoint_config(cfg),
             "channels": channels,
             "strides": {name: int(strides[name]) for name in density.names},
             **extra,
