@@ -469,14 +469,16 @@ def _feature_scorer(
     scorer = (
         FeatureFrameScorer(detector, cfg.data.scale, cfg.data.pad_divisor, names, device) if names else None
     )
-    seen = _training_frames_scored(cfg.data, dataset)
-    if seen is None:
+    try:
+        seen: list[str] | None = _training_frames_scored(cfg.data, dataset)
+    except (FileNotFoundError, ValueError) as err:  # e.g. a root not on this machine
+        seen = None
         warnings.warn(
-            f"cannot tell which frames of {source.name} the feature flows {feature_flows} were trained on: "
-            f"their data.root {cfg.data.root} is not found from here (run.json: training_frames_scored null)",
+            f"cannot tell which frames of {source.name} the feature flows {feature_flows} were trained on "
+            f"(run.json: training_frames_scored null): their training frames: {err}",
             stacklevel=3,
         )
-    elif seen:
+    if seen:
         warnings.warn(
             f"{len(seen)} of the {len(dataset)} frames of {source.name} (e.g. {seen[0]}) are training frames "
             f"of the feature flows {feature_flows} (data.protocol {cfg.data.protocol}, role train): their "
@@ -491,16 +493,13 @@ def _feature_scorer(
     return scorer, detector.names, info
 
 
-def _training_frames_scored(data: Any, dataset: RoadDataset) -> list[str] | None:
+def _training_frames_scored(data: Any, dataset: RoadDataset) -> list[str]:
     """Names of the frames of ``dataset`` that the feature flows were trained on (the ``train``
-    role of their ``data`` config, a :class:`~densead.segmenter.SceneDataConfig`), or None when
-    that config's frames cannot be listed here (e.g. its root is not on this machine)."""
+    role of their ``data`` config, a :class:`~densead.segmenter.SceneDataConfig`). Raises what
+    listing that config's frames raises (FileNotFoundError, ValueError) where it cannot."""
     from densead.segmenter import scene_frames
 
-    try:
-        train = scene_frames(data, "train")
-    except (FileNotFoundError, ValueError):
-        return None
+    train = scene_frames(data, "train")
     return _frames_in(dataset, {ds.frames[i].image.resolve() for ds, i in train})
 
 

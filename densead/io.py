@@ -99,10 +99,10 @@ def check_output_dir(path: str | os.PathLike[str], key: str = "output_dir") -> P
     it is not writable), instead of a lost model or score table at the end. Creates nothing: a
     run stopped before its first output leaves no empty folder."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    if os.path.lexists(path) and not path.is_dir():  # a file, or a link to nothing
         raise ValueError(f"{key}: {path} exists and is not a folder")
     parent = path
-    while not parent.exists() and parent != parent.parent:
+    while not os.path.lexists(parent) and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise ValueError(f"{key}: cannot create {path}: {parent} is not a folder")

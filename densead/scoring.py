@@ -25,6 +25,7 @@ from densead.viz import heatmap_overlay, save_png
 __all__ = [
     "glow_outputs",
     "image_names",
+    "check_levels",
     "iter_model_batches",
     "read_scores_csv",
     "save_heatmaps",
@@ -50,16 +51,23 @@ def iter_model_batches(
     requantizes to a model's ``n_bins``): others would leave ``[−0.5, 0.5)`` and score silently."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    check_levels(images, n_bins)
     n = len(images)
-    low, top = (int(images.images.min()), int(images.images.max())) if n else (0, 0)
-    if low < 0 or top >= n_bins:
-        raise ValueError(
-            f"{images.name}: image levels span {low}…{top}, but the model takes "
-            f"0…{n_bins - 1} (n_bins {n_bins}); load_image_set(..., n_bins) requantizes images to it"
-        )
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         sl = slice(start, min(start + batch_size, n))
         yield sl, to_model_input(images.images[sl].to(device), n_bins, dequantize=False).to(dtype)
+
+
+def check_levels(images: ImageSet, n_bins: int) -> None:
+    """A ValueError naming the set when its levels leave ``0 … n_bins−1`` (model input would leave
+    ``[−0.5, 0.5)`` and score silently; :func:`~densead.data.images.load_image_set` requantizes)."""
+    if len(images):
+        low, top = int(images.images.min()), int(images.images.max())
+        if low < 0 or top >= n_bins:
+            raise ValueError(
+                f"{images.name}: image levels span {low}…{top}, but the model takes 0…{n_bins - 1} "
+                f"(n_bins {n_bins}); load_image_set(..., n_bins) requantizes images to it"
+            )
 
 
 def image_names(images: ImageSet) -> list[str]:
@@ -89,6 +97,7 @@ def score_image_set(
     n_bins, dtype = scorer.model.n_bins, next(scorer.model.parameters()).dtype
     scorer.check_detectors(detectors)
     scorer.model.check_input(images.images[:1].to(dtype))
+    check_levels(images, n_bins)  # the whole set, on every rank, before it is sharded
     names = image_names(images)
     # Under torchrun each rank scores a contiguous shard; scores are gathered in input order.
     mine = dist.shard_range(len(images))

@@ -402,11 +402,16 @@ def training_step(
         keep_out = torch.isfinite(lo.detach()) if lo is not None else None
         n_out = keep_out.numel() if keep_out is not None else 0
         kept_out = int(keep_out.sum()) if keep_out is not None else 0
-        # Decided jointly over ranks: dropped, total, ranks without a finite in-dist sample.
+        # Decided jointly over ranks: dropped, total, ranks without a finite in-dist sample, ranks
+        # left without an outlier. Some ranks without outliers would run one forward of the DDP
+        # model where the others run two (each broadcasts buffers): they would wait on each other.
         local = [keep_in.numel() + n_out - int(keep_in.sum()) - kept_out, keep_in.numel() + n_out]
-        local.append(int(not bool(keep_in.any())))
-        dropped, total, empty = (int(v) for v in dist.all_reduce_sum(torch.tensor(local, device=x.device)))
-        if dropped == 0 or dropped > MAX_DROPPED_FRACTION * total or empty:
+        local += [int(not bool(keep_in.any())), int(keep_out is not None and kept_out == 0)]
+        dropped, total, empty, no_out = (
+            int(v) for v in dist.all_reduce_sum(torch.tensor(local, device=x.device))
+        )
+        uneven = 0 < no_out < dist.world_size()
+        if dropped == 0 or dropped > MAX_DROPPED_FRACTION * total or empty or uneven:
             optimizer.zero_grad(set_to_none=True)
             return StepResult(nll.detach().mean(), _mean(lo), True, dropped)
         xo = x_out[keep_out] if keep_out is not None and keep_out.any() else None

@@ -203,3 +203,47 @@ def test_torchrun_score_images_writes_the_single_process_csv(tmp_path: Path) -> 
     two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+
+
+def _outlier_worker(rank: int, world: int, port: int, record: str) -> None:
+    import datetime
+
+    from densead.config import OutlierConfig
+    from densead.flows import Glow
+    from densead.train import training_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # A hang (ranks running different collectives) fails here within a minute instead of forever.
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    torch.manual_seed(0)  # the same models and data on every rank
+    model, reference = Glow(1, 2, 2, 16), Glow(1, 2, 2, 16)
+    for glow in (model, reference):
+        glow.train()(torch.rand(32, 1, 8, 8) - 0.5)
+    with torch.no_grad():  # sharper coupling scales, so a far input overflows the trained model only
+        for name, p in model.named_parameters():
+            if "net.4" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    ocfg = OutlierConfig(DIGITS, "unused")
+    results = []
+    for far in (False, True):
+        x, x_out = torch.rand(8, 1, 8, 8) - 0.5, torch.rand(8, 1, 8, 8) - 0.5
+        if far and rank == 1:
+            x_out *= 1e4  # every outlier of rank 1: log p = -inf under the trained model
+        r = training_step(net, opt, x, x_out, reference, ocfg)
+        results.append((bool(r.skipped), int(r.dropped)))
+    torch.save(results, Path(record) / f"outlier{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_left_with_and_without_outliers_skip_the_step_together(tmp_path: Path) -> None:
+    # Dropping all of one rank's outliers would have it run one DDP forward where the other runs
+    # two: each forward broadcasts buffers, so the ranks would wait on each other for good.
+    mp.spawn(_outlier_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        results = torch.load(tmp_path / f"outlier{rank}.pt", weights_only=True)
+        assert results == [(False, 0), (True, 8)], (rank, results)

@@ -218,6 +218,18 @@ def test_model_batches_refuse_levels_beyond_the_models_bins() -> None:
     assert next(iter_model_batches(images, 256, 4, torch.device("cpu")))[1].max() < 0.5
 
 
+def test_every_rank_checks_the_levels_of_the_whole_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under torchrun a rank whose shard is clean must refuse too, not wait for the one that raised.
+    import densead.scoring
+
+    levels = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    levels[3] = 200  # in the last rank's shard only
+    images = ImageSet(levels, torch.zeros(4, dtype=torch.long), "mine")
+    monkeypatch.setattr(densead.scoring.dist, "shard_range", lambda n: slice(0, n // 2))  # rank 0 of 2
+    with pytest.raises(ValueError, match=r"mine: image levels span 0…200"):
+        score_image_set(GlowScorer(tiny_glow(n_bins=32)), images, [get_detector("raw")])
+
+
 def test_a_float64_model_scores_its_own_dtype_and_a_missing_device_is_named() -> None:
     images = ImageSet(
         torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),

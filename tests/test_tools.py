@@ -228,6 +228,9 @@ def test_outputs_are_checked_before_the_work(tmp_path: Path) -> None:
         ValueError, match=r"^--out: cannot create .*afile/sub/deeper: .*afile is not a folder"
     ):
         check_output_dir(tmp_path / "afile" / "sub" / "deeper", "--out")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # a link to nothing: no folder either
+    with pytest.raises(ValueError, match=r"cannot create .*dangling/run: .*dangling is not a folder"):
+        check_output_dir(tmp_path / "dangling" / "run")
     assert check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
     assert not (tmp_path / "new").exists()  # checked, not created
     # A trainer refuses before it reads data or trains (the config's data file does not exist).
