@@ -64,9 +64,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -96,7 +93,14 @@ from densead.frame_scorers import (
     frame_maps,
     iter_frame_maps,
 )
-from densead.io import atomic_write_text, check_output_dir, not_a_file, signals_deferred
+from densead.io import (
+    atomic_write_text,
+    check_output_dir,
+    not_a_file,
+    signals_deferred,
+    staging_folder,
+    swap_folders,
+)
 from densead.metrics import ComponentMetrics, FalsePositivesByClass, PixelF1, PixelMetrics
 from densead.scoring import write_scores_csv
 from densead.train import load_glow, resolve_device
@@ -249,13 +253,7 @@ def _swap_in_run(staging: Path, out_dir: Path) -> None:
     """
     for file in (RUN_FILE, SUMMARY_FILE, RESCALE_FILE):
         (out_dir / file).unlink(missing_ok=True)
-    retired = staging / "previous"
-    retired.mkdir()
-    for folder in RUN_FOLDERS:
-        if os.path.lexists(out_dir / folder):
-            os.replace(out_dir / folder, retired / folder)
-        if (staging / folder).is_dir():
-            os.replace(staging / folder, out_dir / folder)
+    swap_folders(staging, out_dir, RUN_FOLDERS)
 
 
 def write_frame_maps(
@@ -312,50 +310,48 @@ def write_frame_maps(
 
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
     try:
-        fixed = ("name", "height", "width", "anomaly_fraction", "void_fraction")
-        columns: dict[str, list] = {k: [] for k in fixed}
-        for n in names:
-            columns[f"{n}_mean"], columns[f"{n}_max"] = [], []
-        frame_names = []
-        for item, maps in iter_frame_maps(dataset, scorer, batch_size, progress, f"score {out_dir.name}"):
-            name, stem = item["name"], safe_name(item["name"])
-            frame_names.append(name)
-            anomaly, void = _label_stats(item["label"])
-            columns["name"].append(name)
-            columns["height"].append(item["image"].shape[0])
-            columns["width"].append(item["image"].shape[1])
-            columns["anomaly_fraction"].append(anomaly)
-            columns["void_fraction"].append(void)
-            for n, m in maps.items():
-                columns[f"{n}_mean"].append(float(m.mean(dtype=np.float64)))
-                columns[f"{n}_max"].append(float(m.max()))
-                folder = detector_folder(n)
-                (staging / "maps" / folder).mkdir(parents=True, exist_ok=True)
-                np.save(staging / "maps" / folder / f"{stem}.npy", rescale.apply(n, m))
-                if overlays:
-                    save_png(staging / "overlays" / folder / f"{stem}.png", heatmap_overlay(item["image"], m))
-        _swap_in_run(staging, out_dir)
-        write_scores_csv(out_dir / SUMMARY_FILE, columns)
-        rescale.save(out_dir / RESCALE_FILE)
-        run = {
-            **dict(info or {}),
-            "detectors": names,
-            **scorer.describe(),
-            "map_dtype": "float16",
-            "rescale": {k: list(v) for k, v in rescale.bounds.items()},
-            "frames": frame_names,
-        }
-        atomic_write_text(out_dir / RUN_FILE, json.dumps(run, indent=2) + "\n")
+        with staging_folder(out_dir) as staging:  # removed however the block ends
+            fixed = ("name", "height", "width", "anomaly_fraction", "void_fraction")
+            columns: dict[str, list] = {k: [] for k in fixed}
+            for n in names:
+                columns[f"{n}_mean"], columns[f"{n}_max"] = [], []
+            frame_names = []
+            for item, maps in iter_frame_maps(dataset, scorer, batch_size, progress, f"score {out_dir.name}"):
+                name, stem = item["name"], safe_name(item["name"])
+                frame_names.append(name)
+                anomaly, void = _label_stats(item["label"])
+                columns["name"].append(name)
+                columns["height"].append(item["image"].shape[0])
+                columns["width"].append(item["image"].shape[1])
+                columns["anomaly_fraction"].append(anomaly)
+                columns["void_fraction"].append(void)
+                for n, m in maps.items():
+                    columns[f"{n}_mean"].append(float(m.mean(dtype=np.float64)))
+                    columns[f"{n}_max"].append(float(m.max()))
+                    folder = detector_folder(n)
+                    (staging / "maps" / folder).mkdir(parents=True, exist_ok=True)
+                    np.save(staging / "maps" / folder / f"{stem}.npy", rescale.apply(n, m))
+                    if overlays:
+                        overlay = heatmap_overlay(item["image"], m)
+                        save_png(staging / "overlays" / folder / f"{stem}.png", overlay)
+            _swap_in_run(staging, out_dir)
+            write_scores_csv(out_dir / SUMMARY_FILE, columns)
+            rescale.save(out_dir / RESCALE_FILE)
+            run = {
+                **dict(info or {}),
+                "detectors": names,
+                **scorer.describe(),
+                "map_dtype": "float16",
+                "rescale": {k: list(v) for k, v in rescale.bounds.items()},
+                "frames": frame_names,
+            }
+            atomic_write_text(out_dir / RUN_FILE, json.dumps(run, indent=2) + "\n")
     except BaseException:
         with signals_deferred():
-            shutil.rmtree(staging, ignore_errors=True)
             if created and not any(out_dir.iterdir()):
                 out_dir.rmdir()
         raise
-    with signals_deferred():  # a stop in the middle would leave part of the old run behind
-        shutil.rmtree(staging, ignore_errors=True)
     return DenseRun(out_dir, tuple(frame_names), tuple(names), rescale)
 
 

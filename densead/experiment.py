@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,7 +51,7 @@ from densead.data.images import ImageSet, load_image_set
 from densead.detectors.glow import DETECTORS
 from densead.evaluation import markdown_tables, spearman, write_evaluation
 from densead.flows import Glow
-from densead.io import atomic_write_text, check_output_dir, signals_deferred
+from densead.io import atomic_write_text, check_output_dir, staging_folder, swap_folders
 from densead.scoring import glow_outputs, read_scores_csv, save_heatmaps, write_scores_csv
 from densead.train import (
     CHECKPOINT_NAME,
@@ -477,20 +474,14 @@ def _replace_heatmaps(
 ) -> None:
     """``heatmaps/<set>/`` written whole into a hidden staging folder, then put in place of the
     previous run's: no PNG of a set, image or detector this run does not show stays behind."""
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
-    try:
-        new = staging / "heatmaps"
-        new.mkdir()
+    with staging_folder(out_dir) as staging:
+        (staging / "heatmaps").mkdir()
         for set_name, maps in heat.items():
             n = next(iter(maps.values())).shape[0] if maps else 0
             shown = ImageSet(sets[set_name].images[:n], sets[set_name].labels[:n], set_name)
-            save_heatmaps(new / set_name, shown, maps, [f"{i:04d}" for i in range(n)], n_bins)
-        if os.path.lexists(out_dir / "heatmaps"):
-            os.replace(out_dir / "heatmaps", staging / "previous")
-        os.replace(new, out_dir / "heatmaps")
-    finally:
-        with signals_deferred():  # a stop in the middle would leave part of the staging folder
-            shutil.rmtree(staging, ignore_errors=True)
+            stems = [f"{i:04d}" for i in range(n)]
+            save_heatmaps(staging / "heatmaps" / set_name, shown, maps, stems, n_bins)
+        swap_folders(staging, out_dir, ["heatmaps"])
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -24,10 +25,13 @@ __all__ = [
     "atomic_write_text",
     "check_output_dir",
     "check_overwrite",
+    "missing_folders",
     "not_a_file",
     "read_checkpoint",
     "require_file",
     "signals_deferred",
+    "staging_folder",
+    "swap_folders",
 ]
 
 
@@ -60,12 +64,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def _torch_file(path: Path) -> bool:
-    """Whether ``path`` starts as ``torch.save`` files do: a zip archive, or (the format before
-    torch 1.6) a pickle's protocol byte."""
+def _torch_format(path: Path) -> str | None:
+    """How ``path`` starts among the ways ``torch.save`` files do: ``"zip"`` (torch ≥ 1.6, the only
+    format a checkpoint can be mapped from), ``"pickle"`` (before: a pickle's protocol byte), or
+    None (neither)."""
     with path.open("rb") as f:
         head = f.read(4)
-    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+    return "zip" if head == b"PK\x03\x04" else "pickle" if head[:1] == b"\x80" else None
 
 
 def _fsync(path: Path) -> None:
@@ -90,7 +95,15 @@ def require_file(path: str | os.PathLike[str], key: str, what: str = "checkpoint
         raise FileNotFoundError(f"{key}: {not_a_file(path, what)}")
 
 
-_STOPS = (signal.SIGINT, signal.SIGTERM)
+def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """The folders that creating folder ``path`` would make (missing ancestors included),
+    deepest first; a name that exists as anything (a file, a dangling link) ends the list."""
+    missing = []
+    for folder in [Path(path), *Path(path).parents]:
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    return missing
 
 
 def check_output_dir(path: str | os.PathLike[str], key: str = "output_dir") -> Path:
@@ -101,14 +114,16 @@ def check_output_dir(path: str | os.PathLike[str], key: str = "output_dir") -> P
     path = Path(path)
     if os.path.lexists(path) and not path.is_dir():  # a file, or a link to nothing
         raise ValueError(f"{key}: {path} exists and is not a folder")
-    parent = path
-    while not os.path.lexists(parent) and parent != parent.parent:
-        parent = parent.parent
+    missing = missing_folders(path)
+    parent = missing[-1].parent if missing else path  # the nearest that exists
     if not parent.is_dir():
         raise ValueError(f"{key}: cannot create {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{key}: cannot write into {parent} (permission denied)")
     return path
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -130,6 +145,32 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         if held:
             signal.raise_signal(held[0])
+
+
+@contextlib.contextmanager
+def staging_folder(parent: str | os.PathLike[str]) -> Iterator[Path]:
+    """A hidden ``.partial-*`` folder made in ``parent``, for outputs written whole before they
+    replace the previous ones (:func:`swap_folders`). Removed when the block ends, however it
+    ends, with Ctrl-C and SIGTERM held back meanwhile, so no stop leaves part of it behind."""
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
+    try:
+        yield staging
+    finally:
+        with signals_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def swap_folders(staging: Path, target: Path, names: Sequence[str]) -> None:
+    """Put each folder ``staging/<name>`` in place of ``target/<name>``. The old one is renamed
+    into ``staging/previous`` (removed with the staging folder), so none of its files stays
+    beside the new ones; a name ``staging`` lacks leaves ``target`` without it."""
+    retired = staging / "previous"
+    retired.mkdir()
+    for name in names:
+        if os.path.lexists(target / name):
+            os.replace(target / name, retired / name)
+        if (staging / name).is_dir():
+            os.replace(staging / name, target / name)
 
 
 def check_overwrite(path: str | os.PathLike[str], overwrite: bool, resumable: bool = False) -> None:
@@ -184,18 +225,15 @@ def read_checkpoint(
     label = f"{kind} checkpoint" if kind else "checkpoint"
     if not path.is_file():
         raise FileNotFoundError(not_a_file(path, label))
-    if not _torch_file(path):
+    form = _torch_format(path)
+    if form is None:
         raise ValueError(
             f"{path}: not a readable {kind or 'densead'} checkpoint (not a file torch.save writes: "
             "neither a zip archive nor a pickle)"
         )
+    mmap = mmap and form == "zip"  # the pickle format cannot be mapped: it is read whole
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu" if mmap else device, weights_only=True, mmap=mmap)
-        except Exception:  # noqa: BLE001 - mmap needs the zip format: read it plainly, or say why not
-            if not mmap:
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu" if mmap else device, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err) or "Weights only" in str(err):

@@ -114,11 +114,7 @@ def pixel_main(argv: list[str]) -> int:
                         progress=not args.no_progress,
                     )
                 )
-            except (
-                ValueError,
-                FileNotFoundError,
-                KeyError,
-            ) as err:  # a bad run: a usage error, nothing written
+            except (ValueError, FileNotFoundError, KeyError) as err:  # a bad run: usage error, no output
                 p.error(f"{asked + ': ' if asked else ''}{run_dir}: {error_message(err)}")
         # Runs of one set (two checkpoints on camvid_test) keep apart: their set is named with the run.
         set_names = [next((r.set_name for table in run for r in table), None) for run in tables]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from densead.config import DataConfig
 from densead.data.transforms import AUGMENTATIONS
-from densead.io import not_a_file
+from densead.io import missing_folders, not_a_file
 
 __all__ = ["IMAGE_EXTENSIONS", "SOURCES", "ImageSet", "load_image_set", "to_greyscale"]
 
@@ -156,16 +156,6 @@ def _load_folder(cfg: DataConfig) -> _Raw:
     return _Raw(np.stack(images), np.asarray(labels, dtype=np.int64), 256, names)
 
 
-def _created_folders(path: Path) -> list[Path]:
-    """The folders that creating ``path`` would make (missing ancestors included), deepest first."""
-    missing = []
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            break
-        missing.append(folder)
-    return missing
-
-
 def _load_torchvision(cfg: DataConfig) -> _Raw:
     import torchvision.datasets as tvd
 
@@ -173,7 +163,7 @@ def _load_torchvision(cfg: DataConfig) -> _Raw:
     if cfg.split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' for {cfg.source}, got {cfg.split!r}")
     where = f"torchvision {cfg.source} ({cfg.split}) under {cfg.path!r}"
-    made = _created_folders(Path(cfg.path).absolute())
+    made = missing_folders(Path(cfg.path).absolute())
     try:
         if cfg.source in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if cfg.source == "cifar10" else tvd.CIFAR100

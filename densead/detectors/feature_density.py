@@ -848,7 +848,7 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
     if tcfg.class_balance < 0:
         raise ValueError(f"train.class_balance must be >= 0, got {tcfg.class_balance}")
     device = resolve_device(tcfg.device, "train.device")
-    require_file(cfg.segmenter, "segmenter", "segmenter checkpoint")  # before a folder is made
+    require_file(cfg.segmenter, "segmenter", "segmenter checkpoint")  # before the data is read
     check_overwrite(Path(cfg.output_dir) / CHECKPOINT_NAME, overwrite)
     out_dir = check_output_dir(cfg.output_dir)
     if tcfg.num_threads > 0:
