@@ -282,6 +282,8 @@ class ExperimentConfig:
             model's bits/dim and the likelihood correlations (optional).
         n_heatmaps: pixel-map overlays written per test set.
         eval_batch_size: batch size of scoring.
+        bootstrap: resamples of the report's intervals (every number, and each detector's
+            paired difference to raw likelihood); 0 leaves them out.
     """
 
     output_dir: str
@@ -298,6 +300,7 @@ class ExperimentConfig:
     general_test: DataConfig | None = None
     n_heatmaps: int = 8
     eval_batch_size: int = 256
+    bootstrap: int = 1000
 
 
 # --------------------------------------------------------------------------- (de)serialization

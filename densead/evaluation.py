@@ -3,28 +3,78 @@
 The input is the column dict of a scores CSV (:func:`densead.scoring.read_scores_csv`):
 a ``set`` column naming each image's set and one column per detector. The
 in-distribution test set gives the negatives, each anomaly set the positives.
+
+With a :class:`Bootstrap`, every number gets a percentile interval, and
+:func:`compare_detectors` gives each detector's difference to a baseline detector
+with a paired interval (the same resamples for both), which is what says whether
+one detector beats another on these images; two overlapping intervals do not.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from densead.io import atomic_write_text
-from densead.metrics import image_metrics
+from densead.metrics import bootstrap_metrics, image_metrics, percentile_interval
 from densead.viz import plot_roc_curves, plot_score_histograms
 
-__all__ = ["MetricRow", "evaluate_columns", "markdown_tables", "rows_to_csv", "spearman", "write_evaluation"]
+__all__ = [
+    "Bootstrap",
+    "DifferenceRow",
+    "MetricRow",
+    "compare_detectors",
+    "differences_markdown",
+    "differences_to_csv",
+    "evaluate_columns",
+    "markdown_tables",
+    "rows_to_csv",
+    "spearman",
+    "write_evaluation",
+]
 
 METRICS = ("auroc", "ap", "fpr95")
+TITLES = ("AUROC %", "AP %", "FPR at 95% TPR %")
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Percentile intervals from a stratified, paired bootstrap (:func:`densead.metrics.bootstrap_metrics`).
+
+    Each (in-distribution set, anomaly set) pair is resampled ``n_resamples`` times
+    with a seed made of ``seed`` and the anomaly set's name, so a set's intervals
+    do not depend on which other sets are evaluated with it.
+    """
+
+    n_resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.n_resamples, bool)
+            or not isinstance(self.n_resamples, int)
+            or self.n_resamples < 1
+        ):
+            raise ValueError(f"bootstrap: n_resamples must be a whole number >= 1, got {self.n_resamples!r}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"bootstrap: confidence must be in (0, 1), got {self.confidence!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"bootstrap: seed must be a whole number >= 0, got {self.seed!r}")
+
+    def caption(self) -> str:
+        return f"{100 * self.confidence:g}% bootstrap interval, {self.n_resamples} resamples"
 
 
 @dataclass(frozen=True)
 class MetricRow:
+    """One detector on one anomaly set; the ``*_lo`` / ``*_hi`` bounds are NaN without a bootstrap."""
+
     detector: str
     anomaly_set: str
     auroc: float
@@ -32,6 +82,29 @@ class MetricRow:
     fpr95: float
     n_in: int
     n_anomaly: int
+    auroc_lo: float = math.nan
+    auroc_hi: float = math.nan
+    ap_lo: float = math.nan
+    ap_hi: float = math.nan
+    fpr95_lo: float = math.nan
+    fpr95_hi: float = math.nan
+
+    @property
+    def has_interval(self) -> bool:
+        return not math.isnan(self.auroc_lo)
+
+
+@dataclass(frozen=True)
+class DifferenceRow:
+    """``metric`` of ``detector`` minus that of ``baseline`` on one anomaly set, with its paired interval."""
+
+    detector: str
+    baseline: str
+    anomaly_set: str
+    metric: str
+    difference: float
+    lo: float
+    hi: float
 
 
 def _scores(cols: Mapping[str, np.ndarray], detector: str, set_name: str) -> np.ndarray:
@@ -43,22 +116,94 @@ def _scores(cols: Mapping[str, np.ndarray], detector: str, set_name: str) -> np.
     return np.asarray(cols[detector][mask], dtype=np.float64)
 
 
-def evaluate_columns(
-    cols: Mapping[str, np.ndarray], in_set: str, anomaly_sets: Sequence[str], detectors: Sequence[str]
-) -> list[MetricRow]:
-    """AUROC / AP / FPR@95%TPR of each detector on each anomaly set vs ``in_set``."""
+def _labelled(
+    cols: Mapping[str, np.ndarray], det: str, in_set: str, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    neg, pos = _scores(cols, det, in_set), _scores(cols, det, name)
+    return np.concatenate([neg, pos]), np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+
+
+def _evaluate(
+    cols: Mapping[str, np.ndarray],
+    in_set: str,
+    anomaly_sets: Sequence[str],
+    detectors: Sequence[str],
+    bootstrap: Bootstrap | None = None,
+    baseline: str | None = None,
+) -> tuple[list[MetricRow], list[DifferenceRow]]:
     if "set" not in cols:
         raise KeyError("scores have no 'set' column")
     if in_set in anomaly_sets:  # against itself every metric is that of a coin flip
         raise ValueError(f"set {in_set!r} is the in-distribution set and cannot also be an anomaly set")
-    rows = []
-    for det in detectors:
-        neg = _scores(cols, det, in_set)
-        for name in anomaly_sets:
-            pos = _scores(cols, det, name)
-            m = image_metrics(np.concatenate([neg, pos]), np.r_[np.zeros(len(neg)), np.ones(len(pos))])
-            rows.append(MetricRow(det, name, m["auroc"], m["ap"], m["fpr95"], len(neg), len(pos)))
-    return rows
+    if baseline is not None and baseline not in detectors:
+        raise KeyError(f"baseline detector {baseline!r} is not among the detectors ({', '.join(detectors)})")
+    if baseline is not None and bootstrap is None:
+        raise ValueError("comparing detectors to a baseline needs a bootstrap (its paired intervals)")
+    points = {
+        (det, name): image_metrics(*_labelled(cols, det, in_set, name))
+        for det in detectors
+        for name in anomaly_sets
+    }
+    bounds: dict[tuple[str, str], dict[str, float]] = {}
+    diffs = []
+    for name in anomaly_sets if bootstrap is not None else ():
+        labels = _labelled(cols, detectors[0], in_set, name)[1]
+        seed = [bootstrap.seed, zlib.crc32(name.encode())]
+        reps = bootstrap_metrics(
+            {det: _labelled(cols, det, in_set, name)[0] for det in detectors},
+            labels,
+            bootstrap.n_resamples,
+            seed,
+        )
+        for det in detectors:
+            for m in METRICS:
+                lo, hi = percentile_interval(reps[det][m], bootstrap.confidence)
+                bounds.setdefault((det, name), {}).update({f"{m}_lo": lo, f"{m}_hi": hi})
+                if baseline is not None and det != baseline:
+                    lo, hi = percentile_interval(reps[det][m] - reps[baseline][m], bootstrap.confidence)
+                    d = points[(det, name)][m] - points[(baseline, name)][m]
+                    diffs.append(DifferenceRow(det, baseline, name, m, d, lo, hi))
+    n_in = int(np.sum(cols["set"] == in_set))
+    rows = [
+        MetricRow(
+            det,
+            name,
+            *(points[(det, name)][m] for m in METRICS),
+            n_in,
+            int(np.sum(cols["set"] == name)),
+            **bounds.get((det, name), {}),
+        )
+        for det in detectors
+        for name in anomaly_sets
+    ]
+    return rows, diffs
+
+
+def evaluate_columns(
+    cols: Mapping[str, np.ndarray],
+    in_set: str,
+    anomaly_sets: Sequence[str],
+    detectors: Sequence[str],
+    bootstrap: Bootstrap | None = None,
+) -> list[MetricRow]:
+    """AUROC / AP / FPR@95%TPR of each detector on each anomaly set vs ``in_set``, with percentile
+    intervals when a ``bootstrap`` is given."""
+    return _evaluate(cols, in_set, anomaly_sets, detectors, bootstrap)[0]
+
+
+def compare_detectors(
+    cols: Mapping[str, np.ndarray],
+    in_set: str,
+    anomaly_sets: Sequence[str],
+    detectors: Sequence[str],
+    baseline: str,
+    bootstrap: Bootstrap = Bootstrap(),
+) -> list[DifferenceRow]:
+    """Each detector's AUROC / AP / FPR95 minus the ``baseline`` detector's, per anomaly set, with
+    a paired percentile interval: both detectors are scored on the same resamples, so the interval
+    is that of the difference itself (an interval excluding 0 says the difference holds on
+    resamples of these images)."""
+    return _evaluate(cols, in_set, anomaly_sets, detectors, bootstrap, baseline)[1]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,30 +224,92 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / norm) if norm > 0 else math.nan
 
 
-def markdown_tables(rows: Sequence[MetricRow], display: Mapping[str, str] | None = None) -> str:
-    """One table per metric: detectors as rows, anomaly sets as columns, in percent."""
+def _percent(v: float, signed: bool = False) -> str:
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def markdown_tables(
+    rows: Sequence[MetricRow], display: Mapping[str, str] | None = None, bootstrap: Bootstrap | None = None
+) -> str:
+    """One table per metric: detectors as rows, anomaly sets as columns, in percent; with
+    intervals as ``value [lo, hi]`` where the rows have them (``bootstrap`` names them)."""
     display = display or {}
     sets = list(dict.fromkeys(r.anomaly_set for r in rows))
     dets = list(dict.fromkeys(r.detector for r in rows))
     by = {(r.detector, r.anomaly_set): r for r in rows}
     out = []
-    for metric, title in zip(METRICS, ("AUROC %", "AP %", "FPR at 95% TPR %"), strict=True):
-        out.append(f"**{title}**\n")
+    for metric, title in zip(METRICS, TITLES, strict=True):
+        caption = f" ({bootstrap.caption()})" if bootstrap is not None else ""
+        out.append(f"**{title}**{caption}\n")
         out.append("| detector | " + " | ".join(sets) + " |")
         out.append("|---|" + "---:|" * len(sets))
         for d in dets:
-            vals = [f"{100 * getattr(by[(d, s)], metric):.1f}" for s in sets]
+            vals = []
+            for s in sets:
+                r = by[(d, s)]
+                cell = _percent(getattr(r, metric))
+                if r.has_interval:
+                    cell += (
+                        f" [{_percent(getattr(r, metric + '_lo'))}, {_percent(getattr(r, metric + '_hi'))}]"
+                    )
+                vals.append(cell)
             out.append(f"| {display.get(d, d)} | " + " | ".join(vals) + " |")
         out.append("")
     return "\n".join(out)
 
 
-def rows_to_csv(rows: Sequence[MetricRow]) -> str:
-    lines = ["detector,anomaly_set,auroc,ap,fpr95,n_in,n_anomaly"]
+def differences_markdown(
+    diffs: Sequence[DifferenceRow], bootstrap: Bootstrap, display: Mapping[str, str] | None = None
+) -> str:
+    """Per metric: each detector minus the baseline, per anomaly set, in points, with its paired
+    interval; bold where the interval excludes 0."""
+    if not diffs:
+        return ""
+    display = display or {}
+    baseline = display.get(diffs[0].baseline, diffs[0].baseline)
+    sets = list(dict.fromkeys(r.anomaly_set for r in diffs))
+    dets = list(dict.fromkeys(r.detector for r in diffs))
+    by = {(r.detector, r.anomaly_set, r.metric): r for r in diffs}
+    out = []
+    for metric, title in zip(METRICS, TITLES, strict=True):
+        better = "lower is better" if metric == "fpr95" else "higher is better"
+        out.append(
+            f"**{title}, detector − {baseline}** (points; paired {bootstrap.caption()}; bold: the interval "
+            f"excludes 0; {better})\n"
+        )
+        out.append("| detector | " + " | ".join(sets) + " |")
+        out.append("|---|" + "---:|" * len(sets))
+        for d in dets:
+            cells = []
+            for s in sets:
+                r = by[(d, s, metric)]
+                cell = f"{_percent(r.difference, True)} [{_percent(r.lo, True)}, {_percent(r.hi, True)}]"
+                cells.append(f"**{cell}**" if r.lo > 0 or r.hi < 0 else cell)
+            out.append(f"| {display.get(d, d)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _csv(rows: Sequence[object], columns: Sequence[str]) -> str:
+    lines = [",".join(columns)]
     lines += [
-        f"{r.detector},{r.anomaly_set},{r.auroc!r},{r.ap!r},{r.fpr95!r},{r.n_in},{r.n_anomaly}" for r in rows
+        ",".join(repr(v) if isinstance(v, float) else str(v) for v in (getattr(r, c) for c in columns))
+        for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def rows_to_csv(rows: Sequence[MetricRow]) -> str:
+    """``metrics.csv``: a line per detector and anomaly set; interval columns where the rows have them."""
+    columns = [f.name for f in fields(MetricRow)]
+    if not any(r.has_interval for r in rows):
+        columns = columns[: columns.index("auroc_lo")]
+    return _csv(rows, columns)
+
+
+def differences_to_csv(diffs: Sequence[DifferenceRow]) -> str:
+    """``differences.csv``: one line per detector, anomaly set and metric."""
+    return _csv(diffs, [f.name for f in fields(DifferenceRow)])
 
 
 def write_evaluation(
@@ -112,21 +319,28 @@ def write_evaluation(
     anomaly_sets: Sequence[str],
     detectors: Sequence[str],
     display: Mapping[str, str] | None = None,
-) -> list[MetricRow]:
-    """Metrics as ``metrics.csv`` and ``metrics.md``, ROC curves and score histograms as PNG."""
+    bootstrap: Bootstrap | None = None,
+    baseline: str | None = None,
+) -> tuple[list[MetricRow], list[DifferenceRow]]:
+    """Metrics as ``metrics.csv`` and ``metrics.md`` (with intervals under a ``bootstrap``; with a
+    ``baseline`` also ``differences.csv`` and the paired differences in ``metrics.md``, and without
+    one no ``differences.csv``), ROC curves and score histograms as PNG."""
     out_dir = Path(out_dir)
-    rows = evaluate_columns(cols, in_set, anomaly_sets, detectors)
+    rows, diffs = _evaluate(cols, in_set, anomaly_sets, detectors, bootstrap, baseline)
+    markdown = markdown_tables(rows, display, bootstrap)
+    if diffs:
+        atomic_write_text(out_dir / "differences.csv", differences_to_csv(diffs))
+        markdown += "\n" + differences_markdown(diffs, bootstrap, display)
+    else:  # one left by an earlier evaluation into this folder would not describe this one
+        (out_dir / "differences.csv").unlink(missing_ok=True)
     atomic_write_text(out_dir / "metrics.csv", rows_to_csv(rows))
-    atomic_write_text(out_dir / "metrics.md", markdown_tables(rows, display))
+    atomic_write_text(out_dir / "metrics.md", markdown)
     display = display or {}
     for det in detectors:
         neg = _scores(cols, det, in_set)
-        curves = {}
-        for name in anomaly_sets:
-            pos = _scores(cols, det, name)
-            curves[name] = (np.concatenate([neg, pos]), np.r_[np.zeros(len(neg)), np.ones(len(pos))])
+        curves = {name: _labelled(cols, det, in_set, name) for name in anomaly_sets}
         label = display.get(det, det)
         plot_roc_curves(out_dir / f"roc_{det}.png", curves, title=f"ROC: {label} vs {in_set}")
         groups = {in_set: neg} | {name: _scores(cols, det, name) for name in anomaly_sets}
         plot_score_histograms(out_dir / f"hist_{det}.png", groups, title=f"scores: {label}")
-    return rows
+    return rows, diffs

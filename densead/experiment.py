@@ -49,7 +49,7 @@ from densead.config import (
 )
 from densead.data.images import ImageSet, load_image_set
 from densead.detectors.glow import DETECTORS
-from densead.evaluation import markdown_tables, spearman, write_evaluation
+from densead.evaluation import Bootstrap, differences_markdown, markdown_tables, spearman, write_evaluation
 from densead.flows import Glow
 from densead.io import atomic_write_text, check_output_dir, staging_folder, swap_folders
 from densead.scoring import glow_outputs, read_scores_csv, save_heatmaps, write_scores_csv
@@ -127,6 +127,8 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     if cfg.n_heatmaps < 0:
         raise ConfigError(f"n_heatmaps must be >= 0, got {cfg.n_heatmaps}")
+    if cfg.bootstrap < 0:
+        raise ConfigError(f"bootstrap must be >= 0 (0: no intervals), got {cfg.bootstrap}")
     for key in ("general_train", "in_dist_train"):
         if getattr(cfg, key).steps < 1:
             raise ConfigError(f"{key}.steps must be >= 1, got {getattr(cfg, key).steps}")
@@ -412,7 +414,10 @@ def _report(
     out_dir = Path(cfg.output_dir)
     anomaly_sets = list(cfg.anomalies)
     detectors = [d for d in DISPLAY_NAMES if d in cols]
-    rows = write_evaluation(out_dir, cols, IN_SET, anomaly_sets, detectors, DISPLAY_NAMES)
+    bootstrap = Bootstrap(cfg.bootstrap) if cfg.bootstrap else None
+    rows, diffs = write_evaluation(
+        out_dir, cols, IN_SET, anomaly_sets, detectors, DISPLAY_NAMES, bootstrap, "raw" if bootstrap else None
+    )
     n_dims = {name: math.prod(shape) for name, shape in shapes.items()}
 
     def bpd(model: str, set_name: str) -> float:
@@ -420,7 +425,13 @@ def _report(
         return float(-lp.mean() / (n_dims[set_name] * math.log(2)))
 
     set_names = list(dict.fromkeys(cols["set"]))
-    lines = [f"# Experiment report: {out_dir.name}", "", markdown_tables(rows, DISPLAY_NAMES), ""]
+    lines = [f"# Experiment report: {out_dir.name}", "", markdown_tables(rows, DISPLAY_NAMES, bootstrap), ""]
+    if diffs:
+        lines += [
+            "## Each detector against raw likelihood",
+            "",
+            differences_markdown(diffs, bootstrap, DISPLAY_NAMES),
+        ]
     lines += ["## Bits per dimension (noise-free evaluation)", ""]
     lines += ["| model | " + " | ".join(set_names) + " |", "|---|" + "---:|" * len(set_names)]
     for m in models:
@@ -462,8 +473,11 @@ def _report(
     lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in wall.items()]
     lines += [
         "",
-        "Files: `scores.csv` (every number above is recomputed from it by `tools/evaluate.py`),",
-        "`metrics.csv`, `roc_*.png`, `hist_*.png`, `scale_shares.png`, `heatmaps/`.",
+        f"Files: `scores.csv` (`tools/evaluate.py scores.csv --in-set {IN_SET}` recomputes the metrics"
+        + (f"; `--bootstrap {cfg.bootstrap} --compare raw` the intervals" if diffs else "")
+        + "), `metrics.csv`, "
+        + ("`differences.csv`, " if diffs else "")
+        + "`roc_*.png`, `hist_*.png`, `scale_shares.png`, `heatmaps/`.",
         "",
     ]
     return "\n".join(lines)

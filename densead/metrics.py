@@ -31,6 +31,7 @@ choice of a replacement to the caller.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -45,8 +46,10 @@ __all__ = [
     "PixelMetrics",
     "auroc",
     "average_precision",
+    "bootstrap_metrics",
     "fpr_at_tpr",
     "image_metrics",
+    "percentile_interval",
     "roc_curve",
 ]
 
@@ -137,57 +140,69 @@ def _binary_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------
 
 
-def _cumulative_counts(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cumulative_counts(
+    s: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """True/false positives at each distinct threshold, from the highest score down.
 
     Entry ``k`` counts the samples with a score >= the k-th highest distinct
     score; all samples sharing a score enter at the same step, so the result
-    does not depend on how the sort orders ties.
+    does not depend on how the sort orders ties. ``weights`` ``(R, N)``, whole
+    numbers (how often each sample is drawn), give ``(R, T)`` counts, one row per
+    weighting: the counts of the resampled sets, from one sort.
     """
     order = np.argsort(s, kind="stable")[::-1]
     s_sorted = s[order]
-    tp_running = np.cumsum(y[order], dtype=np.int64)
     # Index of the last sample of every run of equal scores.
     ends = np.append(np.flatnonzero(np.diff(s_sorted)), s.size - 1)
-    tp = tp_running[ends]
-    fp = (ends + 1) - tp
-    return tp, fp
+    if weights is None:
+        tp = np.cumsum(y[order], dtype=np.int64)[ends]
+        return tp, (ends + 1) - tp
+    w = weights[:, order]
+    tp = np.cumsum(w * y[order], axis=1)[:, ends]
+    return tp, np.cumsum(w, axis=1)[:, ends] - tp
+
+
+# The summaries below take counts of one sweep (T,) or of many (R, T), along the last axis.
 
 
 def _tpr_fpr(tp: np.ndarray, fp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ROC points with the (0, 0) start (threshold above every score) prepended."""
-    fpr = np.concatenate(([0.0], fp / fp[-1]))
-    tpr = np.concatenate(([0.0], tp / tp[-1]))
+    start = np.zeros(tp.shape[:-1] + (1,))
+    fpr = np.concatenate((start, fp / fp[..., -1:]), axis=-1)
+    tpr = np.concatenate((start, tp / tp[..., -1:]), axis=-1)
     return fpr, tpr
 
 
-def _auroc(tp: np.ndarray, fp: np.ndarray) -> float:
+def _auroc(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     # Trapezoid rule on the counts, normalised once at the end: sums of whole numbers are exact
     # in float64 (below 2**53), so perfect separation gives exactly 1.0 instead of a sum of
     # rounded FPR steps. float64 rather than int64 so huge pixel counts cannot overflow.
     tp = tp.astype(np.float64)
     fp = fp.astype(np.float64)
-    d_fp = np.diff(fp, prepend=0.0)
-    tp_prev = np.concatenate(([0.0], tp[:-1]))
-    return float(np.sum(d_fp * (tp + tp_prev)) / (2.0 * tp[-1] * fp[-1]))
+    d_fp = np.diff(fp, axis=-1, prepend=0.0)
+    tp_prev = np.concatenate((np.zeros(tp.shape[:-1] + (1,)), tp[..., :-1]), axis=-1)
+    return np.sum(d_fp * (tp + tp_prev), axis=-1) / (2.0 * tp[..., -1] * fp[..., -1])
 
 
-def _average_precision(tp: np.ndarray, fp: np.ndarray) -> float:
+def _average_precision(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     # Step-wise AP as scikit-learn defines it: sum over thresholds of
     # (recall gained at this threshold) x (precision at this threshold), no interpolation.
     # Dividing by the anomaly count once at the end keeps a perfect ranking at exactly 1.0.
-    precision = tp / (tp + fp)
-    tp_gain = np.diff(tp, prepend=0).astype(np.float64)
-    return float(np.sum(tp_gain * precision) / tp[-1])
+    # A threshold no sample reaches (weight 0 in a resample) gains no recall: precision 0 there.
+    flagged = (tp + fp).astype(np.float64)
+    precision = np.divide(tp, flagged, out=np.zeros_like(flagged), where=flagged > 0)
+    tp_gain = np.diff(tp, axis=-1, prepend=0).astype(np.float64)
+    return np.sum(tp_gain * precision, axis=-1) / tp[..., -1]
 
 
-def _fpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+def _fpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> np.ndarray:
     # tpr is non-decreasing, so the first point reaching the target is the highest
     # threshold reaching it and has the lowest FPR among all such points. The sweep
     # ends with every sample flagged (tpr = fpr = 1), so any target <= 1 is reached;
     # "not reached before flagging everything" therefore reports 1.0.
-    idx = int(np.searchsorted(tpr, target, side="left"))
-    return float(fpr[idx])
+    idx = np.argmax(tpr >= target, axis=-1)
+    return np.take_along_axis(fpr, np.expand_dims(idx, -1), axis=-1)[..., 0]
 
 
 def _check_tpr(tpr: float) -> float:
@@ -197,13 +212,15 @@ def _check_tpr(tpr: float) -> float:
     return tpr
 
 
-def _summary(tp: np.ndarray, fp: np.ndarray, tpr_target: float = 0.95) -> dict[str, float]:
+def _summary(tp: np.ndarray, fp: np.ndarray, tpr_target: float = 0.95) -> dict[str, Any]:
+    """AUROC, AP and FPR at ``tpr_target``: floats from counts ``(T,)``, ``(R,)`` arrays from ``(R, T)``."""
     fpr, tpr = _tpr_fpr(tp, fp)
-    return {
+    out = {
         "auroc": _auroc(tp, fp),
         "ap": _average_precision(tp, fp),
         "fpr95": _fpr_at(fpr, tpr, tpr_target),
     }
+    return {k: float(v) for k, v in out.items()} if tp.ndim == 1 else out
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +262,7 @@ def auroc(scores: Any, labels: Any) -> float:
         ValueError: see :func:`roc_curve`.
     """
     s, y = _binary_inputs(scores, labels)
-    return _auroc(*_cumulative_counts(s, y))
+    return float(_auroc(*_cumulative_counts(s, y)))
 
 
 def average_precision(scores: Any, labels: Any) -> float:
@@ -265,7 +282,7 @@ def average_precision(scores: Any, labels: Any) -> float:
         ValueError: see :func:`roc_curve`.
     """
     s, y = _binary_inputs(scores, labels)
-    return _average_precision(*_cumulative_counts(s, y))
+    return float(_average_precision(*_cumulative_counts(s, y)))
 
 
 def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
@@ -290,7 +307,7 @@ def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
         ValueError: see :func:`roc_curve`; also when ``tpr`` is outside [0, 1].
     """
     target = _check_tpr(tpr)
-    return _fpr_at(*roc_curve(scores, labels), target)
+    return float(_fpr_at(*roc_curve(scores, labels), target))
 
 
 def image_metrics(scores: Any, labels: Any) -> dict[str, float]:
@@ -308,6 +325,81 @@ def image_metrics(scores: Any, labels: Any) -> dict[str, float]:
     """
     s, y = _binary_inputs(scores, labels)
     return _summary(*_cumulative_counts(s, y))
+
+
+# Elements of the (resamples x samples) weight matrices one chunk of resamples may hold.
+_BOOTSTRAP_CHUNK = 4_000_000
+
+
+def _draw_counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
+    """``(rows, n)`` counts: how often each of ``n`` samples is drawn in ``n`` draws with replacement."""
+    idx = rng.integers(0, n, size=(rows, n)) + n * np.arange(rows)[:, None]
+    return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n)
+
+
+def bootstrap_metrics(
+    scores: Mapping[str, Any], labels: Any, n_resamples: int = 1000, seed: int | Sequence[int] = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """Bootstrap replicates of AUROC, AP and FPR at 95 % TPR, paired over detectors.
+
+    Each replicate draws the inliers and the anomalies with replacement, each
+    class keeping its size (a stratified bootstrap: every replicate has both
+    classes and the anomaly prevalence of the data), and scores every detector
+    on that same draw, so a difference between two detectors can be read
+    replicate by replicate (:func:`percentile_interval` of the differences).
+    Replicate ``r`` equals :func:`image_metrics` on the drawn samples (tested),
+    computed from each detector's one sort with the draw counts as weights.
+
+    Args:
+        scores: detector name -> 1-D scores of the same samples (finite; higher = more anomalous).
+        labels: 1-D labels of those samples, 1 = anomaly, 0 = inlier.
+        n_resamples: number of replicates (at least 1).
+        seed: seed of the draws (``numpy.random.default_rng``'s); the same seed, the same replicates.
+
+    Returns:
+        ``{detector: {"auroc": (R,), "ap": (R,), "fpr95": (R,)}}``, float64.
+
+    Raises:
+        ValueError: no detector, ``n_resamples`` < 1, or what :func:`image_metrics` refuses
+            (named with the detector).
+    """
+    if not scores:
+        raise ValueError("bootstrap_metrics: no detector scores given")
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(f"bootstrap_metrics: n_resamples must be a whole number >= 1, got {n_resamples}")
+    checked = {}
+    for name, values in scores.items():
+        try:
+            checked[name] = _binary_inputs(values, labels)
+        except ValueError as err:
+            raise ValueError(f"detector {name!r}: {err}") from None
+    y = next(iter(checked.values()))[1]
+    neg, pos = np.flatnonzero(~y), np.flatnonzero(y)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK // y.size)
+    parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in checked}
+    for start in range(0, int(n_resamples), chunk):
+        rows = min(chunk, int(n_resamples) - start)
+        weights = np.zeros((rows, y.size))
+        weights[:, neg] = _draw_counts(rng, neg.size, rows)
+        weights[:, pos] = _draw_counts(rng, pos.size, rows)
+        for name, (s, _) in checked.items():
+            parts[name].append(_summary(*_cumulative_counts(s, y, weights)))
+    return {
+        name: {k: np.concatenate([p[k] for p in chunks]) for k in ("auroc", "ap", "fpr95")}
+        for name, chunks in parts.items()
+    }
+
+
+def percentile_interval(replicates: Any, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap replicates (percentile method)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    r = np.asarray(replicates, dtype=np.float64)
+    if r.ndim != 1 or r.size == 0:
+        raise ValueError(f"replicates must be a non-empty 1-D array, got shape {r.shape}")
+    lo, hi = np.quantile(r, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0])
+    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,10 @@ from densead.metrics import (
     PixelMetrics,
     auroc,
     average_precision,
+    bootstrap_metrics,
     fpr_at_tpr,
     image_metrics,
+    percentile_interval,
     roc_curve,
 )
 
@@ -663,3 +667,150 @@ def test_evaluate_columns_refuses_the_in_distribution_set_as_an_anomaly_set() ->
         ValueError, match="set 'in' is the in-distribution set and cannot also be an anomaly set"
     ):
         evaluate_columns(cols, "in", ["out", "in"], ["raw"])
+
+
+# ---------------------------------------------------------------------------
+# Bootstrap replicates and intervals
+# ---------------------------------------------------------------------------
+
+
+def tied_scores(
+    rng: np.random.Generator, n_in: int, n_out: int, shift: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores rounded to one decimal (many ties across the classes) and their labels."""
+    s = np.round(np.r_[rng.normal(0, 1, n_in), rng.normal(shift, 1, n_out)], 1)
+    return s, np.r_[np.zeros(n_in), np.ones(n_out)]
+
+
+def test_each_bootstrap_replicate_is_the_metrics_of_its_drawn_samples(monkeypatch) -> None:
+    """Replicate r equals image_metrics on the samples drawn for it (ties, samples drawn 0 times,
+    chunk boundaries), every replicate keeps each class's size, and both detectors see one draw."""
+    import densead.metrics as metrics
+
+    draws = []
+
+    def recording(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
+        counts = real(rng, n, rows)
+        draws.append(counts)
+        return counts
+
+    real = metrics._draw_counts
+    monkeypatch.setattr(metrics, "_draw_counts", recording)
+    monkeypatch.setattr(metrics, "_BOOTSTRAP_CHUNK", 7 * 90)  # 7 replicates per chunk: 3 chunks
+    rng = np.random.default_rng(0)
+    s, y = tied_scores(rng, 60, 30, 1.0)
+    other = np.round(s + rng.normal(0, 1, s.size), 1)
+    reps = bootstrap_metrics({"a": s, "b": other}, y, n_resamples=20, seed=5)
+    assert len(draws) == 6 and all(d.shape[1] in (60, 30) for d in draws)
+    neg = np.concatenate(draws[0::2])  # per chunk: the inliers' counts, then the anomalies'
+    pos = np.concatenate(draws[1::2])
+    assert neg.shape == (20, 60) and pos.shape == (20, 30)
+    assert (neg.sum(axis=1) == 60).all() and (pos.sum(axis=1) == 30).all()
+    assert (neg == 0).any() and (neg > 1).any()
+    for r in range(20):
+        picked = np.r_[np.repeat(np.arange(60), neg[r]), 60 + np.repeat(np.arange(30), pos[r])]
+        for name, scores in (("a", s), ("b", other)):
+            want = image_metrics(scores[picked], y[picked])
+            for key, value in want.items():
+                assert reps[name][key][r] == pytest.approx(value, abs=EXACT_TOL), (name, key, r)
+
+
+def test_bootstrap_is_paired_seeded_and_rank_based() -> None:
+    rng = np.random.default_rng(1)
+    s = np.r_[rng.normal(0, 1, 200), rng.normal(1.5, 1, 50)]  # no ties
+    y = np.r_[np.zeros(200), np.ones(50)]
+    reps = bootstrap_metrics({"a": s, "exp": np.exp(s), "neg": -s}, y, n_resamples=50, seed=3)
+    for key in ("auroc", "ap", "fpr95"):  # a monotone transform ranks every draw the same way
+        np.testing.assert_array_equal(reps["a"][key], reps["exp"][key])
+    np.testing.assert_allclose(reps["neg"]["auroc"], 1.0 - reps["a"]["auroc"], atol=EXACT_TOL)
+    again = bootstrap_metrics({"a": s}, y, n_resamples=50, seed=3)
+    np.testing.assert_array_equal(again["a"]["auroc"], reps["a"]["auroc"])
+    other_seed = bootstrap_metrics({"a": s}, y, n_resamples=50, seed=4)
+    assert not np.array_equal(other_seed["a"]["auroc"], reps["a"]["auroc"])
+    assert np.unique(reps["a"]["auroc"]).size > 40  # the draws differ from one another
+
+
+def test_bootstrap_interval_covers_the_population_auroc() -> None:
+    """Two Gaussians one standard deviation apart: AUROC = Φ(1/√2) = 0.7602. The 95% intervals of
+    40 independent samples (100 inliers, 100 anomalies) should contain it about 38 times (binomial,
+    sd 1.4; these seeds: 39), and be about 3.92 σ wide, σ ≈ 0.034 by Hanley and McNeil's formula:
+    0.133 (these seeds: median 0.129)."""
+    truth = 0.5 * (1.0 + math.erf(0.5))
+    covered, widths = 0, []
+    for seed in range(40):
+        rng = np.random.default_rng(100 + seed)
+        s = np.r_[rng.normal(0, 1, 100), rng.normal(1, 1, 100)]
+        y = np.r_[np.zeros(100), np.ones(100)]
+        lo, hi = percentile_interval(bootstrap_metrics({"d": s}, y, 400, seed=seed)["d"]["auroc"])
+        covered += lo <= truth <= hi
+        widths.append(hi - lo)
+    assert 36 <= covered <= 40
+    assert 0.10 < np.median(widths) < 0.16
+
+
+def test_percentile_interval_and_bootstrap_errors() -> None:
+    assert percentile_interval(np.arange(101.0), 0.9) == pytest.approx((5.0, 95.0))
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 1.0"):
+        percentile_interval([1.0, 2.0], 1.0)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        percentile_interval([], 0.9)
+    s, y = np.arange(6.0), np.r_[np.zeros(3), np.ones(3)]
+    with pytest.raises(ValueError, match="n_resamples must be a whole number >= 1, got 0"):
+        bootstrap_metrics({"a": s}, y, n_resamples=0)
+    with pytest.raises(ValueError, match="no detector scores"):
+        bootstrap_metrics({}, y)
+    with pytest.raises(ValueError, match=r"detector 'b': 1 of 6 scores are non-finite"):
+        bootstrap_metrics({"a": s, "b": np.r_[s[:5], np.nan]}, y)
+
+
+def test_detector_differences_come_from_paired_resamples() -> None:
+    """A detector ranking the images as the baseline does differs by exactly 0 in every resample;
+    a clearly better one gets an interval above 0 (bold in the table), and the interval of every
+    difference is that of the per-resample differences, not of two separate intervals."""
+    from densead.evaluation import Bootstrap, compare_detectors, differences_markdown, evaluate_columns
+
+    rng = np.random.default_rng(2)
+    base = np.r_[rng.normal(0, 1, 300), rng.normal(0.5, 1, 100), rng.normal(0.3, 1, 80)]
+    cols = {
+        "set": np.array(["in"] * 300 + ["a"] * 100 + ["b"] * 80),
+        "raw": base,
+        "rescaled": 3 * base + 1,
+        "better": base + np.r_[np.zeros(300), np.full(180, 1.5)],
+    }
+    boot = Bootstrap(300, 0.9, seed=7)
+    diffs = compare_detectors(cols, "in", ["a", "b"], ["raw", "rescaled", "better"], "raw", boot)
+    assert len(diffs) == 2 * 2 * 3
+    by = {(d.detector, d.anomaly_set, d.metric): d for d in diffs}
+    rows = {
+        (r.detector, r.anomaly_set): r
+        for r in evaluate_columns(cols, "in", ["a", "b"], ["raw", "better"], boot)
+    }
+    for s in ("a", "b"):
+        for m in ("auroc", "ap", "fpr95"):
+            assert (
+                by[("rescaled", s, m)].difference,
+                by[("rescaled", s, m)].lo,
+                by[("rescaled", s, m)].hi,
+            ) == (0, 0, 0)
+            d = by[("better", s, m)]
+            assert d.difference == pytest.approx(
+                getattr(rows[("better", s)], m) - getattr(rows[("raw", s)], m)
+            )
+            assert (d.lo > 0) if m != "fpr95" else (d.hi < 0), (s, m)
+            assert d.lo <= d.difference <= d.hi
+            r = rows[("better", s)]
+            assert getattr(r, f"{m}_lo") <= getattr(r, m) <= getattr(r, f"{m}_hi")
+    # The paired interval of the AUROC gain is narrower than the gap between two separate intervals
+    # would suggest: the two detectors' resampling noise is shared.
+    separate = (rows[("better", "a")].auroc_hi - rows[("better", "a")].auroc_lo) + (
+        rows[("raw", "a")].auroc_hi - rows[("raw", "a")].auroc_lo
+    )
+    assert by[("better", "a", "auroc")].hi - by[("better", "a", "auroc")].lo < 0.5 * separate
+    table = differences_markdown(diffs, boot)
+    assert "detector − raw" in table and "90% bootstrap interval, 300 resamples" in table
+    assert "| rescaled | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |" in table
+    assert table.count("| better | **") == 3
+    with pytest.raises(KeyError, match="baseline detector 'nope' is not among the detectors"):
+        compare_detectors(cols, "in", ["a"], ["raw"], "nope", boot)
+    with pytest.raises(ValueError, match="n_resamples must be a whole number >= 1, got 0"):
+        Bootstrap(0)

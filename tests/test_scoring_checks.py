@@ -411,6 +411,48 @@ def test_evaluate_help_says_general_test_is_left_out(evaluate: ModuleType, tmp_p
     assert {r["anomaly_set"] for r in csv.DictReader((out / "metrics.csv").open())} == {"svhn"}
 
 
+def test_evaluate_bootstrap_intervals_and_paired_differences(
+    evaluate: ModuleType, tmp_path: Path, capsys
+) -> None:
+    rng = np.random.default_rng(0)
+    rows = [["cif16", i, f"{i:05d}", -1, rng.normal(), rng.normal()] for i in range(60)]
+    rows += [["svhn", i, f"{i:05d}", -1, rng.normal(1), rng.normal(0.2)] for i in range(30)]
+    scores = write_csv(tmp_path / "s.csv", HEADER, rows)
+    out = tmp_path / "eval"
+    base = [str(scores), "--in-set", "cif16", "--out", str(out)]
+    for extra, message in (
+        (["--compare", "raw"], "--compare needs --bootstrap N"),
+        (
+            ["--bootstrap", "50", "--compare", "nope"],
+            "--compare 'nope' is not among the detectors: raw, ratio",
+        ),
+        (["--bootstrap", "-1"], "--bootstrap must be >= 0, got -1"),
+        (["--bootstrap", "50", "--confidence", "1.5"], "--confidence must be in (0, 1), got 1.5"),
+        (["--bootstrap", "50", "--seed", "-2"], "--seed must be >= 0, got -2"),
+    ):
+        assert message in eval_error(evaluate, capsys, out, [], *base[:3], *extra, "--out", str(out))
+    assert evaluate.main([*base, "--bootstrap", "200", "--compare", "raw"]) == 0
+    printed = capsys.readouterr().out
+    assert "95% bootstrap interval, 200 resamples" in printed and "detector − raw" in printed
+    metrics = list(csv.DictReader((out / "metrics.csv").open()))
+    for r in metrics:
+        for m in ("auroc", "ap", "fpr95"):
+            assert float(r[f"{m}_lo"]) <= float(r[m]) <= float(r[f"{m}_hi"]), (r["detector"], m)
+    diffs = list(csv.DictReader((out / "differences.csv").open()))
+    assert [(d["detector"], d["baseline"], d["metric"]) for d in diffs] == [
+        ("ratio", "raw", m) for m in ("auroc", "ap", "fpr95")
+    ]
+    by = {r["detector"]: float(r["auroc"]) for r in metrics}
+    assert float(diffs[0]["difference"]) == pytest.approx(by["ratio"] - by["raw"])
+    # The same flags give the same intervals; without --compare the differences go, without
+    # --bootstrap the interval columns.
+    first = (out / "metrics.csv").read_text()
+    assert evaluate.main([*base, "--bootstrap", "200"]) == 0
+    assert (out / "metrics.csv").read_text() == first and not (out / "differences.csv").exists()
+    assert evaluate.main(base) == 0
+    assert "auroc_lo" not in (out / "metrics.csv").read_text() and "[" not in (out / "metrics.md").read_text()
+
+
 def test_a_missing_dataset_or_cuda_device_is_a_usage_error_not_a_traceback(
     models: dict[str, Path], score_images: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -342,17 +342,27 @@ def test_run_experiment_report_and_resume(tmp_path: Path) -> None:
         assert (out / stage / "checkpoint.pt").is_file(), stage
     assert len(list((out / "heatmaps" / "digit_0").glob("*.png"))) == 2 * 4
 
-    # The report's numbers are recomputed from scores.csv by tools/evaluate.py exactly.
+    # The report's numbers, intervals and paired differences are recomputed from scores.csv by
+    # tools/evaluate.py exactly (the report's command line says how).
+    report = (out / "report.md").read_text()
+    assert "`--bootstrap 1000 --compare raw` the intervals" in report
     run_tool(
         "tools/evaluate.py",
         str(out / "scores.csv"),
         "--in-set",
         "in_dist_test",
+        "--bootstrap",
+        "1000",
+        "--compare",
+        "raw",
         "--out",
         str(tmp_path / "ev"),
     )
-    assert (tmp_path / "ev" / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
-    assert (tmp_path / "ev" / "metrics.md").read_text() in (out / "report.md").read_text()
+    for name in ("metrics.csv", "differences.csv"):
+        assert (tmp_path / "ev" / name).read_text() == (out / name).read_text(), name
+    tables, differences = (tmp_path / "ev" / "metrics.md").read_text().split("\n\n**AUROC %, detector")
+    assert tables in report and "**AUROC %, detector" + differences in report
+    assert "| Diff† | " in differences and "[" in tables
 
     # Killed in the middle of the in-distribution stage, then the same command: identical scores.
     resumed = tmp_path / "resumed"

@@ -14,6 +14,15 @@ finite number in every row: a text column such as notes is refused unless --dete
 it out. Anomaly sets default to every set but --in-set and general_test. Nothing is written
 unless all of this holds.
 
+--bootstrap N adds a percentile interval to every number (N stratified resamples of each
+in-distribution + anomaly set pair, the same resamples for every detector; --confidence,
+--seed); --compare DETECTOR adds each detector's difference to that one with a paired interval
+(differences.csv and a section of metrics.md), the way to tell whether one detector beats
+another on these images:
+
+    python tools/evaluate.py runs/cifar10/scores.csv --in-set cifar10_test --bootstrap 1000 \
+        --compare raw --out eval/
+
 Pixel mode: the dense maps of one or more road runs (tools/score_images.py --road) against
 their datasets' labels, void pixels excluded, streamed through densead.metrics.PixelMetrics:
 
@@ -46,7 +55,7 @@ from densead.dense_scoring import (
     write_false_positives,
     write_pixel_metrics,
 )
-from densead.evaluation import markdown_tables, write_evaluation
+from densead.evaluation import Bootstrap, differences_markdown, markdown_tables, write_evaluation
 from densead.experiment import DISPLAY_NAMES
 from densead.scoring import read_scores_csv
 
@@ -164,9 +173,36 @@ def main(argv: list[str] | None = None) -> int:
         help=f"score columns (default: {SCORE_COLUMNS}); each must hold a finite number in every row",
     )
     p.add_argument("--out", required=True, help="folder for metrics.csv, metrics.md and plots")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="percentile intervals from N paired, stratified resamples (default 0: none; 1000 is usual)",
+    )
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="--bootstrap: interval level (default 0.95)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="--bootstrap: seed of the resamples (default 0)")
+    p.add_argument(
+        "--compare",
+        metavar="DETECTOR",
+        help="with --bootstrap: each detector minus this one, with paired intervals (differences.csv)",
+    )
     args = p.parse_args(argv)
     with tool_errors(p):  # input errors: one line, exit status 2; SIGTERM runs the cleanups (densead.cli)
         # Everything is checked before anything is written.
+        bootstrap = None
+        if args.bootstrap < 0:
+            p.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+        if not 0.0 < args.confidence < 1.0:
+            p.error(f"--confidence must be in (0, 1), got {args.confidence}")
+        if args.seed < 0:
+            p.error(f"--seed must be >= 0, got {args.seed}")
+        if args.bootstrap:
+            bootstrap = Bootstrap(args.bootstrap, args.confidence, args.seed)
+        elif args.compare:
+            p.error("--compare needs --bootstrap N (its differences come with paired intervals)")
         try:
             cols = read_scores_csv(args.scores, score_columns=args.detectors or is_score_column)
         except (FileNotFoundError, ValueError) as err:
@@ -199,9 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         detectors = args.detectors or [c for c in cols if is_score_column(c)]
         if not detectors:
             p.error(f"{files}: no score columns (columns: {', '.join(cols)})")
-        rows = write_evaluation(args.out, cols, args.in_set, anomaly_sets, detectors, DISPLAY_NAMES)
-        print(markdown_tables(rows, DISPLAY_NAMES))
-        print(f"metrics.csv, metrics.md, ROC curves and histograms -> {Path(args.out).resolve()}")
+        if args.compare and args.compare not in detectors:
+            p.error(f"--compare {args.compare!r} is not among the detectors: {', '.join(detectors)}")
+        rows, diffs = write_evaluation(
+            args.out, cols, args.in_set, anomaly_sets, detectors, DISPLAY_NAMES, bootstrap, args.compare
+        )
+        print(markdown_tables(rows, DISPLAY_NAMES, bootstrap))
+        if diffs:
+            print(differences_markdown(diffs, bootstrap, DISPLAY_NAMES))
+        written = "metrics.csv, metrics.md" + (", differences.csv" if diffs else "")
+        print(f"{written}, ROC curves and histograms -> {Path(args.out).resolve()}")
         return 0
 
 
