@@ -84,6 +84,15 @@ from densead.combined_maps import (
 from densead.data.road import ANOMALY, VOID, RoadDataset, read_label
 from densead.dense import RoadSource, downscale_of, trained_data
 from densead.detectors import DETECTORS, GlowDetector, GlowScorer, get_detector
+from densead.evaluation import (
+    Bootstrap,
+    DifferenceRow,
+    MetricIntervals,
+    differences_markdown,
+    differences_to_csv,
+    intervals,
+    table_columns,
+)
 from densead.frame_scorers import (
     SENTINEL_LIMIT,
     FeatureFrameScorer,
@@ -101,7 +110,14 @@ from densead.io import (
     staging_folder,
     swap_folders,
 )
-from densead.metrics import ComponentMetrics, FalsePositivesByClass, PixelF1, PixelMetrics
+from densead.metrics import (
+    ComponentMetrics,
+    FalsePositivesByClass,
+    FrameHistograms,
+    PixelF1,
+    PixelMetrics,
+    bootstrap_frame_metrics,
+)
 from densead.scoring import write_scores_csv
 from densead.train import load_glow, resolve_device
 from densead.viz import heatmap_overlay, save_png
@@ -109,6 +125,7 @@ from densead.viz import heatmap_overlay, save_png
 __all__ = [
     "ClassFalsePositiveRow",
     "ComponentMetricRow",
+    "DenseEvaluation",
     "component_metrics_markdown",
     "evaluate_dense",
     "evaluate_dense_components",
@@ -594,7 +611,9 @@ def score_road_dataset(
 
 
 @dataclass(frozen=True)
-class PixelMetricRow:
+class PixelMetricRow(MetricIntervals):
+    """One detector on one road set (interval bounds from a bootstrap over frames)."""
+
     set_name: str
     detector: str
     auroc: float
@@ -692,7 +711,7 @@ def evaluate_dense_run(
     Reads ``run.json`` to reopen the dataset, then streams every frame's ``.npy`` maps and label
     through one :class:`densead.metrics.PixelMetrics` per detector.
     """
-    return evaluate_dense(run_dir, detectors, mode, progress=progress)[0]
+    return evaluate_dense(run_dir, detectors, mode, progress=progress).pixel
 
 
 @dataclass(frozen=True)
@@ -739,7 +758,7 @@ def false_positives_by_class(
     follow the class ids; their ``n_flagged`` add up to the FPR95 of :func:`evaluate_dense_run`
     times the inlier count.
     """
-    return evaluate_dense(run_dir, detectors, None, by_class=True, progress=progress)[1]
+    return evaluate_dense(run_dir, detectors, None, by_class=True, progress=progress).by_class
 
 
 def evaluate_dense_run_by_class(
@@ -749,8 +768,23 @@ def evaluate_dense_run_by_class(
     progress: bool = False,
 ) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow]]:
     """:func:`evaluate_dense_run` and :func:`false_positives_by_class` in one pass over the maps."""
-    metrics, classes, _ = evaluate_dense(run_dir, detectors, mode, by_class=True, progress=progress)
-    return metrics, classes
+    out = evaluate_dense(run_dir, detectors, mode, by_class=True, progress=progress)
+    return out.pixel, out.by_class
+
+
+@dataclass(frozen=True)
+class DenseEvaluation:
+    """What :func:`evaluate_dense` was asked for; lists of what it was not asked for are empty."""
+
+    pixel: list[PixelMetricRow]
+    by_class: list[ClassFalsePositiveRow]
+    components: list[ComponentMetricRow]
+    differences: list[DifferenceRow]
+
+    def renamed(self, set_name: str) -> DenseEvaluation:
+        """The same rows under another set name (two runs of one set evaluated together)."""
+        tables = (getattr(self, f) for f in self.__dataclass_fields__)
+        return DenseEvaluation(*([replace(r, set_name=set_name) for r in rows] for rows in tables))
 
 
 def evaluate_dense(
@@ -760,37 +794,59 @@ def evaluate_dense(
     by_class: bool = False,
     components: tuple[int, int] | None = None,
     progress: bool = False,
-) -> tuple[list[PixelMetricRow], list[ClassFalsePositiveRow], list[ComponentMetricRow]]:
+    bootstrap: Bootstrap | None = None,
+    baseline: str | None = None,
+) -> DenseEvaluation:
     """Everything asked of a run's maps, reading them as few times as it can.
 
-    One pass gives the pixel metrics (``mode`` given, :func:`evaluate_dense_run`), the false alarms
-    by class (``by_class``, :func:`false_positives_by_class`) and, with ``components =
+    One pass gives the pixel metrics (``mode`` given, :func:`evaluate_dense_run`; with a
+    ``bootstrap``, intervals from resampled frames, :func:`densead.metrics.bootstrap_frame_metrics`,
+    and with a ``baseline`` detector each other detector's paired difference to it), the false
+    alarms by class (``by_class``, :func:`false_positives_by_class`) and, with ``components =
     (min_segment_size, min_instance_size)``, each detector's best-pixel-F1 threshold; a second pass
-    then scores the components there (:func:`evaluate_dense_components`). What was not asked for
-    comes back empty.
+    then scores the components there (:func:`evaluate_dense_components`).
     """
     run_dir = Path(run_dir)
+    if bootstrap is not None and mode is None:
+        raise ValueError("a bootstrap of the pixel metrics needs the pixel metrics (mode binned or exact)")
+    if baseline is not None and bootstrap is None:
+        raise ValueError("comparing detectors to a baseline needs a bootstrap (its paired intervals)")
     run, source, dataset, detectors = _open_run(run_dir, detectors)
+    if baseline is not None and baseline not in detectors:
+        raise KeyError(f"baseline detector {baseline!r} is not among the detectors ({', '.join(detectors)})")
     names = dataset.semantic_classes
     if by_class and not names:
         raise ValueError(f"{source.name} ({type(dataset).__name__}) has no semantic labels to break down by")
     metrics = {d: PixelMetrics(mode) for d in detectors} if mode is not None else {}
+    frames = {d: FrameHistograms() for d in detectors} if bootstrap is not None else {}
     counters = {d: FalsePositivesByClass(len(names)) for d in detectors} if by_class else {}
     pixel_f1 = {d: PixelF1() for d in detectors} if components is not None else {}
     for label, semantic, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
         for det, m in maps.items():
             if metrics:
                 metrics[det].update(m.astype(np.float32), label)
+            if frames:
+                frames[det].update(m, label)
             if counters:
                 counters[det].update(m, label, semantic)
             if pixel_f1:
                 pixel_f1[det].update(m, label)
     set_name = run.get("set_name", source.name)
-    rows = []
-    for det, pm in metrics.items():
-        r = pm.compute()
-        values = (r["auroc"], r["ap"], r["fpr95"], r["n_pixels"], r["n_anomaly"])
-        rows.append(PixelMetricRow(set_name, det, *values))
+    points = {det: pm.compute() for det, pm in metrics.items()}
+    bounds: dict[str, dict[str, float]] = {}
+    diffs: list[DifferenceRow] = []
+    if frames:
+        reps = bootstrap_frame_metrics(frames, bootstrap.n_resamples, bootstrap.seed_for(set_name))
+        bounds, diffs = intervals(reps, points, bootstrap, baseline, set_name)
+    rows = [
+        PixelMetricRow(
+            set_name,
+            det,
+            *(r[k] for k in ("auroc", "ap", "fpr95", "n_pixels", "n_anomaly")),
+            **bounds.get(det, {}),
+        )
+        for det, r in points.items()
+    ]
     class_rows = []
     for det, counter in counters.items():
         out = counter.compute()
@@ -814,7 +870,7 @@ def evaluate_dense(
             component_rows.append(
                 ComponentMetricRow(set_name, det, best[det]["threshold"], best[det]["f1"], *values, *counts)
             )
-    return rows, class_rows, component_rows
+    return DenseEvaluation(rows, class_rows, component_rows, diffs)
 
 
 def evaluate_dense_components(
@@ -833,7 +889,7 @@ def evaluate_dense_components(
     2048 × 1024; RoadObstacle21 uses 50 and 10).
     """
     components = (min_segment_size, min_instance_size)
-    return evaluate_dense(run_dir, detectors, None, components=components, progress=progress)[2]
+    return evaluate_dense(run_dir, detectors, None, components=components, progress=progress).components
 
 
 def component_metrics_markdown(rows: Sequence[ComponentMetricRow]) -> str:
@@ -897,25 +953,52 @@ def write_false_positives(out_dir: str | Path, rows: Sequence[ClassFalsePositive
     _write_table(Path(out_dir) / "pixel_fp_by_class", ClassFalsePositiveRow, rows, false_positives_markdown)
 
 
-def pixel_metrics_markdown(rows: Sequence[PixelMetricRow]) -> str:
-    """One markdown table per road set: AUROC / AP / FPR95 per detector."""
+def pixel_metrics_markdown(rows: Sequence[PixelMetricRow], bootstrap: Bootstrap | None = None) -> str:
+    """One markdown table per road set: AUROC / AP / FPR95 per detector, with intervals as
+    ``value [lo, hi]`` where the rows have them (``bootstrap`` names them)."""
     parts = []
     for set_name in dict.fromkeys(r.set_name for r in rows):
         sub = [r for r in rows if r.set_name == set_name]
+        caption = f"; {bootstrap.caption()} over frames" if bootstrap is not None else ""
         lines = [
-            f"### {set_name} ({sub[0].n_pixels} pixels, {sub[0].n_anomaly} anomalous, void excluded)",
+            f"### {set_name} ({sub[0].n_pixels} pixels, {sub[0].n_anomaly} anomalous, void excluded"
+            f"{caption})",
             "",
             "| detector | AUROC % | AP % | FPR95 % |",
             "|---|---|---|---|",
         ]
+
         # Percent with two decimals, as every other table here (the CSV keeps the fractions).
+        def cell(r: PixelMetricRow, m: str) -> str:
+            text = f"{100 * getattr(r, m):.2f}"
+            if r.has_interval:
+                text += f" [{100 * getattr(r, m + '_lo'):.2f}, {100 * getattr(r, m + '_hi'):.2f}]"
+            return text
+
         lines += [
-            f"| {r.detector} | {100 * r.auroc:.2f} | {100 * r.ap:.2f} | {100 * r.fpr95:.2f} |" for r in sub
+            f"| {r.detector} | " + " | ".join(cell(r, m) for m in ("auroc", "ap", "fpr95")) + " |"
+            for r in sub
         ]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
-def write_pixel_metrics(out_dir: str | Path, rows: Sequence[PixelMetricRow]) -> None:
-    """``pixel_metrics.csv`` and ``pixel_metrics.md`` in ``out_dir`` (atomically)."""
-    _write_table(Path(out_dir) / "pixel_metrics", PixelMetricRow, rows, pixel_metrics_markdown)
+def write_pixel_metrics(
+    out_dir: str | Path,
+    rows: Sequence[PixelMetricRow],
+    differences: Sequence[DifferenceRow] = (),
+    bootstrap: Bootstrap | None = None,
+) -> None:
+    """``pixel_metrics.csv`` and ``pixel_metrics.md`` in ``out_dir`` (atomically); with
+    ``differences`` also ``pixel_differences.csv`` and their tables in ``pixel_metrics.md``, and
+    without them no ``pixel_differences.csv``. Interval columns only where the rows have them."""
+    out_dir = Path(out_dir)
+    fields = table_columns(PixelMetricRow, rows)
+    markdown = pixel_metrics_markdown(rows, bootstrap)
+    if differences:
+        atomic_write_text(out_dir / "pixel_differences.csv", differences_to_csv(differences))
+        markdown += "\n" + differences_markdown(differences, bootstrap, decimals=2)
+    else:  # one left by an earlier evaluation into this folder would not describe this one
+        (out_dir / "pixel_differences.csv").unlink(missing_ok=True)
+    write_scores_csv(out_dir / "pixel_metrics.csv", {f: [getattr(r, f) for r in rows] for f in fields})
+    atomic_write_text(out_dir / "pixel_metrics.md", markdown)

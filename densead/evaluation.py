@@ -27,14 +27,17 @@ from densead.viz import plot_roc_curves, plot_score_histograms
 __all__ = [
     "Bootstrap",
     "DifferenceRow",
+    "MetricIntervals",
     "MetricRow",
     "compare_detectors",
     "differences_markdown",
     "differences_to_csv",
     "evaluate_columns",
+    "intervals",
     "markdown_tables",
     "rows_to_csv",
     "spearman",
+    "table_columns",
     "write_evaluation",
 ]
 
@@ -46,8 +49,8 @@ TITLES = ("AUROC %", "AP %", "FPR at 95% TPR %")
 class Bootstrap:
     """Percentile intervals from a stratified, paired bootstrap (:func:`densead.metrics.bootstrap_metrics`).
 
-    Each (in-distribution set, anomaly set) pair is resampled ``n_resamples`` times
-    with a seed made of ``seed`` and the anomaly set's name, so a set's intervals
+    Each (in-distribution set, anomaly set) pair, or each road set's frames, is resampled
+    ``n_resamples`` times with a seed made of ``seed`` and the set's name, so a set's intervals
     do not depend on which other sets are evaluated with it.
     """
 
@@ -70,18 +73,15 @@ class Bootstrap:
     def caption(self) -> str:
         return f"{100 * self.confidence:g}% bootstrap interval, {self.n_resamples} resamples"
 
+    def seed_for(self, set_name: str) -> list[int]:
+        """The resamples' seed for one set: ``seed`` and the set's name."""
+        return [self.seed, zlib.crc32(set_name.encode())]
 
-@dataclass(frozen=True)
-class MetricRow:
-    """One detector on one anomaly set; the ``*_lo`` / ``*_hi`` bounds are NaN without a bootstrap."""
 
-    detector: str
-    anomaly_set: str
-    auroc: float
-    ap: float
-    fpr95: float
-    n_in: int
-    n_anomaly: int
+@dataclass(frozen=True, kw_only=True)
+class MetricIntervals:
+    """The ``*_lo`` / ``*_hi`` bounds of a row's AUROC, AP and FPR95; NaN without a bootstrap."""
+
     auroc_lo: float = math.nan
     auroc_hi: float = math.nan
     ap_lo: float = math.nan
@@ -94,13 +94,36 @@ class MetricRow:
         return not math.isnan(self.auroc_lo)
 
 
+INTERVAL_FIELDS = tuple(f.name for f in fields(MetricIntervals))
+
+
+def table_columns(row_type: type, rows: Sequence[MetricIntervals]) -> list[str]:
+    """A row type's fields in CSV order: its own, then the interval bounds where the rows have them."""
+    own = [f.name for f in fields(row_type) if f.name not in INTERVAL_FIELDS]
+    return own + list(INTERVAL_FIELDS) * any(r.has_interval for r in rows)
+
+
+@dataclass(frozen=True)
+class MetricRow(MetricIntervals):
+    """One detector on one anomaly set."""
+
+    detector: str
+    anomaly_set: str
+    auroc: float
+    ap: float
+    fpr95: float
+    n_in: int
+    n_anomaly: int
+
+
 @dataclass(frozen=True)
 class DifferenceRow:
-    """``metric`` of ``detector`` minus that of ``baseline`` on one anomaly set, with its paired interval."""
+    """``metric`` of ``detector`` minus that of ``baseline`` on one set (an anomaly set against the
+    in-distribution set, or a road set per pixel), with its paired interval."""
 
     detector: str
     baseline: str
-    anomaly_set: str
+    set_name: str
     metric: str
     difference: float
     lo: float
@@ -148,21 +171,17 @@ def _evaluate(
     diffs = []
     for name in anomaly_sets if bootstrap is not None else ():
         labels = _labelled(cols, detectors[0], in_set, name)[1]
-        seed = [bootstrap.seed, zlib.crc32(name.encode())]
         reps = bootstrap_metrics(
             {det: _labelled(cols, det, in_set, name)[0] for det in detectors},
             labels,
             bootstrap.n_resamples,
-            seed,
+            bootstrap.seed_for(name),
         )
-        for det in detectors:
-            for m in METRICS:
-                lo, hi = percentile_interval(reps[det][m], bootstrap.confidence)
-                bounds.setdefault((det, name), {}).update({f"{m}_lo": lo, f"{m}_hi": hi})
-                if baseline is not None and det != baseline:
-                    lo, hi = percentile_interval(reps[det][m] - reps[baseline][m], bootstrap.confidence)
-                    d = points[(det, name)][m] - points[(baseline, name)][m]
-                    diffs.append(DifferenceRow(det, baseline, name, m, d, lo, hi))
+        set_bounds, set_diffs = intervals(
+            reps, {d: points[(d, name)] for d in detectors}, bootstrap, baseline, name
+        )
+        bounds |= {(det, name): b for det, b in set_bounds.items()}
+        diffs += set_diffs
     n_in = int(np.sum(cols["set"] == in_set))
     rows = [
         MetricRow(
@@ -177,6 +196,29 @@ def _evaluate(
         for name in anomaly_sets
     ]
     return rows, diffs
+
+
+def intervals(
+    replicates: Mapping[str, Mapping[str, np.ndarray]],
+    points: Mapping[str, Mapping[str, float]],
+    bootstrap: Bootstrap,
+    baseline: str | None,
+    set_name: str,
+) -> tuple[dict[str, dict[str, float]], list[DifferenceRow]]:
+    """From one set's bootstrap replicates (``{detector: {metric: (R,)}}``) and point values: each
+    detector's ``{"<metric>_lo": .., "<metric>_hi": ..}`` and, with a ``baseline``, each other
+    detector's paired differences to it."""
+    bounds: dict[str, dict[str, float]] = {}
+    diffs = []
+    for det, reps in replicates.items():
+        for m in METRICS:
+            lo, hi = percentile_interval(reps[m], bootstrap.confidence)
+            bounds.setdefault(det, {}).update({f"{m}_lo": lo, f"{m}_hi": hi})
+            if baseline is not None and det != baseline:
+                lo, hi = percentile_interval(reps[m] - replicates[baseline][m], bootstrap.confidence)
+                d = points[det][m] - points[baseline][m]
+                diffs.append(DifferenceRow(det, baseline, set_name, m, d, lo, hi))
+    return bounds, diffs
 
 
 def evaluate_columns(
@@ -224,8 +266,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / norm) if norm > 0 else math.nan
 
 
-def _percent(v: float, signed: bool = False) -> str:
-    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+def _percent(v: float, decimals: int = 1, signed: bool = False) -> str:
+    return f"{100 * v:{'+' if signed else ''}.{decimals}f}"
 
 
 def markdown_tables(
@@ -259,17 +301,20 @@ def markdown_tables(
 
 
 def differences_markdown(
-    diffs: Sequence[DifferenceRow], bootstrap: Bootstrap, display: Mapping[str, str] | None = None
+    diffs: Sequence[DifferenceRow],
+    bootstrap: Bootstrap,
+    display: Mapping[str, str] | None = None,
+    decimals: int = 1,
 ) -> str:
-    """Per metric: each detector minus the baseline, per anomaly set, in points, with its paired
-    interval; bold where the interval excludes 0."""
+    """Per metric: each detector minus the baseline, per set, in points with ``decimals``
+    decimals, with its paired interval; bold where the interval excludes 0."""
     if not diffs:
         return ""
     display = display or {}
     baseline = display.get(diffs[0].baseline, diffs[0].baseline)
-    sets = list(dict.fromkeys(r.anomaly_set for r in diffs))
+    sets = list(dict.fromkeys(r.set_name for r in diffs))
     dets = list(dict.fromkeys(r.detector for r in diffs))
-    by = {(r.detector, r.anomaly_set, r.metric): r for r in diffs}
+    by = {(r.detector, r.set_name, r.metric): r for r in diffs}
     out = []
     for metric, title in zip(METRICS, TITLES, strict=True):
         better = "lower is better" if metric == "fpr95" else "higher is better"
@@ -283,7 +328,8 @@ def differences_markdown(
             cells = []
             for s in sets:
                 r = by[(d, s, metric)]
-                cell = f"{_percent(r.difference, True)} [{_percent(r.lo, True)}, {_percent(r.hi, True)}]"
+                lo, hi = _percent(r.lo, decimals, True), _percent(r.hi, decimals, True)
+                cell = f"{_percent(r.difference, decimals, True)} [{lo}, {hi}]"
                 cells.append(f"**{cell}**" if r.lo > 0 or r.hi < 0 else cell)
             out.append(f"| {display.get(d, d)} | " + " | ".join(cells) + " |")
         out.append("")
@@ -301,10 +347,7 @@ def _csv(rows: Sequence[object], columns: Sequence[str]) -> str:
 
 def rows_to_csv(rows: Sequence[MetricRow]) -> str:
     """``metrics.csv``: a line per detector and anomaly set; interval columns where the rows have them."""
-    columns = [f.name for f in fields(MetricRow)]
-    if not any(r.has_interval for r in rows):
-        columns = columns[: columns.index("auroc_lo")]
-    return _csv(rows, columns)
+    return _csv(rows, table_columns(MetricRow, rows))
 
 
 def differences_to_csv(diffs: Sequence[DifferenceRow]) -> str:

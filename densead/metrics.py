@@ -42,10 +42,12 @@ __all__ = [
     "SIOU_THRESHOLDS",
     "ComponentMetrics",
     "FalsePositivesByClass",
+    "FrameHistograms",
     "PixelF1",
     "PixelMetrics",
     "auroc",
     "average_precision",
+    "bootstrap_frame_metrics",
     "bootstrap_metrics",
     "fpr_at_tpr",
     "image_metrics",
@@ -666,6 +668,125 @@ def _float16_bins(scores: np.ndarray) -> np.ndarray:
 def _float16_value(bin_index: int) -> float:
     """The float16 value whose bin (:func:`_float16_bins`) is ``bin_index``."""
     return float(np.array([bin_index], dtype=np.uint16).view(np.float16)[0])
+
+
+class FrameHistograms:
+    """Per-frame histograms of a float16 map's values, inlier and anomaly pixels apart (void left
+    out), for a bootstrap over frames (:func:`bootstrap_frame_metrics`).
+
+    Pixels of one frame are not independent draws (an object spans many), so intervals of pixel
+    metrics resample whole frames. Each stored value of a non-negative float16 map has its own bin
+    (:func:`_float16_bins`), so a resampled set's metrics are exact on the stored maps; a frame
+    keeps only its non-empty bins (for maps in [0, 1] at most 15,361).
+    """
+
+    def __init__(self) -> None:
+        self._frames: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # bins, inlier, anomaly counts
+
+    @property
+    def n_frames(self) -> int:
+        return len(self._frames)
+
+    def update(self, score_map: Any, label_map: Any) -> None:
+        """One frame ``(H, W)`` or several ``(B, H, W)``: float16 scores ≥ 0, labels 0 / 1 / 255."""
+        s, y = _map_inputs(score_map, label_map)
+        s, y = s.reshape(-1, *s.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+        entries = []
+        for frame, labels in zip(s, y, strict=True):
+            bins, labels = _float16_bins(frame), labels.ravel()
+            bad = (labels != 0) & (labels != 1) & (labels != VOID_LABEL)
+            if bad.any():
+                raise ValueError(
+                    f"labels must be 0, 1 or {VOID_LABEL} (void), got {_bad_values_text(labels[bad])}"
+                )
+            inlier = np.bincount(bins[labels == 0], minlength=N_FLOAT16_VALUES)
+            anomaly = np.bincount(bins[labels == 1], minlength=N_FLOAT16_VALUES)
+            used = np.flatnonzero(inlier + anomaly)
+            entries.append(
+                (used.astype(np.uint16), inlier[used].astype(np.int64), anomaly[used].astype(np.int64))
+            )
+        self._frames += entries  # all frames of the call or none
+
+    def dense(self, used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(F, len(used))`` inlier and anomaly counts of every frame over the bins ``used`` (sorted)."""
+        inlier = np.zeros((self.n_frames, used.size))
+        anomaly = np.zeros((self.n_frames, used.size))
+        for f, (bins, neg, pos) in enumerate(self._frames):
+            cols = np.searchsorted(used, bins)
+            inlier[f, cols], anomaly[f, cols] = neg, pos
+        return inlier, anomaly
+
+    def bins(self) -> np.ndarray:
+        return (
+            np.unique(np.concatenate([b for b, _, _ in self._frames]))
+            if self._frames
+            else np.zeros(0, np.uint16)
+        )
+
+    def has_anomaly(self) -> np.ndarray:
+        return np.array([pos.sum() > 0 for _, _, pos in self._frames], dtype=bool)
+
+
+def bootstrap_frame_metrics(
+    frames: Mapping[str, FrameHistograms], n_resamples: int = 1000, seed: int | Sequence[int] = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """Bootstrap replicates of pixel AUROC, AP and FPR at 95 % TPR, resampling whole frames.
+
+    Frames with anomaly pixels and frames without are each drawn with replacement, each group
+    keeping its size (so every replicate has anomalies), the same draw for every detector
+    (paired, as :func:`bootstrap_metrics`). Replicate ``r`` equals :class:`PixelMetrics`
+    (``"exact"``) on the drawn frames' maps (tested).
+
+    Args:
+        frames: detector name -> its :class:`FrameHistograms`, all updated with the same frames
+            in the same order.
+        n_resamples: number of replicates (at least 1).
+        seed: seed of the draws (``numpy.random.default_rng``'s).
+
+    Returns:
+        ``{detector: {"auroc": (R,), "ap": (R,), "fpr95": (R,)}}``, float64.
+
+    Raises:
+        ValueError: no detector, detectors that saw different frames, no anomaly or no inlier
+            pixel, ``n_resamples`` < 1.
+    """
+    if not frames:
+        raise ValueError("bootstrap_frame_metrics: no detector histograms given")
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(
+            f"bootstrap_frame_metrics: n_resamples must be a whole number >= 1, got {n_resamples}"
+        )
+    first_name, first = next(iter(frames.items()))
+    strata = first.has_anomaly()
+    for name, h in frames.items():
+        if h.n_frames != first.n_frames or not np.array_equal(h.has_anomaly(), strata):
+            raise ValueError(
+                f"detectors {first_name!r} and {name!r} were given different frames "
+                f"({first.n_frames} and {h.n_frames}); a paired bootstrap needs the same frames"
+            )
+    inlier_total = sum(int(neg.sum()) for _, neg, _ in first._frames)
+    if not strata.any() or inlier_total == 0:
+        raise ValueError(
+            f"both classes are needed: {int(strata.sum())} of {first.n_frames} frames have anomaly pixels, "
+            f"{inlier_total} inlier pixels in all"
+        )
+    with_anomaly, without = np.flatnonzero(strata), np.flatnonzero(~strata)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for start in range(0, int(n_resamples), 256):
+        rows = min(256, int(n_resamples) - start)
+        w = np.zeros((rows, first.n_frames))
+        w[:, with_anomaly] = _draw_counts(rng, with_anomaly.size, rows)
+        w[:, without] = _draw_counts(rng, without.size, rows)
+        draws.append(w)
+    out = {}
+    for name, h in frames.items():
+        inlier, anomaly = h.dense(h.bins())
+        # Thresholds from the highest value down: the bins in descending order.
+        inlier, anomaly = inlier[:, ::-1], anomaly[:, ::-1]
+        parts = [_summary(np.cumsum(w @ anomaly, axis=1), np.cumsum(w @ inlier, axis=1)) for w in draws]
+        out[name] = {k: np.concatenate([p[k] for p in parts]) for k in ("auroc", "ap", "fpr95")}
+    return out
 
 
 class FalsePositivesByClass:

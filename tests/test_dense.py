@@ -615,3 +615,46 @@ def test_runs_of_one_set_keep_apart_in_the_pixel_tables(tmp_path: Path) -> None:
     assert evaluate.main(["--pixel", str(tmp_path / "a"), "--out", str(tmp_path / "one")]) == 0
     with (tmp_path / "one" / "pixel_metrics.csv").open() as f:
         assert [r["set_name"] for r in csv.DictReader(f)] == ["camvid_test"]  # one run: the set's own name
+
+
+def test_pixel_bootstrap_intervals_and_paired_differences_over_frames(tmp_path: Path, capsys) -> None:
+    """evaluate.py --pixel --bootstrap: intervals from resampled frames next to each number, each
+    detector minus the --compare one with its paired interval; the same flags give the same numbers,
+    and a later evaluation without --compare removes pixel_differences.csv."""
+    evaluate = load_tool("evaluate")
+    root = fake_camvid(tmp_path / "camvid", n=5)
+    ckpt = save_tiny_checkpoint(tmp_path / "in.pt", 4)
+    source = RoadSource("camvid", str(root), "test")
+    score_road_dataset(source, ckpt, tmp_path / "run", ["raw", "last_scale"], overlays=False, progress=False)
+    out = tmp_path / "eval"
+    args = ["--pixel", str(tmp_path / "run"), "--out", str(out), "--no-progress", "--bootstrap", "100"]
+    assert evaluate.main([*args, "--compare", "raw"]) == 0
+    printed = capsys.readouterr().out
+    assert "95% bootstrap interval, 100 resamples over frames" in printed and "detector − raw" in printed
+    with (out / "pixel_metrics.csv").open() as f:
+        rows = {r["detector"]: r for r in csv.DictReader(f)}
+    for r in rows.values():
+        for m in ("auroc", "ap", "fpr95"):
+            assert 0 <= float(r[f"{m}_lo"]) <= float(r[f"{m}_hi"]) <= 1, (r["detector"], m)
+    with (out / "pixel_differences.csv").open() as f:
+        diffs = list(csv.DictReader(f))
+    assert [(d["detector"], d["baseline"], d["set_name"], d["metric"]) for d in diffs] == [
+        ("last_scale", "raw", "camvid_test", m) for m in ("auroc", "ap", "fpr95")
+    ]
+    gap = float(rows["last_scale"]["auroc"]) - float(rows["raw"]["auroc"])
+    assert float(diffs[0]["difference"]) == pytest.approx(gap)
+    first = (out / "pixel_metrics.csv").read_text()
+    assert evaluate.main(args) == 0
+    assert (out / "pixel_metrics.csv").read_text() == first and not (out / "pixel_differences.csv").exists()
+    assert evaluate.main(args[:-2]) == 0
+    assert "auroc_lo" not in (out / "pixel_metrics.csv").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([*args[:-2], "--compare", "raw"])
+    assert exit_.value.code == 2 and "--compare needs --bootstrap N" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([*args, "--compare", "nope"])
+    assert (
+        exit_.value.code == 2
+        and "baseline detector 'nope' is not among the detectors" in capsys.readouterr().err
+    )

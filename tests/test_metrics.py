@@ -13,10 +13,12 @@ from sklearn import metrics as skm
 from densead.metrics import (
     ComponentMetrics,
     FalsePositivesByClass,
+    FrameHistograms,
     PixelF1,
     PixelMetrics,
     auroc,
     average_precision,
+    bootstrap_frame_metrics,
     bootstrap_metrics,
     fpr_at_tpr,
     image_metrics,
@@ -682,21 +684,25 @@ def tied_scores(
     return s, np.r_[np.zeros(n_in), np.ones(n_out)]
 
 
-def test_each_bootstrap_replicate_is_the_metrics_of_its_drawn_samples(monkeypatch) -> None:
-    """Replicate r equals image_metrics on the samples drawn for it (ties, samples drawn 0 times,
-    chunk boundaries), every replicate keeps each class's size, and both detectors see one draw."""
+@pytest.fixture
+def draws(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """Every ``(rows, n)`` draw-count matrix the bootstraps draw, in order."""
     import densead.metrics as metrics
 
-    draws = []
+    recorded, real = [], metrics._draw_counts
 
     def recording(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
-        counts = real(rng, n, rows)
-        draws.append(counts)
-        return counts
+        recorded.append(real(rng, n, rows))
+        return recorded[-1]
 
-    real = metrics._draw_counts
     monkeypatch.setattr(metrics, "_draw_counts", recording)
-    monkeypatch.setattr(metrics, "_BOOTSTRAP_CHUNK", 7 * 90)  # 7 replicates per chunk: 3 chunks
+    return recorded
+
+
+def test_each_bootstrap_replicate_is_the_metrics_of_its_drawn_samples(draws, monkeypatch) -> None:
+    """Replicate r equals image_metrics on the samples drawn for it (ties, samples drawn 0 times,
+    chunk boundaries), every replicate keeps each class's size, and both detectors see one draw."""
+    monkeypatch.setattr("densead.metrics._BOOTSTRAP_CHUNK", 7 * 90)  # 7 replicates per chunk: 3 chunks
     rng = np.random.default_rng(0)
     s, y = tied_scores(rng, 60, 30, 1.0)
     other = np.round(s + rng.normal(0, 1, s.size), 1)
@@ -780,7 +786,7 @@ def test_detector_differences_come_from_paired_resamples() -> None:
     boot = Bootstrap(300, 0.9, seed=7)
     diffs = compare_detectors(cols, "in", ["a", "b"], ["raw", "rescaled", "better"], "raw", boot)
     assert len(diffs) == 2 * 2 * 3
-    by = {(d.detector, d.anomaly_set, d.metric): d for d in diffs}
+    by = {(d.detector, d.set_name, d.metric): d for d in diffs}
     rows = {
         (r.detector, r.anomaly_set): r
         for r in evaluate_columns(cols, "in", ["a", "b"], ["raw", "better"], boot)
@@ -814,3 +820,59 @@ def test_detector_differences_come_from_paired_resamples() -> None:
         compare_detectors(cols, "in", ["a"], ["raw"], "nope", boot)
     with pytest.raises(ValueError, match="n_resamples must be a whole number >= 1, got 0"):
         Bootstrap(0)
+
+
+def road_frames(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` float16 maps in [0, 1] of two detectors and their labels: a blob of anomaly pixels in
+    about half the frames, void borders, scores coarse enough to tie across frames."""
+    labels = np.zeros((n, 12, 16), np.uint8)
+    labels[:, :, :2] = 255  # void
+    for f in range(0, n, 2):
+        r, c = rng.integers(0, 8), rng.integers(2, 12)
+        labels[f, r : r + 4, c : c + 4] = 1
+    base = rng.random((n, 12, 16)) + 0.8 * (labels == 1)
+    a = np.round(np.clip(base / 1.8, 0, 1), 2).astype(np.float16)
+    b = np.clip(base / 1.8 + rng.normal(0, 0.2, base.shape), 0, 1).astype(np.float16)
+    return a, b, labels
+
+
+def test_each_frame_bootstrap_replicate_is_the_exact_metrics_of_its_drawn_frames(draws) -> None:
+    a, b, labels = road_frames(np.random.default_rng(0), 9)
+    hist = {"a": FrameHistograms(), "b": FrameHistograms()}
+    for f in range(9):  # one frame per update for a, a batch of frames for b
+        hist["a"].update(a[f], labels[f])
+    hist["b"].update(b[:4], labels[:4])
+    hist["b"].update(b[4:], labels[4:])
+    reps = bootstrap_frame_metrics(hist, n_resamples=12, seed=3)
+    assert len(draws) == 2  # frames with anomalies (0, 2, 4, 6, 8), then the others
+    with_anomaly, without = draws
+    assert with_anomaly.shape == (12, 5) and without.shape == (12, 4)
+    assert (with_anomaly.sum(axis=1) == 5).all() and (without.sum(axis=1) == 4).all()
+    for r in range(12):
+        picked = np.r_[np.repeat([0, 2, 4, 6, 8], with_anomaly[r]), np.repeat([1, 3, 5, 7], without[r])]
+        for name, maps in (("a", a), ("b", b)):
+            exact = PixelMetrics("exact")
+            exact.update(maps[picked].astype(np.float32), labels[picked])
+            want = exact.compute()
+            for key in ("auroc", "ap", "fpr95"):
+                assert reps[name][key][r] == pytest.approx(want[key], abs=EXACT_TOL), (name, key, r)
+
+
+def test_frame_bootstrap_errors() -> None:
+    a, b, labels = road_frames(np.random.default_rng(1), 4)
+    one, other = FrameHistograms(), FrameHistograms()
+    one.update(a, labels)
+    other.update(b[:3], labels[:3])
+    with pytest.raises(ValueError, match="detectors 'one' and 'other' were given different frames"):
+        bootstrap_frame_metrics({"one": one, "other": other})
+    inliers_only = FrameHistograms()
+    inliers_only.update(a[1::2], labels[1::2])
+    with pytest.raises(ValueError, match="0 of 2 frames have anomaly pixels"):
+        bootstrap_frame_metrics({"x": inliers_only})
+    with pytest.raises(ValueError, match="float16"):
+        one.update(a.astype(np.float32), labels)
+    bad = labels.copy()
+    bad[0, 0, 5] = 7
+    with pytest.raises(ValueError, match="labels must be 0, 1 or 255"):
+        one.update(a, bad)
+    assert one.n_frames == 4  # the refused updates added nothing

@@ -35,14 +35,16 @@ which in-distribution classes each detector's false alarms at 95 % TPR come from
 metrics (component_metrics.csv and .md): maps thresholded at their best pixel F1, then sIoU per
 anomaly instance, PPV per predicted segment and the component F1 averaged over thresholds
 0.25-0.75; --min-segment-size / --min-instance-size (pixels of the maps; 500 / 100 as the
-benchmark's RoadAnomaly21 track, 50 / 10 as RoadObstacle21). Its flags: evaluate.py --pixel --help.
+benchmark's RoadAnomaly21 track, 50 / 10 as RoadObstacle21). --bootstrap N / --compare DETECTOR
+as above, resampling whole frames (pixels of one frame are not independent draws; frames with
+anomalies and frames without each keep their number): intervals in pixel_metrics.csv/.md, paired
+differences in pixel_differences.csv. Its flags: evaluate.py --pixel --help.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from densead.cli import error_message, tool_errors
@@ -74,6 +76,38 @@ def is_score_column(name: str) -> bool:
     )
 
 
+def add_bootstrap_flags(p: argparse.ArgumentParser, differences_file: str) -> None:
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="percentile intervals from N paired, stratified resamples (default 0: none; 1000 is usual)",
+    )
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="--bootstrap: interval level (default 0.95)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="--bootstrap: seed of the resamples (default 0)")
+    p.add_argument(
+        "--compare",
+        metavar="DETECTOR",
+        help=f"with --bootstrap: each detector minus this one, with paired intervals ({differences_file})",
+    )
+
+
+def bootstrap_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> Bootstrap | None:
+    """The --bootstrap flags, checked (usage errors naming the flag)."""
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if not 0.0 < args.confidence < 1.0:
+        p.error(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.compare and not args.bootstrap:
+        p.error("--compare needs --bootstrap N (its differences come with paired intervals)")
+    return Bootstrap(args.bootstrap, args.confidence, args.seed) if args.bootstrap else None
+
+
 def pixel_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="evaluate.py --pixel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,6 +129,7 @@ def pixel_main(argv: list[str]) -> int:
     )
     p.add_argument("--min-segment-size", type=int, default=500, help="--components: predicted segments, px")
     p.add_argument("--min-instance-size", type=int, default=100, help="--components: anomaly instances, px")
+    add_bootstrap_flags(p, "pixel_differences.csv")
     p.add_argument("--no-progress", action="store_true")
     if "-h" in argv or "--help" in argv:  # before --pixel asks for its runs
         p.print_help()
@@ -106,6 +141,7 @@ def pixel_main(argv: list[str]) -> int:
                 p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             p.error(f"--out {args.out} exists and is not a folder")
+        bootstrap = bootstrap_of(p, args)
         sizes = (args.min_segment_size, args.min_instance_size) if args.components else None
         asked = " ".join(
             f for f, on in (("--by-class", args.by_class), ("--components", args.components)) if on
@@ -121,34 +157,37 @@ def pixel_main(argv: list[str]) -> int:
                         args.by_class,
                         sizes,
                         progress=not args.no_progress,
+                        bootstrap=bootstrap,
+                        baseline=args.compare,
                     )
                 )
             except (ValueError, FileNotFoundError, KeyError) as err:  # a bad run: usage error, no output
                 p.error(f"{asked + ': ' if asked else ''}{run_dir}: {error_message(err)}")
         # Runs of one set (two checkpoints on camvid_test) keep apart: their set is named with the run.
-        set_names = [next((r.set_name for table in run for r in table), None) for run in tables]
+        set_names = [
+            next((r.set_name for r in run.pixel + run.by_class + run.components), None) for run in tables
+        ]
         repeated = {s for s in set_names if set_names.count(s) > 1}
-        rows, by_class, components = [], [], []
-        for run_dir, set_name, (metrics, classes, comps) in zip(args.pixel, set_names, tables, strict=True):
+        rows, by_class, components, differences = [], [], [], []
+        for run_dir, set_name, run in zip(args.pixel, set_names, tables, strict=True):
             if set_name in repeated:
-                label = f"{set_name} [{run_dir}]"
-                metrics, classes, comps = (
-                    [replace(r, set_name=label) for r in t] for t in (metrics, classes, comps)
-                )
-            rows += metrics
-            by_class += classes
-            components += comps
-        write_pixel_metrics(args.out, rows)
-        print(pixel_metrics_markdown(rows))
+                run = run.renamed(f"{set_name} [{run_dir}]")
+            rows += run.pixel
+            by_class += run.by_class
+            components += run.components
+            differences += run.differences
+        write_pixel_metrics(args.out, rows, differences, bootstrap)
+        print(pixel_metrics_markdown(rows, bootstrap))
+        if differences:
+            print(differences_markdown(differences, bootstrap, decimals=2))
         if args.by_class:
             write_false_positives(args.out, by_class)
             print(false_positives_markdown(by_class))
         if args.components:
             write_component_metrics(args.out, components)
             print(component_metrics_markdown(components))
-        written = "pixel_metrics.csv, pixel_metrics.md" + (
-            ", pixel_fp_by_class.csv/.md" if args.by_class else ""
-        )
+        written = "pixel_metrics.csv, pixel_metrics.md" + (", pixel_differences.csv" if differences else "")
+        written += ", pixel_fp_by_class.csv/.md" if args.by_class else ""
         written += ", component_metrics.csv/.md" if args.components else ""
         print(f"{written} -> {Path(args.out).resolve()}")
         return 0
@@ -173,36 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"score columns (default: {SCORE_COLUMNS}); each must hold a finite number in every row",
     )
     p.add_argument("--out", required=True, help="folder for metrics.csv, metrics.md and plots")
-    p.add_argument(
-        "--bootstrap",
-        type=int,
-        default=0,
-        metavar="N",
-        help="percentile intervals from N paired, stratified resamples (default 0: none; 1000 is usual)",
-    )
-    p.add_argument(
-        "--confidence", type=float, default=0.95, help="--bootstrap: interval level (default 0.95)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="--bootstrap: seed of the resamples (default 0)")
-    p.add_argument(
-        "--compare",
-        metavar="DETECTOR",
-        help="with --bootstrap: each detector minus this one, with paired intervals (differences.csv)",
-    )
+    add_bootstrap_flags(p, "differences.csv")
     args = p.parse_args(argv)
     with tool_errors(p):  # input errors: one line, exit status 2; SIGTERM runs the cleanups (densead.cli)
         # Everything is checked before anything is written.
-        bootstrap = None
-        if args.bootstrap < 0:
-            p.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
-        if not 0.0 < args.confidence < 1.0:
-            p.error(f"--confidence must be in (0, 1), got {args.confidence}")
-        if args.seed < 0:
-            p.error(f"--seed must be >= 0, got {args.seed}")
-        if args.bootstrap:
-            bootstrap = Bootstrap(args.bootstrap, args.confidence, args.seed)
-        elif args.compare:
-            p.error("--compare needs --bootstrap N (its differences come with paired intervals)")
+        bootstrap = bootstrap_of(p, args)
         try:
             cols = read_scores_csv(args.scores, score_columns=args.detectors or is_score_column)
         except (FileNotFoundError, ValueError) as err:
