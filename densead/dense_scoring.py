@@ -140,6 +140,7 @@ __all__ = [
     "SENTINEL_LIMIT",
     "frame_maps",
     "pixel_metrics_markdown",
+    "run_detectors",
     "detector_folder",
     "safe_name",
     "score_road_dataset",
@@ -635,6 +636,11 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         if key not in run:
             raise ValueError(f"{path}: missing {key!r}")
     return run
+
+
+def run_detectors(run_dir: str | Path) -> list[str]:
+    """The detectors a dense scoring run wrote maps for (its ``run.json``)."""
+    return list(_read_run(Path(run_dir))["detectors"])
 
 
 def _open_run(

@@ -13,6 +13,7 @@ one detector beats another on these images; two overlapping intervals do not.
 from __future__ import annotations
 
 import math
+import numbers
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -26,6 +27,7 @@ from densead.viz import plot_roc_curves, plot_score_histograms
 
 __all__ = [
     "Bootstrap",
+    "MIN_RESAMPLES",
     "DifferenceRow",
     "MetricIntervals",
     "MetricRow",
@@ -43,6 +45,13 @@ __all__ = [
 
 METRICS = ("auroc", "ap", "fpr95")
 TITLES = ("AUROC %", "AP %", "FPR at 95% TPR %")
+# The fewest resamples the tools and experiment configs accept: fewer leave the tails of an
+# interval (2.5 % each at 95 %) to a handful of resamples.
+MIN_RESAMPLES = 100
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -59,16 +68,14 @@ class Bootstrap:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.n_resamples, bool)
-            or not isinstance(self.n_resamples, int)
-            or self.n_resamples < 1
-        ):
+        if not _whole(self.n_resamples) or self.n_resamples < 1:
             raise ValueError(f"bootstrap: n_resamples must be a whole number >= 1, got {self.n_resamples!r}")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"bootstrap: confidence must be in (0, 1), got {self.confidence!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not _whole(self.seed) or self.seed < 0:
             raise ValueError(f"bootstrap: seed must be a whole number >= 0, got {self.seed!r}")
+        object.__setattr__(self, "n_resamples", int(self.n_resamples))
+        object.__setattr__(self, "seed", int(self.seed))
 
     def caption(self) -> str:
         return f"{100 * self.confidence:g}% bootstrap interval, {self.n_resamples} resamples"
@@ -336,8 +343,9 @@ def differences_markdown(
     return "\n".join(out)
 
 
-def _csv(rows: Sequence[object], columns: Sequence[str]) -> str:
-    lines = [",".join(columns)]
+def _csv(rows: Sequence[object], columns: Sequence[str], header: Sequence[str] | None = None) -> str:
+    """The rows' attributes ``columns`` as CSV, under ``header`` (default: the column names)."""
+    lines = [",".join(header or columns)]
     lines += [
         ",".join(repr(v) if isinstance(v, float) else str(v) for v in (getattr(r, c) for c in columns))
         for r in rows
@@ -350,9 +358,11 @@ def rows_to_csv(rows: Sequence[MetricRow]) -> str:
     return _csv(rows, table_columns(MetricRow, rows))
 
 
-def differences_to_csv(diffs: Sequence[DifferenceRow]) -> str:
-    """``differences.csv``: one line per detector, anomaly set and metric."""
-    return _csv(diffs, [f.name for f in fields(DifferenceRow)])
+def differences_to_csv(diffs: Sequence[DifferenceRow], set_column: str = "set_name") -> str:
+    """One line per detector, set and metric; the set's column is named ``set_column``
+    (``anomaly_set`` in ``differences.csv``, as in ``metrics.csv``)."""
+    columns = [f.name for f in fields(DifferenceRow)]
+    return _csv(diffs, columns, [set_column if c == "set_name" else c for c in columns])
 
 
 def write_evaluation(
@@ -372,7 +382,7 @@ def write_evaluation(
     rows, diffs = _evaluate(cols, in_set, anomaly_sets, detectors, bootstrap, baseline)
     markdown = markdown_tables(rows, display, bootstrap)
     if diffs:
-        atomic_write_text(out_dir / "differences.csv", differences_to_csv(diffs))
+        atomic_write_text(out_dir / "differences.csv", differences_to_csv(diffs, "anomaly_set"))
         markdown += "\n" + differences_markdown(diffs, bootstrap, display)
     else:  # one left by an earlier evaluation into this folder would not describe this one
         (out_dir / "differences.csv").unlink(missing_ok=True)

@@ -49,7 +49,14 @@ from densead.config import (
 )
 from densead.data.images import ImageSet, load_image_set
 from densead.detectors.glow import DETECTORS
-from densead.evaluation import Bootstrap, differences_markdown, markdown_tables, spearman, write_evaluation
+from densead.evaluation import (
+    MIN_RESAMPLES,
+    Bootstrap,
+    differences_markdown,
+    markdown_tables,
+    spearman,
+    write_evaluation,
+)
 from densead.flows import Glow
 from densead.io import atomic_write_text, check_output_dir, staging_folder, swap_folders
 from densead.scoring import glow_outputs, read_scores_csv, save_heatmaps, write_scores_csv
@@ -127,8 +134,10 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
     if cfg.n_heatmaps < 0:
         raise ConfigError(f"n_heatmaps must be >= 0, got {cfg.n_heatmaps}")
-    if cfg.bootstrap < 0:
-        raise ConfigError(f"bootstrap must be >= 0 (0: no intervals), got {cfg.bootstrap}")
+    if cfg.bootstrap < 0 or 0 < cfg.bootstrap < MIN_RESAMPLES:
+        raise ConfigError(
+            f"bootstrap must be 0 (no intervals) or at least {MIN_RESAMPLES} resamples, got {cfg.bootstrap}"
+        )
     for key in ("general_train", "in_dist_train"):
         if getattr(cfg, key).steps < 1:
             raise ConfigError(f"{key}.steps must be >= 1, got {getattr(cfg, key).steps}")

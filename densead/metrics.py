@@ -339,6 +339,18 @@ def _draw_counts(rng: np.random.Generator, n: int, rows: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n)
 
 
+def _stratified_counts(
+    rng: np.random.Generator, groups: Sequence[np.ndarray], n: int, rows: int
+) -> np.ndarray:
+    """``(rows, n)`` draw counts of ``n`` samples, each group of sample indices resampled with
+    replacement within itself (keeping its size), the groups in order; empty groups are skipped."""
+    weights = np.zeros((rows, n))
+    for members in groups:
+        if members.size:
+            weights[:, members] = _draw_counts(rng, members.size, rows)
+    return weights
+
+
 def bootstrap_metrics(
     scores: Mapping[str, Any], labels: Any, n_resamples: int = 1000, seed: int | Sequence[int] = 0
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -350,7 +362,8 @@ def bootstrap_metrics(
     on that same draw, so a difference between two detectors can be read
     replicate by replicate (:func:`percentile_interval` of the differences).
     Replicate ``r`` equals :func:`image_metrics` on the drawn samples (tested),
-    computed from each detector's one sort with the draw counts as weights.
+    computed with the draw counts as weights on each detector's sorted scores (one sort per
+    chunk of about 4 million samples × resamples).
 
     Args:
         scores: detector name -> 1-D scores of the same samples (finite; higher = more anomalous).
@@ -376,15 +389,12 @@ def bootstrap_metrics(
         except ValueError as err:
             raise ValueError(f"detector {name!r}: {err}") from None
     y = next(iter(checked.values()))[1]
-    neg, pos = np.flatnonzero(~y), np.flatnonzero(y)
+    groups = (np.flatnonzero(~y), np.flatnonzero(y))
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK // y.size)
     parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in checked}
     for start in range(0, int(n_resamples), chunk):
-        rows = min(chunk, int(n_resamples) - start)
-        weights = np.zeros((rows, y.size))
-        weights[:, neg] = _draw_counts(rng, neg.size, rows)
-        weights[:, pos] = _draw_counts(rng, pos.size, rows)
+        weights = _stratified_counts(rng, groups, y.size, min(chunk, int(n_resamples) - start))
         for name, (s, _) in checked.items():
             parts[name].append(_summary(*_cumulative_counts(s, y, weights)))
     return {
@@ -400,6 +410,8 @@ def percentile_interval(replicates: Any, confidence: float = 0.95) -> tuple[floa
     r = np.asarray(replicates, dtype=np.float64)
     if r.ndim != 1 or r.size == 0:
         raise ValueError(f"replicates must be a non-empty 1-D array, got shape {r.shape}")
+    if np.isnan(r).any():
+        raise ValueError(f"{int(np.isnan(r).sum())} of {r.size} replicates are NaN: no interval")
     lo, hi = np.quantile(r, [(1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0])
     return float(lo), float(hi)
 
@@ -707,6 +719,12 @@ class FrameHistograms:
             )
         self._frames += entries  # all frames of the call or none
 
+    def bins(self) -> np.ndarray:
+        """The sorted histogram bins (:func:`_float16_bins`) some frame has pixels in."""
+        if not self._frames:
+            return np.zeros(0, np.uint16)
+        return np.unique(np.concatenate([b for b, _, _ in self._frames]))
+
     def dense(self, used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(F, len(used))`` inlier and anomaly counts of every frame over the bins ``used`` (sorted)."""
         inlier = np.zeros((self.n_frames, used.size))
@@ -716,15 +734,10 @@ class FrameHistograms:
             inlier[f, cols], anomaly[f, cols] = neg, pos
         return inlier, anomaly
 
-    def bins(self) -> np.ndarray:
-        return (
-            np.unique(np.concatenate([b for b, _, _ in self._frames]))
-            if self._frames
-            else np.zeros(0, np.uint16)
-        )
-
-    def has_anomaly(self) -> np.ndarray:
-        return np.array([pos.sum() > 0 for _, _, pos in self._frames], dtype=bool)
+    def frame_classes(self) -> np.ndarray:
+        """``(F, 2)`` bool: whether each frame has anomaly pixels, and inlier pixels."""
+        has = [(pos.sum() > 0, neg.sum() > 0) for _, neg, pos in self._frames]
+        return np.array(has, dtype=bool).reshape(-1, 2)
 
 
 def bootstrap_frame_metrics(
@@ -732,10 +745,11 @@ def bootstrap_frame_metrics(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Bootstrap replicates of pixel AUROC, AP and FPR at 95 % TPR, resampling whole frames.
 
-    Frames with anomaly pixels and frames without are each drawn with replacement, each group
-    keeping its size (so every replicate has anomalies), the same draw for every detector
-    (paired, as :func:`bootstrap_metrics`). Replicate ``r`` equals :class:`PixelMetrics`
-    (``"exact"``) on the drawn frames' maps (tested).
+    Frames are drawn with replacement within their group — with anomaly and inlier pixels, with
+    anomaly pixels only, with inlier pixels only, with neither (all void) — each group keeping its
+    size, so every replicate has both classes; the same draw for every detector (paired, as
+    :func:`bootstrap_metrics`). Replicate ``r`` equals :class:`PixelMetrics` (``"exact"``) on the
+    drawn frames' maps (tested).
 
     Args:
         frames: detector name -> its :class:`FrameHistograms`, all updated with the same frames
@@ -757,34 +771,39 @@ def bootstrap_frame_metrics(
             f"bootstrap_frame_metrics: n_resamples must be a whole number >= 1, got {n_resamples}"
         )
     first_name, first = next(iter(frames.items()))
-    strata = first.has_anomaly()
+    classes = first.frame_classes()
     for name, h in frames.items():
-        if h.n_frames != first.n_frames or not np.array_equal(h.has_anomaly(), strata):
+        if h.n_frames != first.n_frames:
             raise ValueError(
-                f"detectors {first_name!r} and {name!r} were given different frames "
-                f"({first.n_frames} and {h.n_frames}); a paired bootstrap needs the same frames"
+                f"detectors {first_name!r} and {name!r} were given different frames ({first.n_frames} "
+                f"and {h.n_frames}); a paired bootstrap needs the same frames"
             )
-    inlier_total = sum(int(neg.sum()) for _, neg, _ in first._frames)
-    if not strata.any() or inlier_total == 0:
+        if not np.array_equal(h.frame_classes(), classes):
+            raise ValueError(
+                f"detectors {first_name!r} and {name!r} were given different frames: their frames with "
+                "anomaly or inlier pixels differ; a paired bootstrap needs the same frames"
+            )
+    if not classes[:, 0].any() or not classes[:, 1].any():
         raise ValueError(
-            f"both classes are needed: {int(strata.sum())} of {first.n_frames} frames have anomaly pixels, "
-            f"{inlier_total} inlier pixels in all"
+            f"both classes are needed: of {first.n_frames} frames, {int(classes[:, 0].sum())} have anomaly "
+            f"pixels and {int(classes[:, 1].sum())} inlier pixels"
         )
-    with_anomaly, without = np.flatnonzero(strata), np.flatnonzero(~strata)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for start in range(0, int(n_resamples), 256):
-        rows = min(256, int(n_resamples) - start)
-        w = np.zeros((rows, first.n_frames))
-        w[:, with_anomaly] = _draw_counts(rng, with_anomaly.size, rows)
-        w[:, without] = _draw_counts(rng, without.size, rows)
-        draws.append(w)
+    code = 2 * classes[:, 0] + classes[:, 1]  # 3: both, 2: anomalies only, 1: inliers only, 0: neither
+    groups = [np.flatnonzero(code == c) for c in (3, 2, 1, 0)]
+    w = _stratified_counts(np.random.default_rng(seed), groups, first.n_frames, int(n_resamples))
     out = {}
     for name, h in frames.items():
-        inlier, anomaly = h.dense(h.bins())
+        used = h.bins()
+        inlier, anomaly = h.dense(used)
         # Thresholds from the highest value down: the bins in descending order.
         inlier, anomaly = inlier[:, ::-1], anomaly[:, ::-1]
-        parts = [_summary(np.cumsum(w @ anomaly, axis=1), np.cumsum(w @ inlier, axis=1)) for w in draws]
+        chunk = max(1, _BOOTSTRAP_CHUNK // max(1, used.size))
+        parts = [
+            _summary(
+                np.cumsum(w[i : i + chunk] @ anomaly, axis=1), np.cumsum(w[i : i + chunk] @ inlier, axis=1)
+            )
+            for i in range(0, w.shape[0], chunk)
+        ]
         out[name] = {k: np.concatenate([p[k] for p in parts]) for k in ("auroc", "ap", "fpr95")}
     return out
 

@@ -654,7 +654,8 @@ def test_pixel_bootstrap_intervals_and_paired_differences_over_frames(tmp_path: 
     assert exit_.value.code == 2 and "--compare needs --bootstrap N" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         evaluate.main([*args, "--compare", "nope"])
+    err = capsys.readouterr().err
     assert (
-        exit_.value.code == 2
-        and "baseline detector 'nope' is not among the detectors" in capsys.readouterr().err
+        exit_.value.code == 2 and f"--compare 'nope' is not among the detectors of {tmp_path / 'run'}" in err
     )
+    assert "raw, last_scale" in err

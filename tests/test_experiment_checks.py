@@ -77,7 +77,8 @@ def content(path: Path) -> bytes:
         ({"anomalies": {"digit_0": {**DIGITS, "size": 10}}}, r"anomalies\.digit_0\.size is 10, not div"),
         ({"eval_batch_size": 0}, r"^eval_batch_size must be >= 1, got 0"),
         ({"n_heatmaps": -1}, r"^n_heatmaps must be >= 0, got -1"),
-        ({"bootstrap": -5}, r"^bootstrap must be >= 0 \(0: no intervals\), got -5"),
+        ({"bootstrap": -5}, r"^bootstrap must be 0 \(no intervals\) or at least 100 resamples, got -5"),
+        ({"bootstrap": 20}, r"^bootstrap must be 0 \(no intervals\) or at least 100 resamples, got 20"),
     ],
 )  # fmt: skip
 def test_check_experiment_names_the_key(change: dict, message: str, tmp_path: Path) -> None:

@@ -760,6 +760,8 @@ def test_percentile_interval_and_bootstrap_errors() -> None:
         percentile_interval([1.0, 2.0], 1.0)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         percentile_interval([], 0.9)
+    with pytest.raises(ValueError, match="1 of 3 replicates are NaN: no interval"):
+        percentile_interval([0.5, np.nan, 0.7])
     s, y = np.arange(6.0), np.r_[np.zeros(3), np.ones(3)]
     with pytest.raises(ValueError, match="n_resamples must be a whole number >= 1, got 0"):
         bootstrap_metrics({"a": s}, y, n_resamples=0)
@@ -863,11 +865,17 @@ def test_frame_bootstrap_errors() -> None:
     one, other = FrameHistograms(), FrameHistograms()
     one.update(a, labels)
     other.update(b[:3], labels[:3])
-    with pytest.raises(ValueError, match="detectors 'one' and 'other' were given different frames"):
+    with pytest.raises(
+        ValueError, match=r"detectors 'one' and 'other' were given different frames \(4 and 3\)"
+    ):
         bootstrap_frame_metrics({"one": one, "other": other})
+    shifted = FrameHistograms()  # as many frames, but others have the anomalies
+    shifted.update(a[[1, 0, 3, 2]], labels[[1, 0, 3, 2]])
+    with pytest.raises(ValueError, match="their frames with anomaly or inlier pixels differ"):
+        bootstrap_frame_metrics({"one": one, "shifted": shifted})
     inliers_only = FrameHistograms()
     inliers_only.update(a[1::2], labels[1::2])
-    with pytest.raises(ValueError, match="0 of 2 frames have anomaly pixels"):
+    with pytest.raises(ValueError, match="of 2 frames, 0 have anomaly pixels and 2 inlier pixels"):
         bootstrap_frame_metrics({"x": inliers_only})
     with pytest.raises(ValueError, match="float16"):
         one.update(a.astype(np.float32), labels)
@@ -876,3 +884,21 @@ def test_frame_bootstrap_errors() -> None:
     with pytest.raises(ValueError, match="labels must be 0, 1 or 255"):
         one.update(a, bad)
     assert one.n_frames == 4  # the refused updates added nothing
+
+
+def test_frame_bootstrap_draws_frames_within_their_group_so_every_replicate_has_both_classes(draws) -> None:
+    """A frame of anomaly pixels only, a frame of inliers only, a frame with both and an all-void
+    frame: each is its own group, so no replicate lacks a class (drawn freely, one in sixteen would
+    have no inlier pixel, and its AUROC would be NaN)."""
+    labels = np.zeros((4, 6, 6), np.uint8)
+    labels[0] = 1  # anomalies only
+    labels[2, :3] = 1  # both
+    labels[3] = 255  # void only
+    maps = np.random.default_rng(3).random((4, 6, 6)).astype(np.float16)
+    hist = FrameHistograms()
+    hist.update(maps, labels)
+    np.testing.assert_array_equal(hist.frame_classes(), [[1, 0], [0, 1], [1, 1], [0, 0]])
+    reps = bootstrap_frame_metrics({"d": hist}, n_resamples=50, seed=0)
+    assert [d.shape for d in draws] == [(50, 1)] * 4  # both, anomalies only, inliers only, neither
+    assert all(np.isfinite(reps["d"][k]).all() for k in ("auroc", "ap", "fpr95"))
+    assert np.ptp(reps["d"]["auroc"]) == 0  # one frame per group: every replicate is the whole set

@@ -422,13 +422,16 @@ def test_evaluate_bootstrap_intervals_and_paired_differences(
     base = [str(scores), "--in-set", "cif16", "--out", str(out)]
     for extra, message in (
         (["--compare", "raw"], "--compare needs --bootstrap N"),
+        (["--seed", "3"], "--seed needs --bootstrap N"),
+        (["--confidence", "0.9"], "--confidence needs --bootstrap N"),
         (
-            ["--bootstrap", "50", "--compare", "nope"],
+            ["--bootstrap", "200", "--compare", "nope"],
             "--compare 'nope' is not among the detectors: raw, ratio",
         ),
         (["--bootstrap", "-1"], "--bootstrap must be >= 0, got -1"),
-        (["--bootstrap", "50", "--confidence", "1.5"], "--confidence must be in (0, 1), got 1.5"),
-        (["--bootstrap", "50", "--seed", "-2"], "--seed must be >= 0, got -2"),
+        (["--bootstrap", "20"], "--bootstrap 20: at least 100 resamples"),
+        (["--bootstrap", "200", "--confidence", "1.5"], "--confidence must be in (0, 1), got 1.5"),
+        (["--bootstrap", "200", "--seed", "-2"], "--seed must be >= 0, got -2"),
     ):
         assert message in eval_error(evaluate, capsys, out, [], *base[:3], *extra, "--out", str(out))
     assert evaluate.main([*base, "--bootstrap", "200", "--compare", "raw"]) == 0
@@ -439,6 +442,7 @@ def test_evaluate_bootstrap_intervals_and_paired_differences(
         for m in ("auroc", "ap", "fpr95"):
             assert float(r[f"{m}_lo"]) <= float(r[m]) <= float(r[f"{m}_hi"]), (r["detector"], m)
     diffs = list(csv.DictReader((out / "differences.csv").open()))
+    assert list(diffs[0]) == ["detector", "baseline", "anomaly_set", "metric", "difference", "lo", "hi"]
     assert [(d["detector"], d["baseline"], d["metric"]) for d in diffs] == [
         ("ratio", "raw", m) for m in ("auroc", "ap", "fpr95")
     ]

@@ -20,8 +20,8 @@ in-distribution + anomaly set pair, the same resamples for every detector; --con
 (differences.csv and a section of metrics.md), the way to tell whether one detector beats
 another on these images:
 
-    python tools/evaluate.py runs/cifar10/scores.csv --in-set cifar10_test --bootstrap 1000 \
-        --compare raw --out eval/
+    python tools/evaluate.py runs/cifar10/scores.csv --in-set in_dist_test --bootstrap 1000 \
+        --compare ratio --out eval/
 
 Pixel mode: the dense maps of one or more road runs (tools/score_images.py --road) against
 their datasets' labels, void pixels excluded, streamed through densead.metrics.PixelMetrics:
@@ -36,9 +36,10 @@ metrics (component_metrics.csv and .md): maps thresholded at their best pixel F1
 anomaly instance, PPV per predicted segment and the component F1 averaged over thresholds
 0.25-0.75; --min-segment-size / --min-instance-size (pixels of the maps; 500 / 100 as the
 benchmark's RoadAnomaly21 track, 50 / 10 as RoadObstacle21). --bootstrap N / --compare DETECTOR
-as above, resampling whole frames (pixels of one frame are not independent draws; frames with
-anomalies and frames without each keep their number): intervals in pixel_metrics.csv/.md, paired
-differences in pixel_differences.csv. Its flags: evaluate.py --pixel --help.
+as above, resampling whole frames (pixels of one frame are not independent draws; frames are
+drawn within their group: with anomaly and inlier pixels, with only one of the two, or with
+neither, each group keeping its size): intervals in pixel_metrics.csv/.md, paired differences in
+pixel_differences.csv. Its flags: evaluate.py --pixel --help.
 """
 
 from __future__ import annotations
@@ -53,11 +54,18 @@ from densead.dense_scoring import (
     evaluate_dense,
     false_positives_markdown,
     pixel_metrics_markdown,
+    run_detectors,
     write_component_metrics,
     write_false_positives,
     write_pixel_metrics,
 )
-from densead.evaluation import Bootstrap, differences_markdown, markdown_tables, write_evaluation
+from densead.evaluation import (
+    MIN_RESAMPLES,
+    Bootstrap,
+    differences_markdown,
+    markdown_tables,
+    write_evaluation,
+)
 from densead.experiment import DISPLAY_NAMES
 from densead.scoring import read_scores_csv
 
@@ -76,18 +84,17 @@ def is_score_column(name: str) -> bool:
     )
 
 
-def add_bootstrap_flags(p: argparse.ArgumentParser, differences_file: str) -> None:
+def add_bootstrap_flags(p: argparse.ArgumentParser, differences_file: str, extra: str = "") -> None:
     p.add_argument(
         "--bootstrap",
         type=int,
         default=0,
         metavar="N",
-        help="percentile intervals from N paired, stratified resamples (default 0: none; 1000 is usual)",
+        help=f"percentile intervals from N paired, stratified resamples, N >= {MIN_RESAMPLES} (default 0: "
+        f"none; 1000 is usual){extra}",
     )
-    p.add_argument(
-        "--confidence", type=float, default=0.95, help="--bootstrap: interval level (default 0.95)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="--bootstrap: seed of the resamples (default 0)")
+    p.add_argument("--confidence", type=float, help="with --bootstrap: the interval's level (default 0.95)")
+    p.add_argument("--seed", type=int, help="with --bootstrap: seed of the resamples (default 0)")
     p.add_argument(
         "--compare",
         metavar="DETECTOR",
@@ -99,13 +106,23 @@ def bootstrap_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> Bootst
     """The --bootstrap flags, checked (usage errors naming the flag)."""
     if args.bootstrap < 0:
         p.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if not 0.0 < args.confidence < 1.0:
-        p.error(f"--confidence must be in (0, 1), got {args.confidence}")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
-    if args.compare and not args.bootstrap:
-        p.error("--compare needs --bootstrap N (its differences come with paired intervals)")
-    return Bootstrap(args.bootstrap, args.confidence, args.seed) if args.bootstrap else None
+    if 0 < args.bootstrap < MIN_RESAMPLES:
+        p.error(
+            f"--bootstrap {args.bootstrap}: at least {MIN_RESAMPLES} resamples (fewer leave an interval's "
+            "tails to a handful of them; 1000 is usual)"
+        )
+    if not args.bootstrap:
+        given = [f for f in ("confidence", "seed", "compare") if getattr(args, f) is not None]
+        if given:
+            p.error(f"--{given[0]} needs --bootstrap N (it sets up the bootstrap's intervals)")
+        return None
+    confidence = 0.95 if args.confidence is None else args.confidence
+    seed = 0 if args.seed is None else args.seed
+    if not 0.0 < confidence < 1.0:
+        p.error(f"--confidence must be in (0, 1), got {confidence}")
+    if seed < 0:
+        p.error(f"--seed must be >= 0, got {seed}")
+    return Bootstrap(args.bootstrap, confidence, seed)
 
 
 def pixel_main(argv: list[str]) -> int:
@@ -129,7 +146,12 @@ def pixel_main(argv: list[str]) -> int:
     )
     p.add_argument("--min-segment-size", type=int, default=500, help="--components: predicted segments, px")
     p.add_argument("--min-instance-size", type=int, default=100, help="--components: anomaly instances, px")
-    add_bootstrap_flags(p, "pixel_differences.csv")
+    add_bootstrap_flags(
+        p,
+        "pixel_differences.csv",
+        "; resamples whole frames, from exact histograms of the float16 maps, which --mode binned "
+        "does not bound: memory grows with the frames",
+    )
     p.add_argument("--no-progress", action="store_true")
     if "-h" in argv or "--help" in argv:  # before --pixel asks for its runs
         p.print_help()
@@ -146,6 +168,15 @@ def pixel_main(argv: list[str]) -> int:
         asked = " ".join(
             f for f, on in (("--by-class", args.by_class), ("--components", args.components)) if on
         )
+        if args.compare:  # before any pass over the maps
+            for run_dir in args.pixel:
+                try:
+                    have = args.detectors or run_detectors(run_dir)
+                except (ValueError, FileNotFoundError) as err:
+                    p.error(f"{run_dir}: {error_message(err)}")
+                if args.compare not in have:
+                    listed = ", ".join(have)
+                    p.error(f"--compare {args.compare!r} is not among the detectors of {run_dir}: {listed}")
         tables = []
         for run_dir in args.pixel:
             try:  # one pass over the maps for every table (and one more for the components)
