@@ -85,9 +85,11 @@ from densead.data.road import ANOMALY, VOID, RoadDataset, read_label
 from densead.dense import RoadSource, downscale_of, trained_data
 from densead.detectors import DETECTORS, GlowDetector, GlowScorer, get_detector
 from densead.evaluation import (
+    METRICS,
     Bootstrap,
     DifferenceRow,
     MetricIntervals,
+    check_comparison,
     differences_markdown,
     differences_to_csv,
     intervals,
@@ -815,11 +817,8 @@ def evaluate_dense(
     run_dir = Path(run_dir)
     if bootstrap is not None and mode is None:
         raise ValueError("a bootstrap of the pixel metrics needs the pixel metrics (mode binned or exact)")
-    if baseline is not None and bootstrap is None:
-        raise ValueError("comparing detectors to a baseline needs a bootstrap (its paired intervals)")
     run, source, dataset, detectors = _open_run(run_dir, detectors)
-    if baseline is not None and baseline not in detectors:
-        raise KeyError(f"baseline detector {baseline!r} is not among the detectors ({', '.join(detectors)})")
+    check_comparison(detectors, bootstrap, baseline)
     names = dataset.semantic_classes
     if by_class and not names:
         raise ValueError(f"{source.name} ({type(dataset).__name__}) has no semantic labels to break down by")
@@ -973,18 +972,8 @@ def pixel_metrics_markdown(rows: Sequence[PixelMetricRow], bootstrap: Bootstrap 
             "| detector | AUROC % | AP % | FPR95 % |",
             "|---|---|---|---|",
         ]
-
         # Percent with two decimals, as every other table here (the CSV keeps the fractions).
-        def cell(r: PixelMetricRow, m: str) -> str:
-            text = f"{100 * getattr(r, m):.2f}"
-            if r.has_interval:
-                text += f" [{100 * getattr(r, m + '_lo'):.2f}, {100 * getattr(r, m + '_hi'):.2f}]"
-            return text
-
-        lines += [
-            f"| {r.detector} | " + " | ".join(cell(r, m) for m in ("auroc", "ap", "fpr95")) + " |"
-            for r in sub
-        ]
+        lines += [f"| {r.detector} | " + " | ".join(r.cell(m, 2) for m in METRICS) + " |" for r in sub]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

@@ -31,6 +31,7 @@ __all__ = [
     "DifferenceRow",
     "MetricIntervals",
     "MetricRow",
+    "check_comparison",
     "compare_detectors",
     "differences_markdown",
     "differences_to_csv",
@@ -52,6 +53,10 @@ MIN_RESAMPLES = 100
 
 def _whole(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _percent(v: float, decimals: int = 1, signed: bool = False) -> str:
+    return f"{100 * v:{'+' if signed else ''}.{decimals}f}"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,14 @@ class MetricIntervals:
     @property
     def has_interval(self) -> bool:
         return not math.isnan(self.auroc_lo)
+
+    def cell(self, metric: str, decimals: int) -> str:
+        """``metric`` in percent, followed by `` [lo, hi]`` where the row has an interval."""
+        text = _percent(getattr(self, metric), decimals)
+        if self.has_interval:
+            lo, hi = (_percent(getattr(self, f"{metric}_{end}"), decimals) for end in ("lo", "hi"))
+            text += f" [{lo}, {hi}]"
+        return text
 
 
 INTERVAL_FIELDS = tuple(f.name for f in fields(MetricIntervals))
@@ -165,22 +178,16 @@ def _evaluate(
         raise KeyError("scores have no 'set' column")
     if in_set in anomaly_sets:  # against itself every metric is that of a coin flip
         raise ValueError(f"set {in_set!r} is the in-distribution set and cannot also be an anomaly set")
-    if baseline is not None and baseline not in detectors:
-        raise KeyError(f"baseline detector {baseline!r} is not among the detectors ({', '.join(detectors)})")
-    if baseline is not None and bootstrap is None:
-        raise ValueError("comparing detectors to a baseline needs a bootstrap (its paired intervals)")
-    points = {
-        (det, name): image_metrics(*_labelled(cols, det, in_set, name))
-        for det in detectors
-        for name in anomaly_sets
-    }
+    check_comparison(detectors, bootstrap, baseline)
+    # Each detector's scores and labels on each anomaly set, for the values and the bootstrap.
+    data = {(det, name): _labelled(cols, det, in_set, name) for det in detectors for name in anomaly_sets}
+    points = {key: image_metrics(*scores_labels) for key, scores_labels in data.items()}
     bounds: dict[tuple[str, str], dict[str, float]] = {}
     diffs = []
     for name in anomaly_sets if bootstrap is not None else ():
-        labels = _labelled(cols, detectors[0], in_set, name)[1]
         reps = bootstrap_metrics(
-            {det: _labelled(cols, det, in_set, name)[0] for det in detectors},
-            labels,
+            {det: data[(det, name)][0] for det in detectors},
+            data[(detectors[0], name)][1],  # the labels: the same for every detector
             bootstrap.n_resamples,
             bootstrap.seed_for(name),
         )
@@ -203,6 +210,14 @@ def _evaluate(
         for name in anomaly_sets
     ]
     return rows, diffs
+
+
+def check_comparison(detectors: Sequence[str], bootstrap: Bootstrap | None, baseline: str | None) -> None:
+    """Refuse a ``baseline`` that is not among the ``detectors``, or that comes without a bootstrap."""
+    if baseline is not None and baseline not in detectors:
+        raise KeyError(f"baseline detector {baseline!r} is not among the detectors ({', '.join(detectors)})")
+    if baseline is not None and bootstrap is None:
+        raise ValueError("comparing detectors to a baseline needs a bootstrap (its paired intervals)")
 
 
 def intervals(
@@ -273,10 +288,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / norm) if norm > 0 else math.nan
 
 
-def _percent(v: float, decimals: int = 1, signed: bool = False) -> str:
-    return f"{100 * v:{'+' if signed else ''}.{decimals}f}"
-
-
 def markdown_tables(
     rows: Sequence[MetricRow], display: Mapping[str, str] | None = None, bootstrap: Bootstrap | None = None
 ) -> str:
@@ -293,15 +304,7 @@ def markdown_tables(
         out.append("| detector | " + " | ".join(sets) + " |")
         out.append("|---|" + "---:|" * len(sets))
         for d in dets:
-            vals = []
-            for s in sets:
-                r = by[(d, s)]
-                cell = _percent(getattr(r, metric))
-                if r.has_interval:
-                    cell += (
-                        f" [{_percent(getattr(r, metric + '_lo'))}, {_percent(getattr(r, metric + '_hi'))}]"
-                    )
-                vals.append(cell)
+            vals = [by[(d, s)].cell(metric, 1) for s in sets]
             out.append(f"| {display.get(d, d)} | " + " | ".join(vals) + " |")
         out.append("")
     return "\n".join(out)

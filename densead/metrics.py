@@ -705,18 +705,14 @@ class FrameHistograms:
         s, y = s.reshape(-1, *s.shape[-2:]), y.reshape(-1, *y.shape[-2:])
         entries = []
         for frame, labels in zip(s, y, strict=True):
-            bins, labels = _float16_bins(frame), labels.ravel()
-            bad = (labels != 0) & (labels != 1) & (labels != VOID_LABEL)
-            if bad.any():
-                raise ValueError(
-                    f"labels must be 0, 1 or {VOID_LABEL} (void), got {_bad_values_text(labels[bad])}"
-                )
-            inlier = np.bincount(bins[labels == 0], minlength=N_FLOAT16_VALUES)
-            anomaly = np.bincount(bins[labels == 1], minlength=N_FLOAT16_VALUES)
-            used = np.flatnonzero(inlier + anomaly)
-            entries.append(
-                (used.astype(np.uint16), inlier[used].astype(np.int64), anomaly[used].astype(np.int64))
-            )
+            PixelMetrics._validate_chunk(frame.ravel(), labels.ravel())
+            bins, labels = _float16_bins(frame), labels.ravel()  # void pixels' values checked too
+            valid = labels != VOID_LABEL
+            counts = np.bincount(
+                bins[valid] + N_FLOAT16_VALUES * (labels[valid] == 1), minlength=2 * N_FLOAT16_VALUES
+            ).reshape(2, N_FLOAT16_VALUES)  # row 0 inliers, row 1 anomalies, as in PixelF1
+            used = np.flatnonzero(counts.sum(axis=0))
+            entries.append((used.astype(np.uint16), counts[0, used], counts[1, used]))
         self._frames += entries  # all frames of the call or none
 
     def bins(self) -> np.ndarray:

@@ -881,7 +881,9 @@ def test_frame_bootstrap_errors() -> None:
         one.update(a.astype(np.float32), labels)
     bad = labels.copy()
     bad[0, 0, 5] = 7
-    with pytest.raises(ValueError, match="labels must be 0, 1 or 255"):
+    with pytest.raises(
+        ValueError, match=r"label_map values must be 0 \(inlier\), 1 \(anomaly\) or 255 \(void\)"
+    ):
         one.update(a, bad)
     assert one.n_frames == 4  # the refused updates added nothing
 
