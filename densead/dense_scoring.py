@@ -85,8 +85,11 @@ from densead.data.road import ANOMALY, VOID, RoadDataset, read_label
 from densead.dense import RoadSource, downscale_of, trained_data
 from densead.detectors import DETECTORS, GlowDetector, GlowScorer, get_detector
 from densead.evaluation import (
+    COMPONENT_METRICS,
+    COMPONENT_TITLES,
     METRICS,
     Bootstrap,
+    ComponentIntervals,
     DifferenceRow,
     MetricIntervals,
     check_comparison,
@@ -118,6 +121,7 @@ from densead.metrics import (
     FrameHistograms,
     PixelF1,
     PixelMetrics,
+    bootstrap_component_metrics,
     bootstrap_frame_metrics,
 )
 from densead.scoring import write_scores_csv
@@ -737,8 +741,9 @@ class ClassFalsePositiveRow:
 
 
 @dataclass(frozen=True)
-class ComponentMetricRow:
-    """SegmentMeIfYouCan's component-level metrics of one detector on one road set."""
+class ComponentMetricRow(ComponentIntervals):
+    """SegmentMeIfYouCan's component-level metrics of one detector on one road set (interval
+    bounds of sIoU, PPV and mean F1 from a bootstrap over frames, at the row's threshold)."""
 
     set_name: str
     detector: str
@@ -787,7 +792,8 @@ class DenseEvaluation:
     pixel: list[PixelMetricRow]
     by_class: list[ClassFalsePositiveRow]
     components: list[ComponentMetricRow]
-    differences: list[DifferenceRow]
+    differences: list[DifferenceRow]  # of the pixel metrics
+    component_differences: list[DifferenceRow]
 
     def renamed(self, set_name: str) -> DenseEvaluation:
         """The same rows under another set name (two runs of one set evaluated together)."""
@@ -812,11 +818,13 @@ def evaluate_dense(
     and with a ``baseline`` detector each other detector's paired difference to it), the false
     alarms by class (``by_class``, :func:`false_positives_by_class`) and, with ``components =
     (min_segment_size, min_instance_size)``, each detector's best-pixel-F1 threshold; a second pass
-    then scores the components there (:func:`evaluate_dense_components`).
+    then scores the components there (:func:`evaluate_dense_components`; with a ``bootstrap``,
+    intervals and differences of sIoU, PPV and mean F1 from resampled frames at those thresholds,
+    :func:`densead.metrics.bootstrap_component_metrics`).
     """
     run_dir = Path(run_dir)
-    if bootstrap is not None and mode is None:
-        raise ValueError("a bootstrap of the pixel metrics needs the pixel metrics (mode binned or exact)")
+    if bootstrap is not None and mode is None and components is None:
+        raise ValueError("a bootstrap needs the pixel metrics (mode binned or exact) or the components")
     run, source, dataset, detectors = _open_run(run_dir, detectors)
     check_comparison(detectors, bootstrap, baseline)
     names = dataset.semantic_classes
@@ -859,7 +867,7 @@ def evaluate_dense(
             name = names[c["id"]] if c["id"] != "other" else "other"
             values = (c["n_inlier"], c["n_flagged"], c["fpr"], c["share"], out["threshold"])
             class_rows.append(ClassFalsePositiveRow(set_name, det, name, *values))
-    component_rows = []
+    component_rows, component_diffs = [], []
     if components is not None:
         best = {det: f1.compute() for det, f1 in pixel_f1.items()}
         min_segment_size, min_instance_size = components
@@ -867,15 +875,29 @@ def evaluate_dense(
         for label, _, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):
             for det, m in maps.items():
                 scored[det].update(m, label)
-        for det, cm in scored.items():
-            out = cm.compute()
+        outs = {det: cm.compute() for det, cm in scored.items()}
+        component_bounds: dict[str, dict[str, float]] = {}
+        if bootstrap is not None:
+            reps = bootstrap_component_metrics(scored, bootstrap.n_resamples, bootstrap.seed_for(set_name))
+            component_bounds, component_diffs = intervals(
+                reps, outs, bootstrap, baseline, set_name, COMPONENT_METRICS, may_be_undefined=("ppv",)
+            )
+        for det, out in outs.items():
             f1 = {round(100 * r["threshold"]): r["f1"] for r in out["per_threshold"]}
             values = (out["siou"], out["ppv"], out["f1_mean"], f1[25], f1[50], f1[75])
             counts = (out["n_instances"], out["n_segments"], min_segment_size, min_instance_size)
             component_rows.append(
-                ComponentMetricRow(set_name, det, best[det]["threshold"], best[det]["f1"], *values, *counts)
+                ComponentMetricRow(
+                    set_name,
+                    det,
+                    best[det]["threshold"],
+                    best[det]["f1"],
+                    *values,
+                    *counts,
+                    **component_bounds.get(det, {}),
+                )
             )
-    return DenseEvaluation(rows, class_rows, component_rows, diffs)
+    return DenseEvaluation(rows, class_rows, component_rows, diffs, component_diffs)
 
 
 def evaluate_dense_components(
@@ -884,6 +906,7 @@ def evaluate_dense_components(
     min_segment_size: int = 500,
     min_instance_size: int = 100,
     progress: bool = False,
+    bootstrap: Bootstrap | None = None,
 ) -> list[ComponentMetricRow]:
     """Component-level sIoU / PPV / mean F1 of the written maps (:class:`densead.metrics.ComponentMetrics`).
 
@@ -891,38 +914,82 @@ def evaluate_dense_components(
     pixel F1 (:class:`densead.metrics.PixelF1`, exact on the float16 maps), the second thresholds
     every frame there and scores its connected components. The size limits are in pixels of the
     written maps (the benchmark's RoadAnomaly21 defaults, 500 and 100, are for frames of about
-    2048 × 1024; RoadObstacle21 uses 50 and 10).
+    2048 × 1024; RoadObstacle21 uses 50 and 10). With a ``bootstrap``: intervals of sIoU, PPV and
+    mean F1 from resampled frames, each detector at its threshold.
     """
     components = (min_segment_size, min_instance_size)
-    return evaluate_dense(run_dir, detectors, None, components=components, progress=progress).components
+    out = evaluate_dense(
+        run_dir, detectors, None, components=components, progress=progress, bootstrap=bootstrap
+    )
+    return out.components
 
 
-def component_metrics_markdown(rows: Sequence[ComponentMetricRow]) -> str:
-    """One markdown table per road set: the component metrics per detector, in %."""
+def component_metrics_markdown(
+    rows: Sequence[ComponentMetricRow],
+    differences: Sequence[DifferenceRow] = (),
+    bootstrap: Bootstrap | None = None,
+) -> str:
+    """One markdown table per road set: the component metrics per detector, in %, with intervals
+    of sIoU, PPV and mean F1 as ``value [lo, hi]`` where the rows have them (``bootstrap`` names
+    them); then the ``differences`` to a baseline, if any."""
     parts = []
     for set_name in dict.fromkeys(r.set_name for r in rows):
         sub = [r for r in rows if r.set_name == set_name]
+        caption = f"; {bootstrap.caption()} over frames at each threshold" if bootstrap is not None else ""
         lines = [
             f"### {set_name}: components ({sub[0].n_instances} anomaly instances of ≥ "
-            f"{sub[0].min_instance_size} px; segments of ≥ {sub[0].min_segment_size} px)",
+            f"{sub[0].min_instance_size} px; segments of ≥ {sub[0].min_segment_size} px{caption})",
             "",
             "| detector | threshold | pixel F1 | sIoU | PPV | mean F1 | F1 @0.25 | F1 @0.50 | F1 @0.75 "
             "| segments |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {r.detector} | {r.threshold:.4g} | {100 * r.pixel_f1:.2f} | {100 * r.siou:.2f} | "
-            f"{100 * r.ppv:.2f} | {100 * r.f1_mean:.2f} | {100 * r.f1_25:.2f} | {100 * r.f1_50:.2f} | "
-            f"{100 * r.f1_75:.2f} | {r.n_segments} |"
+            f"| {r.detector} | {r.threshold:.4g} | {100 * r.pixel_f1:.2f} | "
+            + " | ".join(r.cell(m, 2) for m in COMPONENT_METRICS)
+            + f" | {100 * r.f1_25:.2f} | {100 * r.f1_50:.2f} | {100 * r.f1_75:.2f} | {r.n_segments} |"
             for r in sub
         ]
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    markdown = "\n\n".join(parts) + "\n"
+    if differences and bootstrap is not None:
+        markdown += "\n" + differences_markdown(
+            differences, bootstrap, decimals=2, metrics=COMPONENT_METRICS, titles=COMPONENT_TITLES
+        )
+    return markdown
 
 
-def write_component_metrics(out_dir: str | Path, rows: Sequence[ComponentMetricRow]) -> None:
-    """``component_metrics.csv`` and ``component_metrics.md`` in ``out_dir`` (atomically)."""
-    _write_table(Path(out_dir) / "component_metrics", ComponentMetricRow, rows, component_metrics_markdown)
+def write_component_metrics(
+    out_dir: str | Path,
+    rows: Sequence[ComponentMetricRow],
+    differences: Sequence[DifferenceRow] = (),
+    bootstrap: Bootstrap | None = None,
+) -> None:
+    """``component_metrics.csv`` and ``component_metrics.md`` in ``out_dir`` (atomically); with
+    ``differences`` also ``component_differences.csv`` (and without them none, as
+    :func:`write_pixel_metrics`). Interval columns only where the rows have them."""
+    markdown = component_metrics_markdown(rows, differences, bootstrap)
+    _write_interval_table(Path(out_dir), "component", ComponentMetricRow, rows, differences, markdown)
+
+
+def _write_interval_table(
+    out_dir: Path,
+    prefix: str,
+    row_type: type[PixelMetricRow] | type[ComponentMetricRow],
+    rows: Sequence[Any],
+    differences: Sequence[DifferenceRow],
+    markdown: str,
+) -> None:
+    """``<prefix>_metrics.csv`` (interval columns where the rows have them) and ``.md``, and
+    ``<prefix>_differences.csv`` with ``differences``; without them that file is removed: one left by
+    an earlier evaluation into this folder would not describe this one. Each written atomically."""
+    if differences:
+        atomic_write_text(out_dir / f"{prefix}_differences.csv", differences_to_csv(differences))
+    else:
+        (out_dir / f"{prefix}_differences.csv").unlink(missing_ok=True)
+    fields = table_columns(row_type, rows)
+    write_scores_csv(out_dir / f"{prefix}_metrics.csv", {f: [getattr(r, f) for r in rows] for f in fields})
+    atomic_write_text(out_dir / f"{prefix}_metrics.md", markdown)
 
 
 def _write_table(stem: Path, row_type: type, rows: Sequence[Any], markdown: Callable[[Any], str]) -> None:
@@ -987,13 +1054,7 @@ def write_pixel_metrics(
     """``pixel_metrics.csv`` and ``pixel_metrics.md`` in ``out_dir`` (atomically); with
     ``differences`` also ``pixel_differences.csv`` and their tables in ``pixel_metrics.md``, and
     without them no ``pixel_differences.csv``. Interval columns only where the rows have them."""
-    out_dir = Path(out_dir)
-    fields = table_columns(PixelMetricRow, rows)
     markdown = pixel_metrics_markdown(rows, bootstrap)
     if differences:
-        atomic_write_text(out_dir / "pixel_differences.csv", differences_to_csv(differences))
         markdown += "\n" + differences_markdown(differences, bootstrap, decimals=2)
-    else:  # one left by an earlier evaluation into this folder would not describe this one
-        (out_dir / "pixel_differences.csv").unlink(missing_ok=True)
-    write_scores_csv(out_dir / "pixel_metrics.csv", {f: [getattr(r, f) for r in rows] for f in fields})
-    atomic_write_text(out_dir / "pixel_metrics.md", markdown)
+    _write_interval_table(Path(out_dir), "pixel", PixelMetricRow, rows, differences, markdown)

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -26,8 +27,10 @@ from densead.metrics import bootstrap_metrics, image_metrics, percentile_interva
 from densead.viz import plot_roc_curves, plot_score_histograms
 
 __all__ = [
-    "Bootstrap",
+    "COMPONENT_METRICS",
     "MIN_RESAMPLES",
+    "Bootstrap",
+    "ComponentIntervals",
     "DifferenceRow",
     "MetricIntervals",
     "MetricRow",
@@ -46,6 +49,9 @@ __all__ = [
 
 METRICS = ("auroc", "ap", "fpr95")
 TITLES = ("AUROC %", "AP %", "FPR at 95% TPR %")
+# SegmentMeIfYouCan's component-level metrics with intervals (densead.metrics.ComponentMetrics).
+COMPONENT_METRICS = ("siou", "ppv", "f1_mean")
+COMPONENT_TITLES = ("sIoU %", "PPV %", "mean F1 %")
 # The fewest resamples the tools and experiment configs accept: fewer leave the tails of an
 # interval (2.5 % each at 95 %) to a handful of resamples.
 MIN_RESAMPLES = 100
@@ -91,8 +97,38 @@ class Bootstrap:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MetricIntervals:
+class _Intervals:
+    """A row's ``<metric>_lo`` / ``<metric>_hi`` bounds, one pair per metric of ``INTERVAL_METRICS``
+    (the subclasses declare them); NaN without a bootstrap, or where the metric is undefined in
+    some resamples."""
+
+    INTERVAL_METRICS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def interval_fields(cls) -> list[str]:
+        return [f"{m}_{end}" for m in cls.INTERVAL_METRICS for end in ("lo", "hi")]
+
+    @property
+    def has_interval(self) -> bool:
+        return any(not math.isnan(getattr(self, f"{m}_lo")) for m in self.INTERVAL_METRICS)
+
+    def cell(self, metric: str, decimals: int) -> str:
+        """``metric`` in percent, followed by `` [lo, hi]`` where the row has its interval, or
+        `` [—]`` where the row has others but not this one's."""
+        text = _percent(getattr(self, metric), decimals)
+        if not math.isnan(getattr(self, f"{metric}_lo")):
+            lo, hi = (_percent(getattr(self, f"{metric}_{end}"), decimals) for end in ("lo", "hi"))
+            text += f" [{lo}, {hi}]"
+        elif self.has_interval:
+            text += " [—]"
+        return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricIntervals(_Intervals):
     """The ``*_lo`` / ``*_hi`` bounds of a row's AUROC, AP and FPR95; NaN without a bootstrap."""
+
+    INTERVAL_METRICS: ClassVar[tuple[str, ...]] = METRICS
 
     auroc_lo: float = math.nan
     auroc_hi: float = math.nan
@@ -101,26 +137,27 @@ class MetricIntervals:
     fpr95_lo: float = math.nan
     fpr95_hi: float = math.nan
 
-    @property
-    def has_interval(self) -> bool:
-        return not math.isnan(self.auroc_lo)
 
-    def cell(self, metric: str, decimals: int) -> str:
-        """``metric`` in percent, followed by `` [lo, hi]`` where the row has an interval."""
-        text = _percent(getattr(self, metric), decimals)
-        if self.has_interval:
-            lo, hi = (_percent(getattr(self, f"{metric}_{end}"), decimals) for end in ("lo", "hi"))
-            text += f" [{lo}, {hi}]"
-        return text
+@dataclass(frozen=True, kw_only=True)
+class ComponentIntervals(_Intervals):
+    """The ``*_lo`` / ``*_hi`` bounds of a row's mean sIoU, mean PPV and mean F1 (component level);
+    NaN without a bootstrap (the PPV's also where some resample holds no predicted segment)."""
+
+    INTERVAL_METRICS: ClassVar[tuple[str, ...]] = COMPONENT_METRICS
+
+    siou_lo: float = math.nan
+    siou_hi: float = math.nan
+    ppv_lo: float = math.nan
+    ppv_hi: float = math.nan
+    f1_mean_lo: float = math.nan
+    f1_mean_hi: float = math.nan
 
 
-INTERVAL_FIELDS = tuple(f.name for f in fields(MetricIntervals))
-
-
-def table_columns(row_type: type, rows: Sequence[MetricIntervals]) -> list[str]:
+def table_columns(row_type: type[_Intervals], rows: Sequence[_Intervals]) -> list[str]:
     """A row type's fields in CSV order: its own, then the interval bounds where the rows have them."""
-    own = [f.name for f in fields(row_type) if f.name not in INTERVAL_FIELDS]
-    return own + list(INTERVAL_FIELDS) * any(r.has_interval for r in rows)
+    bounds = row_type.interval_fields()
+    own = [f.name for f in fields(row_type) if f.name not in bounds]
+    return own + bounds * any(r.has_interval for r in rows)
 
 
 @dataclass(frozen=True)
@@ -226,18 +263,29 @@ def intervals(
     bootstrap: Bootstrap,
     baseline: str | None,
     set_name: str,
+    metrics: Sequence[str] = METRICS,
+    may_be_undefined: Sequence[str] = (),
 ) -> tuple[dict[str, dict[str, float]], list[DifferenceRow]]:
     """From one set's bootstrap replicates (``{detector: {metric: (R,)}}``) and point values: each
     detector's ``{"<metric>_lo": .., "<metric>_hi": ..}`` and, with a ``baseline``, each other
-    detector's paired differences to it."""
+    detector's paired differences to it. A metric of ``may_be_undefined`` with NaN replicates (a
+    mean PPV over resampled frames without a predicted segment) gets NaN bounds, as does each
+    difference it enters; NaN replicates of any other metric are an error
+    (:func:`densead.metrics.percentile_interval`)."""
+
+    def bounds_of(reps: np.ndarray, metric: str) -> tuple[float, float]:
+        if metric in may_be_undefined and np.isnan(reps).any():
+            return math.nan, math.nan
+        return percentile_interval(reps, bootstrap.confidence)
+
     bounds: dict[str, dict[str, float]] = {}
     diffs = []
     for det, reps in replicates.items():
-        for m in METRICS:
-            lo, hi = percentile_interval(reps[m], bootstrap.confidence)
+        for m in metrics:
+            lo, hi = bounds_of(reps[m], m)
             bounds.setdefault(det, {}).update({f"{m}_lo": lo, f"{m}_hi": hi})
             if baseline is not None and det != baseline:
-                lo, hi = percentile_interval(reps[m] - replicates[baseline][m], bootstrap.confidence)
+                lo, hi = bounds_of(reps[m] - replicates[baseline][m], m)
                 d = points[det][m] - points[baseline][m]
                 diffs.append(DifferenceRow(det, baseline, set_name, m, d, lo, hi))
     return bounds, diffs
@@ -315,9 +363,12 @@ def differences_markdown(
     bootstrap: Bootstrap,
     display: Mapping[str, str] | None = None,
     decimals: int = 1,
+    metrics: Sequence[str] = METRICS,
+    titles: Sequence[str] = TITLES,
 ) -> str:
-    """Per metric: each detector minus the baseline, per set, in points with ``decimals``
-    decimals, with its paired interval; bold where the interval excludes 0."""
+    """Per metric (``metrics``, headed ``titles``): each detector minus the baseline, per set, in
+    points with ``decimals`` decimals, with its paired interval; bold where the interval excludes
+    0; ``[—]`` where it is undefined (NaN bounds, :func:`intervals`)."""
     if not diffs:
         return ""
     display = display or {}
@@ -326,11 +377,13 @@ def differences_markdown(
     dets = list(dict.fromkeys(r.detector for r in diffs))
     by = {(r.detector, r.set_name, r.metric): r for r in diffs}
     out = []
-    for metric, title in zip(METRICS, TITLES, strict=True):
+    for metric, title in zip(metrics, titles, strict=True):
         better = "lower is better" if metric == "fpr95" else "higher is better"
+        undefined = any(math.isnan(r.lo) for r in diffs if r.metric == metric)
+        note = "; [—]: undefined in some resamples (one side has no predicted segment there)" * undefined
         out.append(
             f"**{title}, detector − {baseline}** (points; paired {bootstrap.caption()}; bold: the interval "
-            f"excludes 0; {better})\n"
+            f"excludes 0; {better}{note})\n"
         )
         out.append("| detector | " + " | ".join(sets) + " |")
         out.append("|---|" + "---:|" * len(sets))
@@ -338,8 +391,12 @@ def differences_markdown(
             cells = []
             for s in sets:
                 r = by[(d, s, metric)]
+                cell = _percent(r.difference, decimals, True)
+                if math.isnan(r.lo):
+                    cells.append(f"{cell} [—]")
+                    continue
                 lo, hi = _percent(r.lo, decimals, True), _percent(r.hi, decimals, True)
-                cell = f"{_percent(r.difference, decimals, True)} [{lo}, {hi}]"
+                cell += f" [{lo}, {hi}]"
                 cells.append(f"**{cell}**" if r.lo > 0 or r.hi < 0 else cell)
             out.append(f"| {display.get(d, d)} | " + " | ".join(cells) + " |")
         out.append("")

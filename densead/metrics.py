@@ -23,6 +23,11 @@ maps, :class:`ComponentMetrics` thresholds each frame there and scores connected
 components: sIoU per ground-truth component, PPV per predicted component, F1 of
 component detection averaged over sIoU/PPV thresholds 0.25, 0.30, …, 0.75.
 
+Bootstrap intervals: :func:`bootstrap_metrics` resamples images (stratified by class),
+:func:`bootstrap_frame_metrics` and :func:`bootstrap_component_metrics` resample whole frames;
+each uses one draw for every detector, so differences between detectors get paired intervals
+(:func:`percentile_interval`).
+
 Scores must be finite: NaN or ±inf have no well-defined rank, so every entry
 point raises ``ValueError`` with the number of offending values and leaves the
 choice of a replacement to the caller.
@@ -47,6 +52,7 @@ __all__ = [
     "PixelMetrics",
     "auroc",
     "average_precision",
+    "bootstrap_component_metrics",
     "bootstrap_frame_metrics",
     "bootstrap_metrics",
     "fpr_at_tpr",
@@ -1051,6 +1057,25 @@ class ComponentMetrics:
         ppv = (pred_in_roi[shown] - on_inliers[shown]) / pred_in_roi[shown]
         return siou.astype(np.float64), ppv.astype(np.float64)
 
+    @property
+    def n_frames(self) -> int:
+        return len(self._siou)
+
+    def frame_counts(self) -> dict[str, np.ndarray]:
+        """Each frame's share of :meth:`compute`'s sums, one row per frame seen, in order:
+        ``n_instances``, ``siou_sum``, ``n_segments``, ``ppv_sum`` ``(F,)`` and, per sIoU/PPV
+        threshold, ``tp`` and ``fp`` ``(F, len(siou_thresholds))``. Any set of frames' metrics
+        follow from the sums of its rows (a frame bootstrap, :func:`bootstrap_component_metrics`)."""
+        t = np.asarray(self.siou_thresholds)[:, None]
+        return {
+            "n_instances": np.array([s.size for s in self._siou], dtype=np.float64),
+            "siou_sum": np.array([s.sum() for s in self._siou], dtype=np.float64),
+            "n_segments": np.array([p.size for p in self._ppv], dtype=np.float64),
+            "ppv_sum": np.array([p.sum() for p in self._ppv], dtype=np.float64),
+            "tp": np.array([(s >= t).sum(axis=1) for s in self._siou], np.float64).reshape(-1, t.size),
+            "fp": np.array([(p < t).sum(axis=1) for p in self._ppv], np.float64).reshape(-1, t.size),
+        }
+
     def compute(self) -> dict[str, Any]:
         """``{"siou", "ppv", "f1_mean", "n_instances", "n_segments", "per_threshold": [{"threshold",
         "tp", "fn", "fp", "f1"}, ...]}``: mean sIoU over ground-truth components, mean PPV over
@@ -1077,3 +1102,65 @@ class ComponentMetrics:
             "n_segments": int(ppv.size),
             "per_threshold": rows,
         }
+
+
+def bootstrap_component_metrics(
+    metrics: Mapping[str, ComponentMetrics], n_resamples: int = 1000, seed: int | Sequence[int] = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """Bootstrap replicates of the component metrics (mean sIoU, mean PPV, mean F1), resampling
+    whole frames.
+
+    Frames with at least one anomaly instance (of ``min_instance_size``) and frames without are
+    drawn with replacement within their group, each group keeping its size, so every replicate
+    has instances and its sIoU and F1 are defined; the same draw for every detector (paired, as
+    :func:`bootstrap_metrics`). Each detector's threshold stays the one it was scored at: the
+    intervals are those of its components at that threshold (choosing the threshold again per
+    replicate would mean thresholding every frame again). Replicate ``r`` equals
+    :meth:`ComponentMetrics.compute` on the drawn frames (tested).
+
+    Args:
+        metrics: detector name -> its :class:`ComponentMetrics`, all updated with the same frames
+            in the same order and the same ``min_instance_size`` and ``siou_thresholds``.
+        n_resamples: number of replicates (at least 1).
+        seed: seed of the draws (``numpy.random.default_rng``'s).
+
+    Returns:
+        ``{detector: {"siou": (R,), "ppv": (R,), "f1_mean": (R,)}}``, float64; a replicate
+        whose frames hold no predicted segment has a NaN PPV (a mean over no segment).
+
+    Raises:
+        ValueError: no detector, detectors that saw different frames or instances, no instance,
+            ``n_resamples`` < 1.
+    """
+    if not metrics:
+        raise ValueError("bootstrap_component_metrics: no detector component metrics given")
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(
+            f"bootstrap_component_metrics: n_resamples must be a whole number >= 1, got {n_resamples}"
+        )
+    counts = {name: m.frame_counts() for name, m in metrics.items()}
+    first_name, first = next(iter(counts.items()))
+    instances = first["n_instances"]
+    for name, c in counts.items():
+        if not np.array_equal(c["n_instances"], instances) or c["tp"].shape[1] != first["tp"].shape[1]:
+            raise ValueError(
+                f"detectors {first_name!r} and {name!r} were given different frames, instances or sIoU "
+                f"thresholds ({instances.size} and {c['n_instances'].size} frames, "
+                f"{int(instances.sum())} and {int(c['n_instances'].sum())} instances); a paired bootstrap "
+                "needs the same"
+            )
+    if not instances.any():
+        raise ValueError(
+            f"no anomaly instance in the {instances.size} frames: no component metric to resample"
+        )
+    groups = (np.flatnonzero(instances > 0), np.flatnonzero(instances == 0))
+    w = _stratified_counts(np.random.default_rng(seed), groups, instances.size, int(n_resamples))
+    n = w @ instances  # > 0 in every replicate: the frames with instances keep their number
+    out = {}
+    for name, c in counts.items():
+        tp, segments = w @ c["tp"], w @ c["n_segments"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ppv = np.where(segments > 0, (w @ c["ppv_sum"]) / segments, np.nan)
+        f1 = 2 * tp / (tp + n[:, None] + w @ c["fp"])  # 2TP / (2TP + FN + FP), FN = n - TP
+        out[name] = {"siou": (w @ c["siou_sum"]) / n, "ppv": ppv, "f1_mean": f1.mean(axis=1)}
+    return out

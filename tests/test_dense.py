@@ -617,17 +617,23 @@ def test_runs_of_one_set_keep_apart_in_the_pixel_tables(tmp_path: Path) -> None:
         assert [r["set_name"] for r in csv.DictReader(f)] == ["camvid_test"]  # one run: the set's own name
 
 
-def test_pixel_bootstrap_intervals_and_paired_differences_over_frames(tmp_path: Path, capsys) -> None:
-    """evaluate.py --pixel --bootstrap: intervals from resampled frames next to each number, each
-    detector minus the --compare one with its paired interval; the same flags give the same numbers,
-    and a later evaluation without --compare removes pixel_differences.csv."""
-    evaluate = load_tool("evaluate")
+def bootstrap_evaluation(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A road run of raw and last_scale maps over 5 fake CamVid frames, each with a pedestrian, and
+    evaluate.py's arguments for it with --bootstrap 100 (no --compare): its output folder and them."""
     root = fake_camvid(tmp_path / "camvid", n=5)
     ckpt = save_tiny_checkpoint(tmp_path / "in.pt", 4)
     source = RoadSource("camvid", str(root), "test")
     score_road_dataset(source, ckpt, tmp_path / "run", ["raw", "last_scale"], overlays=False, progress=False)
     out = tmp_path / "eval"
-    args = ["--pixel", str(tmp_path / "run"), "--out", str(out), "--no-progress", "--bootstrap", "100"]
+    return out, ["--pixel", str(tmp_path / "run"), "--out", str(out), "--no-progress", "--bootstrap", "100"]
+
+
+def test_pixel_bootstrap_intervals_and_paired_differences_over_frames(tmp_path: Path, capsys) -> None:
+    """evaluate.py --pixel --bootstrap: intervals from resampled frames next to each number, each
+    detector minus the --compare one with its paired interval; the same flags give the same numbers,
+    and a later evaluation without --compare removes pixel_differences.csv."""
+    evaluate = load_tool("evaluate")
+    out, args = bootstrap_evaluation(tmp_path)
     assert evaluate.main([*args, "--compare", "raw"]) == 0
     printed = capsys.readouterr().out
     assert "95% bootstrap interval, 100 resamples over frames" in printed and "detector − raw" in printed
@@ -659,3 +665,40 @@ def test_pixel_bootstrap_intervals_and_paired_differences_over_frames(tmp_path: 
         exit_.value.code == 2 and f"--compare 'nope' is not among the detectors of {tmp_path / 'run'}" in err
     )
     assert "raw, last_scale" in err
+
+
+def test_component_bootstrap_intervals_and_paired_differences(tmp_path: Path, capsys) -> None:
+    """evaluate.py --pixel --components --bootstrap: sIoU, PPV and mean F1 with intervals from
+    resampled frames at each detector's threshold, each detector minus the --compare one in
+    component_differences.csv; the same flags give the same numbers, and without --compare the file
+    is removed."""
+    evaluate = load_tool("evaluate")
+    out, args = bootstrap_evaluation(tmp_path)
+    args += ["--components", "--min-segment-size", "0", "--min-instance-size", "0"]
+    assert evaluate.main([*args, "--compare", "raw"]) == 0
+    printed = capsys.readouterr().out
+    assert "95% bootstrap interval, 100 resamples over frames at each threshold" in printed
+    assert "**sIoU %, detector − raw**" in printed and "**mean F1 %, detector − raw**" in printed
+    with (out / "component_metrics.csv").open() as f:
+        rows = {r["detector"]: r for r in csv.DictReader(f)}
+    (plain,) = evaluate_dense_components(tmp_path / "run", ["raw"], min_segment_size=0, min_instance_size=0)
+    assert float(rows["raw"]["siou"]) == plain.siou and rows["raw"]["n_instances"] == "5"
+    for r in rows.values():
+        for m in ("siou", "ppv", "f1_mean"):
+            assert 0 <= float(r[f"{m}_lo"]) <= float(r[f"{m}_hi"]) <= 1, (r["detector"], m)
+    assert float(rows["raw"]["siou_lo"]) < float(rows["raw"]["siou_hi"])  # five frames that differ
+    with (out / "component_differences.csv").open() as f:
+        diffs = list(csv.DictReader(f))
+    assert [(d["detector"], d["baseline"], d["set_name"], d["metric"]) for d in diffs] == [
+        ("last_scale", "raw", "camvid_test", m) for m in ("siou", "ppv", "f1_mean")
+    ]
+    for d in diffs:
+        gap = float(rows["last_scale"][d["metric"]]) - float(rows["raw"][d["metric"]])
+        assert float(d["difference"]) == pytest.approx(gap) and float(d["lo"]) <= float(d["hi"])
+    first = (out / "component_metrics.csv").read_text()
+    assert evaluate.main(args) == 0
+    assert (out / "component_metrics.csv").read_text() == first
+    assert not (out / "component_differences.csv").exists()
+    assert evaluate.main([a for a in args if a not in ("--bootstrap", "100")]) == 0
+    assert "siou_lo" not in (out / "component_metrics.csv").read_text()
+    assert "[" not in (out / "component_metrics.md").read_text().split("|---|")[-1]

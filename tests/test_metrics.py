@@ -18,6 +18,7 @@ from densead.metrics import (
     PixelMetrics,
     auroc,
     average_precision,
+    bootstrap_component_metrics,
     bootstrap_frame_metrics,
     bootstrap_metrics,
     fpr_at_tpr,
@@ -904,3 +905,111 @@ def test_frame_bootstrap_draws_frames_within_their_group_so_every_replicate_has_
     assert [d.shape for d in draws] == [(50, 1)] * 4  # both, anomalies only, inliers only, neither
     assert all(np.isfinite(reps["d"][k]).all() for k in ("auroc", "ap", "fpr95"))
     assert np.ptp(reps["d"]["auroc"]) == 0  # one frame per group: every replicate is the whole set
+
+
+def component_frames(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``n`` frames of random anomaly blobs (none in frames 1 and 5), void patches, and the maps of
+    two noisy detectors and of one that flags only frame 0's anomalies."""
+    labels = np.zeros((n, 48, 64), np.uint8)
+    for f in range(n):
+        if f not in (1, 5):
+            labels[f][blobs(rng, (48, 64), 0.12, 2.0)] = 1
+        labels[f][blobs(rng, (48, 64), 0.08, 3.0)] = 255
+    evidence = 0.5 * (labels == 1)
+    maps = {
+        name: evidence + ndimage.gaussian_filter(rng.standard_normal(labels.shape), (0, sigma, sigma))
+        for name, sigma in (("a", 1.5), ("b", 2.5))
+    }
+    maps["sparse"] = np.zeros(labels.shape)
+    maps["sparse"][0] = labels[0] == 1
+    return {k: v.astype(np.float32) for k, v in maps.items()}, labels
+
+
+def test_each_component_bootstrap_replicate_is_the_component_metrics_of_its_drawn_frames(draws) -> None:
+    """Replicate r equals ComponentMetrics.compute on the frames drawn for it (sIoU, PPV, mean F1;
+    a NaN PPV where no drawn frame has a predicted segment), each group keeps its size, and all
+    detectors see one draw."""
+    maps, labels = component_frames(np.random.default_rng(0), 8)
+    settings = {"threshold": 0.35, "min_segment_size": 6, "min_instance_size": 5}
+    metrics = {name: ComponentMetrics(**settings) for name in maps}
+    for f in range(8):  # one frame per update for a, batches of frames for the others
+        metrics["a"].update(maps["a"][f], labels[f])
+    for name in ("b", "sparse"):
+        metrics[name].update(maps[name][:3], labels[:3])
+        metrics[name].update(maps[name][3:], labels[3:])
+    assert metrics["a"].n_frames == 8
+    reps = bootstrap_component_metrics(metrics, n_resamples=20, seed=4)
+    with_instances, without = draws
+    assert with_instances.shape == (20, 6) and without.shape == (20, 2)
+    assert (with_instances.sum(axis=1) == 6).all() and (without.sum(axis=1) == 2).all()
+    for r in range(20):
+        picked = np.r_[np.repeat([0, 2, 3, 4, 6, 7], with_instances[r]), np.repeat([1, 5], without[r])]
+        for name, m in maps.items():
+            want = ComponentMetrics(**settings)
+            want.update(m[picked], labels[picked])
+            out = want.compute()
+            for key in ("siou", "ppv", "f1_mean"):
+                assert reps[name][key][r] == pytest.approx(out[key], abs=EXACT_TOL, nan_ok=True), (
+                    name,
+                    key,
+                    r,
+                )
+    # the sparse detector's only segments are in frame 0: the resamples without it have no PPV
+    missed = with_instances[:, 0] == 0
+    assert missed.any() and not missed.all()
+    assert np.isnan(reps["sparse"]["ppv"][missed]).all() and np.isfinite(reps["sparse"]["ppv"][~missed]).all()
+    assert all(np.isfinite(reps[n][k]).all() for n in ("a", "b") for k in ("siou", "ppv", "f1_mean"))
+    assert np.ptp(reps["a"]["siou"]) > 0  # the frames differ, so do the replicates
+
+
+def test_component_bootstrap_errors() -> None:
+    maps, labels = component_frames(np.random.default_rng(1), 6)
+    one, fewer, small = (ComponentMetrics(0.35, 6, 5) for _ in range(3))
+    one.update(maps["a"], labels)
+    fewer.update(maps["b"][:5], labels[:5])
+    with pytest.raises(
+        ValueError, match=r"detectors 'one' and 'fewer' were given different frames.*\(6 and 5"
+    ):
+        bootstrap_component_metrics({"one": one, "fewer": fewer})
+    other_thresholds = ComponentMetrics(0.35, 6, 5, siou_thresholds=(0.5,))
+    other_thresholds.update(maps["b"], labels)
+    with pytest.raises(ValueError, match="different frames, instances or sIoU thresholds"):
+        bootstrap_component_metrics({"one": one, "other": other_thresholds})
+    small.update(maps["a"][[1, 5]], labels[[1, 5]])  # the two frames without anomalies
+    with pytest.raises(ValueError, match="no anomaly instance in the 2 frames"):
+        bootstrap_component_metrics({"small": small})
+    with pytest.raises(ValueError, match="n_resamples must be a whole number >= 1, got 0"):
+        bootstrap_component_metrics({"one": one}, n_resamples=0)
+    with pytest.raises(ValueError, match="no detector"):
+        bootstrap_component_metrics({})
+
+
+def test_an_undefined_ppv_interval_is_shown_as_such_and_other_nan_replicates_are_refused() -> None:
+    """intervals(): a PPV with NaN replicates (resamples without a predicted segment) gets NaN
+    bounds, as its differences do, and the tables show [—]; NaN replicates of sIoU are an error."""
+    from densead.dense_scoring import ComponentMetricRow, component_metrics_markdown
+    from densead.evaluation import COMPONENT_METRICS, Bootstrap, intervals
+
+    boot = Bootstrap(100)
+    rng = np.random.default_rng(0)
+    reps = {d: {m: rng.uniform(0.2, 0.4, 100) for m in COMPONENT_METRICS} for d in ("base", "sparse")}
+    reps["sparse"]["ppv"][[3, 50]] = np.nan
+    points = {d: {m: 0.3 for m in COMPONENT_METRICS} for d in reps}
+    bounds, diffs = intervals(reps, points, boot, "base", "s", COMPONENT_METRICS, may_be_undefined=("ppv",))
+    assert math.isnan(bounds["sparse"]["ppv_lo"]) and math.isnan(bounds["sparse"]["ppv_hi"])
+    assert 0.2 <= bounds["sparse"]["siou_lo"] < bounds["sparse"]["siou_hi"] <= 0.4
+    assert 0.2 <= bounds["base"]["ppv_lo"] < bounds["base"]["ppv_hi"] <= 0.4
+    by = {d.metric: d for d in diffs}
+    assert math.isnan(by["ppv"].lo) and by["siou"].lo < 0 < by["siou"].hi
+    counts = dict(n_instances=4, n_segments=2, min_segment_size=0, min_instance_size=0)
+    rows = [
+        ComponentMetricRow("s", d, 0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, **counts, **bounds[d])
+        for d in ("base", "sparse")
+    ]
+    table = component_metrics_markdown(rows, diffs, boot)
+    assert "| sparse | 0.5 | 40.00 | 30.00 [" in table and "| 30.00 [—] | 30.00 [" in table
+    assert "**PPV %, detector − base**" in table and "| sparse | +0.00 [—] |" in table
+    assert "[—]: undefined in some resamples" in table
+    reps["sparse"]["siou"][0] = np.nan
+    with pytest.raises(ValueError, match="1 of 100 replicates are NaN"):
+        intervals(reps, points, boot, None, "s", COMPONENT_METRICS, may_be_undefined=("ppv",))

@@ -39,7 +39,10 @@ benchmark's RoadAnomaly21 track, 50 / 10 as RoadObstacle21). --bootstrap N / --c
 as above, resampling whole frames (pixels of one frame are not independent draws; frames are
 drawn within their group: with anomaly and inlier pixels, with only one of the two, or with
 neither, each group keeping its size): intervals in pixel_metrics.csv/.md, paired differences in
-pixel_differences.csv. Its flags: evaluate.py --pixel --help.
+pixel_differences.csv. With --components, intervals of sIoU, PPV and mean F1 too (frames with
+and without anomaly instances drawn apart; each detector kept at its threshold, so they cover
+the frames' sampling at that threshold, not its choice), paired differences in
+component_differences.csv. Its flags: evaluate.py --pixel --help.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ def pixel_main(argv: list[str]) -> int:
             next((r.set_name for r in run.pixel + run.by_class + run.components), None) for run in tables
         ]
         repeated = {s for s in set_names if set_names.count(s) > 1}
-        rows, by_class, components, differences = [], [], [], []
+        rows, by_class, components, differences, component_differences = [], [], [], [], []
         for run_dir, set_name, run in zip(args.pixel, set_names, tables, strict=True):
             if set_name in repeated:
                 run = run.renamed(f"{set_name} [{run_dir}]")
@@ -207,6 +210,7 @@ def pixel_main(argv: list[str]) -> int:
             by_class += run.by_class
             components += run.components
             differences += run.differences
+            component_differences += run.component_differences
         write_pixel_metrics(args.out, rows, differences, bootstrap)
         print(pixel_metrics_markdown(rows, bootstrap))
         if differences:
@@ -215,11 +219,12 @@ def pixel_main(argv: list[str]) -> int:
             write_false_positives(args.out, by_class)
             print(false_positives_markdown(by_class))
         if args.components:
-            write_component_metrics(args.out, components)
-            print(component_metrics_markdown(components))
+            write_component_metrics(args.out, components, component_differences, bootstrap)
+            print(component_metrics_markdown(components, component_differences, bootstrap))
         written = "pixel_metrics.csv, pixel_metrics.md" + (", pixel_differences.csv" if differences else "")
         written += ", pixel_fp_by_class.csv/.md" if args.by_class else ""
         written += ", component_metrics.csv/.md" if args.components else ""
+        written += ", component_differences.csv" if component_differences else ""
         print(f"{written} -> {Path(args.out).resolve()}")
         return 0
 
