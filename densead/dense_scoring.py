@@ -831,7 +831,7 @@ def evaluate_dense(
     if by_class and not names:
         raise ValueError(f"{source.name} ({type(dataset).__name__}) has no semantic labels to break down by")
     metrics = {d: PixelMetrics(mode) for d in detectors} if mode is not None else {}
-    frames = {d: FrameHistograms() for d in detectors} if bootstrap is not None else {}
+    frames = {d: FrameHistograms() for d in detectors} if bootstrap is not None and metrics else {}
     counters = {d: FalsePositivesByClass(len(names)) for d in detectors} if by_class else {}
     pixel_f1 = {d: PixelF1() for d in detectors} if components is not None else {}
     for label, semantic, maps in _labelled_maps(run_dir, run, source, dataset, detectors, progress):

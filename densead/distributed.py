@@ -7,6 +7,7 @@ calls them unconditionally and plain ``python tools/...`` runs stay unchanged.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_object",
     "finish",
     "gather_concat",
     "init_from_env",
@@ -65,6 +67,15 @@ def init_from_env(device: torch.device) -> torch.device:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable; the identity in one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def finish() -> None:

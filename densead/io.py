@@ -8,21 +8,26 @@ read back with ``weights_only=True`` by :func:`read_checkpoint`, whose errors na
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from densead import distributed as dist
+
 __all__ = [
+    "HEATMAPS_RECORD",
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_text",
+    "check_heatmap_folder",
     "check_output_dir",
     "check_overwrite",
     "missing_folders",
@@ -30,6 +35,7 @@ __all__ = [
     "read_checkpoint",
     "require_file",
     "signals_deferred",
+    "staged_heatmaps",
     "staging_folder",
     "swap_folders",
 ]
@@ -244,3 +250,49 @@ def read_checkpoint(
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path}: not a densead {label} (missing {key!r})")
     return ckpt
+
+
+# What a heat-map folder written by staged_heatmaps holds besides its PNGs: how they were made.
+HEATMAPS_RECORD = "heatmaps.json"
+
+
+def check_heatmap_folder(path: str | os.PathLike[str], key: str = "--heatmaps") -> Path:
+    """Before any work: the heat maps can go to folder ``path`` — new, empty, or written by an
+    earlier :func:`staged_heatmaps` (it holds :data:`HEATMAPS_RECORD`), since the new maps replace
+    it whole; a folder of other files is refused, naming ``key``, rather than mixed or removed."""
+    path = check_output_dir(path, key)
+    here = Path.cwd()
+    if here == Path(os.path.abspath(path)) or Path(os.path.abspath(path)) in here.parents:
+        raise ValueError(f"{key}: {path} is or holds the current folder, which the heat maps would replace")
+    if path.is_dir() and any(path.iterdir()) and not (path / HEATMAPS_RECORD).is_file():
+        raise ValueError(
+            f"{key}: {path} holds files that no heat-map run wrote (it has no {HEATMAPS_RECORD}): name "
+            "a new or empty folder (one that an earlier run wrote is replaced whole)"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def staged_heatmaps(target: str | os.PathLike[str], record: Mapping[str, Any]) -> Iterator[Path]:
+    """The folder to write heat maps into (:func:`score_image_set`'s ``heatmap_dir``), hidden
+    beside ``target`` and the same on every rank. When the block ends without an error, ``record``
+    goes into it as :data:`HEATMAPS_RECORD` and it replaces ``target`` whole, so no PNG of an
+    earlier run stays beside the new ones; on an error nothing of it stays. Check ``target`` with
+    :func:`check_heatmap_folder` first."""
+    target = Path(os.path.abspath(target))
+    missing = missing_folders(target.parent)
+    anchor = missing[-1].parent if missing else target.parent  # no folder is made before the end
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(staging_folder(anchor)) if dist.is_main() else None
+        staging = Path(dist.broadcast_object(staging))
+        if dist.is_main():
+            (staging / target.name).mkdir()
+        dist.barrier()
+        yield staging / target.name
+        dist.barrier()  # every rank's PNGs are written
+        if dist.is_main():
+            atomic_write_text(
+                staging / target.name / HEATMAPS_RECORD, json.dumps(dict(record), indent=2) + "\n"
+            )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            swap_folders(staging, target.parent, [target.name])

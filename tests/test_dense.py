@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -40,6 +41,7 @@ from densead.dense import (
 from densead.dense_scoring import (
     DenseRun,
     MapRescale,
+    evaluate_dense,
     evaluate_dense_components,
     evaluate_dense_run,
     false_positives_by_class,
@@ -48,6 +50,7 @@ from densead.dense_scoring import (
     write_dense_maps,
 )
 from densead.detectors import GlowScorer, get_detector
+from densead.evaluation import Bootstrap
 from densead.flows import Glow
 from densead.io import atomic_torch_save
 from densead.metrics import ComponentMetrics
@@ -683,6 +686,12 @@ def test_component_bootstrap_intervals_and_paired_differences(tmp_path: Path, ca
         rows = {r["detector"]: r for r in csv.DictReader(f)}
     (plain,) = evaluate_dense_components(tmp_path / "run", ["raw"], min_segment_size=0, min_instance_size=0)
     assert float(rows["raw"]["siou"]) == plain.siou and rows["raw"]["n_instances"] == "5"
+    assert math.isnan(plain.siou_lo) and not plain.has_interval
+    # raw alone gets the intervals it got beside last_scale: the draws depend on the frames only
+    (alone,) = evaluate_dense_components(tmp_path / "run", ["raw"], 0, 0, bootstrap=Bootstrap(100))
+    assert [repr(getattr(alone, f"{m}_{e}")) for m in ("siou", "ppv", "f1_mean") for e in ("lo", "hi")] == [
+        rows["raw"][f"{m}_{e}"] for m in ("siou", "ppv", "f1_mean") for e in ("lo", "hi")
+    ]
     for r in rows.values():
         for m in ("siou", "ppv", "f1_mean"):
             assert 0 <= float(r[f"{m}_lo"]) <= float(r[f"{m}_hi"]) <= 1, (r["detector"], m)
@@ -695,6 +704,13 @@ def test_component_bootstrap_intervals_and_paired_differences(tmp_path: Path, ca
     for d in diffs:
         gap = float(rows["last_scale"][d["metric"]]) - float(rows["raw"][d["metric"]])
         assert float(d["difference"]) == pytest.approx(gap) and float(d["lo"]) <= float(d["hi"])
+    only = evaluate_dense(
+        tmp_path / "run", None, None, components=(0, 0), bootstrap=Bootstrap(100), baseline="raw"
+    )
+    assert not only.pixel and not only.differences  # no pixel metrics asked, none resampled
+    assert [(d.metric, d.lo) for d in only.component_differences] == [
+        (d["metric"], float(d["lo"])) for d in diffs
+    ]
     first = (out / "component_metrics.csv").read_text()
     assert evaluate.main(args) == 0
     assert (out / "component_metrics.csv").read_text() == first

@@ -185,7 +185,7 @@ def test_torchrun_score_images_writes_the_single_process_csv(tmp_path: Path) -> 
     args += ["--input", str(tmp_path / "digits.npz"), "--no-progress", "--batch-size", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp_path / "one.csv")],
+        [sys.executable, *args, "--out", str(tmp_path / "one.csv"), "--heatmaps", str(tmp_path / "heat1")],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -200,9 +200,23 @@ def test_torchrun_score_images_writes_the_single_process_csv(tmp_path: Path) -> 
         f"--master_port={free_port()}",
     ]
     cmd += ["--master_addr=127.0.0.1", *args, "--out", str(tmp_path / "two.csv")]
-    two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [*cmd, "--heatmaps", str(tmp_path / "heat2")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    # Both ranks wrote their images' heat maps into one staging folder, which replaced heat2 whole.
+    one_maps, two_maps = (sorted(p.name for p in (tmp_path / h).iterdir()) for h in ("heat1", "heat2"))
+    assert one_maps == two_maps and len(one_maps) == 21 * 2 + 1
+    assert (tmp_path / "heat1" / "heatmaps.json").read_text() == (
+        tmp_path / "heat2" / "heatmaps.json"
+    ).read_text()
+    assert not list(tmp_path.glob(".partial-*"))
 
 
 def _outlier_worker(rank: int, world: int, port: int, record: str) -> None:

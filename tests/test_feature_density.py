@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -405,11 +406,11 @@ def test_detector_maps_and_ensembles() -> None:
 # --------------------------------------------------------------------------- the tools
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
     )
-    if proc.returncode != 0:
+    if ok and proc.returncode != 0:
         raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
@@ -482,6 +483,16 @@ def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
     assert "| density_mean |" in out.stdout
     assert "| density_min |" in (tmp_path / "flows" / "eval_test" / "metrics.md").read_text()
     assert len(list((tmp_path / "hm").glob("*.png"))) == 3
+    assert json.loads((tmp_path / "hm" / "heatmaps.json").read_text())["frames_shown"] == 3
+    # A rerun showing fewer frames replaces the folder whole; a folder of other files is refused.
+    _run("tools/evaluate_dense_features.py", str(tmp_path / "flows.yaml"), "--heatmaps", str(tmp_path / "hm"),
+         "--n-heatmaps", "1")  # fmt: skip
+    assert len(list((tmp_path / "hm").glob("*.png"))) == 1
+    (tmp_path / "hm" / "heatmaps.json").unlink()
+    proc = _run("tools/evaluate_dense_features.py", str(tmp_path / "flows.yaml"), "--heatmaps",
+                str(tmp_path / "hm"), ok=False)  # fmt: skip
+    assert proc.returncode == 2 and "holds files that no heat-map run wrote" in proc.stderr
+    assert len(list((tmp_path / "hm").iterdir())) == 1
 
 
 # --------------------------------------------------------------------------- floored log-posteriors

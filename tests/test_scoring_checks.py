@@ -18,6 +18,7 @@ from densead.config import ModelConfig, to_dict
 from densead.data.images import ImageSet
 from densead.detectors import GlowScorer, get_detector
 from densead.flows import Glow
+from densead.io import check_heatmap_folder, staged_heatmaps
 from densead.scoring import iter_model_batches, read_scores_csv, score_image_set
 from densead.train import build_glow
 
@@ -499,3 +500,33 @@ def test_outputs_that_cannot_be_written_stop_the_tool_before_scoring(
     err = usage_error(score_images, [*road, "--checkpoint", str(models["in"])], capsys)
     assert err.count("\n") == 1 and "output folder: " in err and "afile exists and is not a folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_heat_map_folders_are_replaced_whole_and_only_when_a_run_wrote_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "a" / "heat"
+    assert check_heatmap_folder(target) == target  # new: fine, and nothing is made yet
+    assert not (tmp_path / "a").exists()
+    with staged_heatmaps(target, {"run": 1}) as folder:
+        (folder / "x_raw.png").write_bytes(b"1")
+        assert not (tmp_path / "a").exists()  # nothing in place before the block ends
+    assert sorted(p.name for p in target.iterdir()) == ["heatmaps.json", "x_raw.png"]
+    check_heatmap_folder(target)  # an earlier run's folder: replaced whole
+    with pytest.raises(RuntimeError, match="stop"), staged_heatmaps(target, {"run": 2}) as folder:
+        (folder / "y_raw.png").write_bytes(b"2")
+        raise RuntimeError("stop")
+    assert sorted(p.name for p in target.iterdir()) == ["heatmaps.json", "x_raw.png"]  # untouched
+    with staged_heatmaps(target, {"run": 3}) as folder:
+        (folder / "z_raw.png").write_bytes(b"3")
+    assert sorted(p.name for p in target.iterdir()) == ["heatmaps.json", "z_raw.png"]
+    assert '"run": 3' in (target / "heatmaps.json").read_text()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["heat"]  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nor one of the first run
+    (target / "heatmaps.json").unlink()
+    with pytest.raises(ValueError, match=r"--heatmaps: .*heat holds files that no heat-map run wrote"):
+        check_heatmap_folder(target)
+    monkeypatch.chdir(target)
+    for here in (".", str(tmp_path / "a")):
+        with pytest.raises(ValueError, match="is or holds the current folder"):
+            check_heatmap_folder(here, "heatmap_dir")

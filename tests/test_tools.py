@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -263,7 +264,8 @@ def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> 
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    for name, keep in (("ones", digits.target == 1), ("zeros", digits.target == 0)):
+    heat = tmp_path / "new" / "heat"  # its folder is made too
+    for name, keep, shown in (("ones", digits.target == 1, "0"), ("zeros", digits.target == 0, "7")):
         imgs = digits.images[keep][:20].astype(np.uint8)
         np.savez(tmp_path / f"{name}.npz", images=imgs, labels=digits.target[keep][:20])
         run_tool(
@@ -273,16 +275,35 @@ def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> 
             "--detector", "raw,ratio,last_scale",
             "--input", str(tmp_path / f"{name}.npz"),
             "--out", str(tmp_path / f"{name}.csv"),
-            "--heatmaps", str(tmp_path / "heat"),
+            "--heatmaps", str(heat),
+            "--n-heatmaps", shown,
             "--no-progress",
         )  # fmt: skip
+        pngs = sorted(heat.glob("*.png"))
+        assert len(pngs) == (20 if shown == "0" else int(shown)) * 3, name
     with (tmp_path / "ones.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20 and {"raw", "ratio", "last_scale", "set", "name"} <= set(rows[0])
     assert all(np.isfinite(float(r["ratio"])) for r in rows)
-    pngs = sorted((tmp_path / "heat").glob("*.png"))
-    assert len(pngs) == 20 * 3  # the two sets share image names; the second overwrote the first
+    # The second run replaced the first's folder whole: its 7 images' maps and its record only.
+    assert sorted(p.name for p in heat.iterdir()) == sorted(["heatmaps.json", *(p.name for p in pngs)])
+    record = json.loads((heat / "heatmaps.json").read_text())
+    assert (record["set"], record["images"], record["images_shown"]) == ("zeros", 20, 7)
+    assert record["detectors"] == ["raw", "ratio", "last_scale"]
     assert cv2.imread(str(pngs[0])) is not None
+    assert not [p for p in (tmp_path / "new").iterdir() if p.name != "heat"]  # no staging folder left
+    # A folder of other files is refused before any scoring: nothing in it is mixed or removed.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    proc = run_tool(
+        "tools/score_images.py", "--checkpoint", str(trained["in"]), "--input", str(tmp_path / "ones.npz"),
+        "--out", str(tmp_path / "mine.csv"), "--heatmaps", str(mine), ok=False,
+    )  # fmt: skip
+    assert (
+        proc.returncode == 2 and f"--heatmaps: {mine} holds files that no heat-map run wrote" in proc.stderr
+    )
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "mine.csv").exists()
     proc = run_tool(
         "tools/evaluate.py", str(tmp_path / "ones.csv"), str(tmp_path / "zeros.csv"),
         "--in-set", "ones", "--out", str(tmp_path / "eval"),
@@ -315,7 +336,7 @@ def test_score_images_bad_input_writes_nothing(trained: dict[str, Path], tmp_pat
     )  # fmt: skip
     assert proc.returncode != 0 and "b.png" in proc.stderr
     assert not out.exists() and not (tmp_path / "heat").exists()
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob(".partial-*"))
     proc = run_tool(
         "tools/score_images.py", "--checkpoint", str(trained["in"]), "--detector", "ratio",
         "--input", str(folder), "--out", str(out), ok=False,

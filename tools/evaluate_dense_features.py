@@ -6,7 +6,8 @@ Loads the flows from <output_dir>/feature_flows.pt (or --checkpoint) and the seg
 the config, scores the split eval.split with every detector — each tapped layer, the mean and min
 ensembles, max softmax, max logit, entropy — prints AUROC / AP / FPR95 and writes
 <output_dir>/eval_<split>/metrics.csv and metrics.md. --heatmaps DIR writes one PNG per frame
-(labels + overlays of eval.heatmap_detectors) for the first --n-heatmaps frames.
+(labels + overlays of eval.heatmap_detectors) for the first --n-heatmaps frames, and heatmaps.json;
+DIR is new, empty, or one an earlier --heatmaps run wrote (replaced whole once the tables are written).
 The config's data.scale and data.pad_divisor must be those the flows were trained with, and the
 segmenter must hold the weights they were trained on (checked against the checkpoint's fingerprint).
 """

@@ -7,7 +7,9 @@
 Input: an .npz file (``images`` uint8 N×H×W[×C]), an image folder, or a
 torchvision set (``--dataset svhn --root data/ --split test [--download]``).
 Scores: higher = more anomalous. Detectors: raw, ratio (Diff), last_scale (4x4),
-scale<i>, ratio_scale<i>, ratio_last_scale.
+scale<i>, ratio_scale<i>, ratio_last_scale. --heatmaps DIR: <image name>_<detector>.png per image
+(the first --n-heatmaps) and heatmaps.json saying how they were made; DIR is new, empty, or one an
+earlier --heatmaps run wrote, replaced whole once the scores are written (under torchrun too).
 
 Road mode: dense maps of road frames instead of image scores; --out is a folder.
 
@@ -43,6 +45,7 @@ scoring frames the feature flows were trained on warns (run.json: training_frame
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -55,7 +58,7 @@ from densead.data.road import ROAD_DATASETS
 from densead.dense import RoadSource
 from densead.dense_scoring import MapRescale, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
-from densead.io import check_output_dir
+from densead.io import check_heatmap_folder, check_output_dir, staged_heatmaps
 from densead.scoring import image_names, score_image_set, write_scores_csv
 from densead.train import load_glow, resolve_device
 
@@ -77,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resize", default="pad", choices=["pad", "resize", "none"])
     p.add_argument("--set-name", default="", help="value of the CSV's 'set' column")
     p.add_argument("--out", required=True, help="CSV file to write (road mode: output folder)")
-    p.add_argument("--heatmaps", help="folder for one overlay PNG per image and detector")
+    p.add_argument(
+        "--heatmaps",
+        help="folder for one overlay PNG per image and detector and heatmaps.json: new, empty, or one an "
+        "earlier --heatmaps run wrote (replaced whole once the scores are written)",
+    )
     p.add_argument(
         "--n-heatmaps", type=int, default=0, help="heat maps of the first N images only (0: every image)"
     )
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out: {args.out} is a folder; image scores go into a CSV file")
         check_output_dir(Path(args.out).parent, "--out")
         if args.heatmaps:
-            check_output_dir(args.heatmaps, "--heatmaps")
+            check_heatmap_folder(args.heatmaps)
         if args.input:
             path = Path(args.input)
             if not path.exists():
@@ -184,24 +191,38 @@ def main(argv: list[str] | None = None) -> int:
             resize=args.resize,
         )
         images = load_image_set(dcfg, mcfg.n_bins, set_name)
-        scores = score_image_set(
-            scorer,
-            images,
-            detectors,
-            args.batch_size,
-            device,
-            progress=not args.no_progress,
-            heatmap_dir=args.heatmaps,
-            n_heatmaps=args.n_heatmaps,
-        )
-        columns = {
-            "set": [set_name] * len(images),
-            "index": list(range(len(images))),
-            "name": image_names(images),
-            "label": images.labels.tolist(),
+        record = {
+            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "general": str(Path(args.general).resolve()) if args.general else None,
+            "input": str(path.resolve()),
+            "set": set_name,
+            "detectors": [d.name for d in detectors],
+            "images": len(images),
+            "images_shown": min(len(images), args.n_heatmaps or len(images)),
+            "files": "<image name>_<detector>.png",
         }
-        if dist.is_main():  # under torchrun every rank holds all scores; one writes them
-            write_scores_csv(args.out, columns | scores)
+        # Heat maps go to a hidden folder that replaces --heatmaps only once the scores are written.
+        staged = staged_heatmaps(args.heatmaps, record) if args.heatmaps else contextlib.nullcontext()
+        with staged as heatmap_dir:
+            scores = score_image_set(
+                scorer,
+                images,
+                detectors,
+                args.batch_size,
+                device,
+                progress=not args.no_progress,
+                heatmap_dir=heatmap_dir,
+                n_heatmaps=args.n_heatmaps,
+            )
+            columns = {
+                "set": [set_name] * len(images),
+                "index": list(range(len(images))),
+                "name": image_names(images),
+                "label": images.labels.tolist(),
+            }
+            if dist.is_main():  # under torchrun every rank holds all scores; one writes them
+                write_scores_csv(args.out, columns | scores)
+        if dist.is_main():
             print(f"{len(images)} images scored with {', '.join(scores)} -> {Path(args.out).resolve()}")
             if args.heatmaps:
                 print(f"heatmaps -> {Path(args.heatmaps).resolve()}")

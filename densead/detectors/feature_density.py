@@ -53,6 +53,7 @@ pass, bilinearly upsampled to the frame as the segmenter itself does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -79,7 +80,15 @@ from densead.data.road import ANOMALY, INLIER, VOID
 from densead.detectors.glow import MIN_LOG_PROB
 from densead.features import FrozenFeatureExtractor
 from densead.flows import ActNorm, FeatureFlow
-from densead.io import atomic_torch_save, atomic_write_text, check_overwrite, read_checkpoint, require_file
+from densead.io import (
+    atomic_torch_save,
+    atomic_write_text,
+    check_heatmap_folder,
+    check_overwrite,
+    read_checkpoint,
+    require_file,
+    staged_heatmaps,
+)
 from densead.metrics import PixelMetrics
 from densead.segmenter import (
     SCENE_SPLITS,
@@ -1184,6 +1193,8 @@ def evaluate_run(
         (plus ``seconds``, the evaluation wall time).
     """
     device = resolve_device(cfg.train.device, "train.device")
+    if heatmap_dir is not None:
+        check_heatmap_folder(heatmap_dir)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     checkpoint = checkpoint or Path(cfg.output_dir) / CHECKPOINT_NAME
@@ -1193,15 +1204,27 @@ def evaluate_run(
     ecfg = cfg.eval
     arrays = load_scene_arrays(cfg.data, ecfg.split)
     start = time.time()
-    rows, seg = evaluate_dense_detectors(
-        detector, arrays, ecfg.batch_size, cfg.data.pad_divisor, ecfg.metrics_mode, device,
-        heatmap_dir, n_heatmaps if heatmap_dir is not None else 0, ecfg.heatmap_detectors,
-    )  # fmt: skip
-    seg["seconds"] = time.time() - start
-    header = (
-        f"CamVid {ecfg.split}, {len(arrays)} frames at scale {cfg.data.scale}; anomalies: "
-        f"{', '.join(cfg.data.held_out)}; segmenter mIoU {100 * seg['miou']:.1f}% over {len(arrays.classes)} "
-        f"classes; normalization {cfg.normalization}, mask rule {cfg.mask_rule}; metrics {ecfg.metrics_mode}"
-    )
-    write_results(Path(cfg.output_dir) / f"eval_{ecfg.split}", rows, header)
+    record = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "split": ecfg.split,
+        "frames": len(arrays),
+        "frames_shown": min(len(arrays), n_heatmaps),
+        "detectors": list(ecfg.heatmap_detectors),
+        "files": "<frame>.png: labels (anomalies red), then each detector's overlay",
+    }
+    # PNGs go to a hidden folder that replaces heatmap_dir once the tables are written.
+    staged = staged_heatmaps(heatmap_dir, record) if heatmap_dir is not None else contextlib.nullcontext()
+    with staged as staging:
+        rows, seg = evaluate_dense_detectors(
+            detector, arrays, ecfg.batch_size, cfg.data.pad_divisor, ecfg.metrics_mode, device,
+            staging, n_heatmaps if heatmap_dir is not None else 0, ecfg.heatmap_detectors,
+        )  # fmt: skip
+        seg["seconds"] = time.time() - start
+        header = (
+            f"CamVid {ecfg.split}, {len(arrays)} frames at scale {cfg.data.scale}; anomalies: "
+            f"{', '.join(cfg.data.held_out)}; segmenter mIoU {100 * seg['miou']:.1f}% over "
+            f"{len(arrays.classes)} classes; normalization {cfg.normalization}, mask rule {cfg.mask_rule}; "
+            f"metrics {ecfg.metrics_mode}"
+        )
+        write_results(Path(cfg.output_dir) / f"eval_{ecfg.split}", rows, header)
     return rows, seg
