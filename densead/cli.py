@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["USAGE_ERRORS", "error_message", "stop_on_sigterm", "tool_errors"]
+__all__ = ["USAGE_ERRORS", "error_message", "stop_on_sigterm", "tool_errors", "training_args"]
 
 USAGE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, OSError)
 
@@ -68,3 +68,32 @@ def tool_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     finally:
         if previous is not None:  # a SIGTERM after the work (or in shutdown) acts as it did before
             signal.signal(signal.SIGTERM, previous)
+
+
+def training_args(
+    description: str | None,
+    config_help: str,
+    argv: list[str] | None,
+    resume: bool = False,
+    log: str = "progress",
+) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line every training tool shares, parsed: its YAML ``config``, ``--set KEY=VALUE``
+    overrides, ``--overwrite`` (train anew over a checkpoint), ``--no-progress`` (``log="progress"``:
+    a progress bar) or ``--quiet`` (``log="steps"``: a per-step log), and ``--resume`` where the
+    trainer can continue a checkpoint (refused together with ``--overwrite``)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    if resume:
+        parser.add_argument("--resume", action="store_true", help="continue <output_dir>/checkpoint.pt")
+    if log == "progress":
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    else:
+        parser.add_argument("--quiet", action="store_true", help="no per-step log")
+    parser.add_argument("--overwrite", action="store_true", help="train anew over an existing checkpoint")
+    args = parser.parse_args(argv)
+    if resume and args.resume and args.overwrite:
+        parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
+    return parser, args

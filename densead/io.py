@@ -256,14 +256,19 @@ def read_checkpoint(
 HEATMAPS_RECORD = "heatmaps.json"
 
 
-def check_heatmap_folder(path: str | os.PathLike[str], key: str = "--heatmaps") -> Path:
+def check_heatmap_folder(
+    path: str | os.PathLike[str], key: str = "--heatmaps", outputs: Sequence[str | os.PathLike[str]] = ()
+) -> Path:
     """Before any work: the heat maps can go to folder ``path`` — new, empty, or written by an
     earlier :func:`staged_heatmaps` (it holds :data:`HEATMAPS_RECORD`), since the new maps replace
-    it whole; a folder of other files is refused, naming ``key``, rather than mixed or removed."""
+    it whole; a folder of other files is refused, naming ``key``, rather than mixed or removed, as
+    is one that is or holds the current folder or any of the run's other ``outputs``."""
     path = check_output_dir(path, key)
-    here = Path.cwd()
-    if here == Path(os.path.abspath(path)) or Path(os.path.abspath(path)) in here.parents:
-        raise ValueError(f"{key}: {path} is or holds the current folder, which the heat maps would replace")
+    folder = Path(os.path.abspath(path))
+    for other, what in [(Path.cwd(), "the current folder"), *((Path(o), str(o)) for o in outputs)]:
+        other = Path(os.path.abspath(other))
+        if other == folder or folder in other.parents:
+            raise ValueError(f"{key}: {path} is or holds {what}, which the heat maps would replace")
     if path.is_dir() and any(path.iterdir()) and not (path / HEATMAPS_RECORD).is_file():
         raise ValueError(
             f"{key}: {path} holds files that no heat-map run wrote (it has no {HEATMAPS_RECORD}): name "

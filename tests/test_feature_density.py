@@ -493,6 +493,9 @@ def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
                 str(tmp_path / "hm"), ok=False)  # fmt: skip
     assert proc.returncode == 2 and "holds files that no heat-map run wrote" in proc.stderr
     assert len(list((tmp_path / "hm").iterdir())) == 1
+    proc = _run("tools/evaluate_dense_features.py", str(tmp_path / "flows.yaml"), "--heatmaps",
+                str(tmp_path / "flows" / "eval_test"), ok=False)  # fmt: skip
+    assert proc.returncode == 2 and "eval_test, which the heat maps would replace" in proc.stderr
 
 
 # --------------------------------------------------------------------------- floored log-posteriors

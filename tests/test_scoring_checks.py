@@ -526,6 +526,8 @@ def test_heat_map_folders_are_replaced_whole_and_only_when_a_run_wrote_them(
     (target / "heatmaps.json").unlink()
     with pytest.raises(ValueError, match=r"--heatmaps: .*heat holds files that no heat-map run wrote"):
         check_heatmap_folder(target)
+    with pytest.raises(ValueError, match=r"a is or holds .*a/tables, which the heat maps would replace"):
+        check_heatmap_folder(tmp_path / "a", outputs=[tmp_path / "a" / "tables"])
     monkeypatch.chdir(target)
     for here in (".", str(tmp_path / "a")):
         with pytest.raises(ValueError, match="is or holds the current folder"):

@@ -305,6 +305,15 @@ def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> 
     )
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "mine.csv").exists()
     proc = run_tool(
+        "tools/score_images.py", "--checkpoint", str(trained["in"]), "--input", str(tmp_path / "ones.npz"),
+        "--out", str(heat / "sub" / "s.csv"), "--heatmaps", str(heat), ok=False,
+    )  # fmt: skip
+    assert (
+        proc.returncode == 2
+        and f"holds {heat / 'sub' / 's.csv'}, which the heat maps would replace" in proc.stderr
+    )
+    assert not (heat / "sub").exists()
+    proc = run_tool(
         "tools/evaluate.py", str(tmp_path / "ones.csv"), str(tmp_path / "zeros.csv"),
         "--in-set", "ones", "--out", str(tmp_path / "eval"),
     )  # fmt: skip

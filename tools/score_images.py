@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out: {args.out} is a folder; image scores go into a CSV file")
         check_output_dir(Path(args.out).parent, "--out")
         if args.heatmaps:
-            check_heatmap_folder(args.heatmaps)
+            check_heatmap_folder(args.heatmaps, outputs=[args.out])
         if args.input:
             path = Path(args.input)
             if not path.exists():

@@ -10,23 +10,16 @@ atomically) and <output_dir>/config.yaml. An existing checkpoint is replaced onl
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from densead.cli import tool_errors
+from densead.cli import tool_errors, training_args
 from densead.config import load_config
 from densead.detectors.feature_density import FeatureFlowsRunConfig, train_feature_flows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("config", help="feature-flow YAML file (see configs/camvid_feature_flows.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    parser.add_argument("--quiet", action="store_true", help="no per-step log")
-    parser.add_argument("--overwrite", action="store_true", help="train anew over an existing checkpoint")
-    args = parser.parse_args(argv)
+    config_help = "feature-flow YAML file (see configs/camvid_feature_flows.yaml)"
+    parser, args = training_args(__doc__, config_help, argv, log="steps")
     with tool_errors(parser):
         cfg = load_config(FeatureFlowsRunConfig, args.config, args.set)
         path = train_feature_flows(cfg, progress=not args.quiet, overwrite=args.overwrite)

@@ -12,27 +12,16 @@ data end the tool with one line naming the key or file (exit status 2).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from densead.cli import tool_errors
+from densead.cli import tool_errors, training_args
 from densead.config import TrainRunConfig, load_config
 from densead.distributed import finish, is_main
 from densead.train import load_checkpoint, train_glow
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("config", help="training YAML file (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    parser.add_argument("--resume", action="store_true", help="continue <output_dir>/checkpoint.pt")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--overwrite", action="store_true", help="train anew over an existing checkpoint")
-    args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
+    parser, args = training_args(__doc__, "training YAML file (see configs/)", argv, resume=True)
     with tool_errors(parser):
         cfg = load_config(TrainRunConfig, args.config, args.set)
         path = train_glow(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)

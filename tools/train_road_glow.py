@@ -14,26 +14,16 @@ it runs, logs and saves may change). An existing checkpoint is replaced only wit
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from densead.cli import tool_errors
+from densead.cli import tool_errors, training_args
 from densead.config import load_config
 from densead.dense import RoadTrainConfig, train_road_glow
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("config", help="road training YAML file (see configs/camvid_glow.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
-    parser.add_argument("--resume", action="store_true", help="continue <output_dir>/checkpoint.pt")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--overwrite", action="store_true", help="train anew over an existing checkpoint")
-    args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
+    config_help = "road training YAML file (see configs/camvid_glow.yaml)"
+    parser, args = training_args(__doc__, config_help, argv, resume=True)
     with tool_errors(parser):
         cfg = load_config(RoadTrainConfig, args.config, args.set)
         path = train_road_glow(

