@@ -20,7 +20,7 @@ in-distribution + anomaly set pair, the same resamples for every detector; --con
 (differences.csv and a section of metrics.md), the way to tell whether one detector beats
 another on these images:
 
-    python tools/evaluate.py runs/cifar10/scores.csv --in-set in_dist_test --bootstrap 1000 \
+    python tools/evaluate.py runs/cifar10/scores.csv --in-set in_dist_test --bootstrap 1000 \\
         --compare ratio --out eval/
 
 Pixel mode: the dense maps of one or more road runs (tools/score_images.py --road) against
@@ -145,13 +145,14 @@ def pixel_main(argv: list[str]) -> int:
     p.add_argument(
         "--components",
         action="store_true",
-        help="also: SegmentMeIfYouCan component metrics (sIoU, PPV, mean F1; component_metrics.csv/.md)",
+        help="also: SegmentMeIfYouCan component metrics (sIoU, PPV, mean F1; component_metrics.csv/.md; with "
+        "--bootstrap their intervals over frames, each detector at its threshold)",
     )
     p.add_argument("--min-segment-size", type=int, default=500, help="--components: predicted segments, px")
     p.add_argument("--min-instance-size", type=int, default=100, help="--components: anomaly instances, px")
     add_bootstrap_flags(
         p,
-        "pixel_differences.csv",
+        "pixel_differences.csv; with --components also component_differences.csv",
         "; resamples whole frames, from exact histograms of the float16 maps, which --mode binned "
         "does not bound: memory grows with the frames",
     )
