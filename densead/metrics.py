@@ -694,21 +694,28 @@ class FrameHistograms:
 
     Pixels of one frame are not independent draws (an object spans many), so intervals of pixel
     metrics resample whole frames. Each stored value of a non-negative float16 map has its own bin
-    (:func:`_float16_bins`), so a resampled set's metrics are exact on the stored maps; a frame
-    keeps only its non-empty bins (for maps in [0, 1] at most 15,361).
+    (:func:`_float16_bins`), so a resampled set's metrics are exact on the stored maps. A frame
+    keeps only its non-empty bins, each class apart (for maps in [0, 1] at most 15,361 bins of 6
+    bytes each: a 16-bit bin and a 32-bit count); its few anomaly pixels take few.
     """
 
     def __init__(self) -> None:
-        self._frames: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # bins, inlier, anomaly counts
+        # Per frame: (inlier bins, their counts, anomaly bins, their counts).
+        self._frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     @property
     def n_frames(self) -> int:
         return len(self._frames)
 
+    def nbytes(self) -> int:
+        """Bytes the histograms hold."""
+        return sum(a.nbytes for frame in self._frames for a in frame)
+
     def update(self, score_map: Any, label_map: Any) -> None:
         """One frame ``(H, W)`` or several ``(B, H, W)``: float16 scores ≥ 0, labels 0 / 1 / 255."""
         s, y = _map_inputs(score_map, label_map)
         s, y = s.reshape(-1, *s.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+        count_type = np.uint32 if s[0].size < 2**32 else np.uint64
         entries = []
         for frame, labels in zip(s, y, strict=True):
             PixelMetrics._validate_chunk(frame.ravel(), labels.ravel())
@@ -717,28 +724,31 @@ class FrameHistograms:
             counts = np.bincount(
                 bins[valid] + N_FLOAT16_VALUES * (labels[valid] == 1), minlength=2 * N_FLOAT16_VALUES
             ).reshape(2, N_FLOAT16_VALUES)  # row 0 inliers, row 1 anomalies, as in PixelF1
-            used = np.flatnonzero(counts.sum(axis=0))
-            entries.append((used.astype(np.uint16), counts[0, used], counts[1, used]))
+            entry = []
+            for row in counts:
+                used = np.flatnonzero(row)
+                entry += [used.astype(np.uint16), row[used].astype(count_type)]
+            entries.append(tuple(entry))
         self._frames += entries  # all frames of the call or none
 
     def bins(self) -> np.ndarray:
         """The sorted histogram bins (:func:`_float16_bins`) some frame has pixels in."""
         if not self._frames:
             return np.zeros(0, np.uint16)
-        return np.unique(np.concatenate([b for b, _, _ in self._frames]))
+        return np.unique(np.concatenate([b for f in self._frames for b in (f[0], f[2])]))
 
     def dense(self, used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(F, len(used))`` inlier and anomaly counts of every frame over the bins ``used`` (sorted)."""
         inlier = np.zeros((self.n_frames, used.size))
         anomaly = np.zeros((self.n_frames, used.size))
-        for f, (bins, neg, pos) in enumerate(self._frames):
-            cols = np.searchsorted(used, bins)
-            inlier[f, cols], anomaly[f, cols] = neg, pos
+        for f, (neg_bins, neg, pos_bins, pos) in enumerate(self._frames):
+            inlier[f, np.searchsorted(used, neg_bins)] = neg
+            anomaly[f, np.searchsorted(used, pos_bins)] = pos
         return inlier, anomaly
 
     def frame_classes(self) -> np.ndarray:
         """``(F, 2)`` bool: whether each frame has anomaly pixels, and inlier pixels."""
-        has = [(pos.sum() > 0, neg.sum() > 0) for _, neg, pos in self._frames]
+        has = [(pos.size > 0, neg.size > 0) for _, neg, _, pos in self._frames]
         return np.array(has, dtype=bool).reshape(-1, 2)
 
 

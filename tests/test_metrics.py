@@ -901,6 +901,9 @@ def test_frame_bootstrap_draws_frames_within_their_group_so_every_replicate_has_
     hist = FrameHistograms()
     hist.update(maps, labels)
     np.testing.assert_array_equal(hist.frame_classes(), [[1, 0], [0, 1], [1, 1], [0, 0]])
+    # 6 bytes per non-empty bin of a frame and class (16-bit bin, 32-bit count); void takes none
+    distinct = sum(np.unique(maps[f][labels[f] == c]).size for f in range(4) for c in (0, 1))
+    assert hist.nbytes() == 6 * distinct and distinct > 0
     reps = bootstrap_frame_metrics({"d": hist}, n_resamples=50, seed=0)
     assert [d.shape for d in draws] == [(50, 1)] * 4  # both, anomalies only, inliers only, neither
     assert all(np.isfinite(reps["d"][k]).all() for k in ("auroc", "ap", "fpr95"))
