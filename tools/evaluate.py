@@ -154,7 +154,8 @@ def pixel_main(argv: list[str]) -> int:
         p,
         "pixel_differences.csv; with --components also component_differences.csv",
         "; resamples whole frames, from exact histograms of the float16 maps, which --mode binned "
-        "does not bound: memory grows with the frames",
+        "does not bound: memory grows with the frames (6 bytes per distinct value of a frame's map "
+        "and class; CamVid's 233 test frames: 14 MB per map)",
     )
     p.add_argument("--no-progress", action="store_true")
     if "-h" in argv or "--help" in argv:  # before --pixel asks for its runs
