@@ -94,9 +94,9 @@ from densead.evaluation import (
     MetricIntervals,
     check_comparison,
     differences_markdown,
-    differences_to_csv,
     intervals,
     table_columns,
+    write_differences,
 )
 from densead.frame_scorers import (
     SENTINEL_LIMIT,
@@ -981,12 +981,8 @@ def _write_interval_table(
     markdown: str,
 ) -> None:
     """``<prefix>_metrics.csv`` (interval columns where the rows have them) and ``.md``, and
-    ``<prefix>_differences.csv`` with ``differences``; without them that file is removed: one left by
-    an earlier evaluation into this folder would not describe this one. Each written atomically."""
-    if differences:
-        atomic_write_text(out_dir / f"{prefix}_differences.csv", differences_to_csv(differences))
-    else:
-        (out_dir / f"{prefix}_differences.csv").unlink(missing_ok=True)
+    ``<prefix>_differences.csv`` (:func:`densead.evaluation.write_differences`), each atomically."""
+    write_differences(out_dir / f"{prefix}_differences.csv", differences)
     fields = table_columns(row_type, rows)
     write_scores_csv(out_dir / f"{prefix}_metrics.csv", {f: [getattr(r, f) for r in rows] for f in fields})
     atomic_write_text(out_dir / f"{prefix}_metrics.md", markdown)

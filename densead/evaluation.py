@@ -38,6 +38,7 @@ __all__ = [
     "compare_detectors",
     "differences_markdown",
     "differences_to_csv",
+    "write_differences",
     "evaluate_columns",
     "intervals",
     "markdown_tables",
@@ -425,6 +426,15 @@ def differences_to_csv(diffs: Sequence[DifferenceRow], set_column: str = "set_na
     return _csv(diffs, columns, [set_column if c == "set_name" else c for c in columns])
 
 
+def write_differences(path: Path, diffs: Sequence[DifferenceRow], set_column: str = "set_name") -> None:
+    """``diffs`` as CSV at ``path`` (atomically); without any, the file is removed: one left by an
+    earlier evaluation into this folder would not describe this one."""
+    if diffs:
+        atomic_write_text(path, differences_to_csv(diffs, set_column))
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_evaluation(
     out_dir: str | Path,
     cols: Mapping[str, np.ndarray],
@@ -442,10 +452,8 @@ def write_evaluation(
     rows, diffs = _evaluate(cols, in_set, anomaly_sets, detectors, bootstrap, baseline)
     markdown = markdown_tables(rows, display, bootstrap)
     if diffs:
-        atomic_write_text(out_dir / "differences.csv", differences_to_csv(diffs, "anomaly_set"))
         markdown += "\n" + differences_markdown(diffs, bootstrap, display)
-    else:  # one left by an earlier evaluation into this folder would not describe this one
-        (out_dir / "differences.csv").unlink(missing_ok=True)
+    write_differences(out_dir / "differences.csv", diffs, "anomaly_set")
     atomic_write_text(out_dir / "metrics.csv", rows_to_csv(rows))
     atomic_write_text(out_dir / "metrics.md", markdown)
     display = display or {}

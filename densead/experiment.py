@@ -58,7 +58,7 @@ from densead.evaluation import (
     write_evaluation,
 )
 from densead.flows import Glow
-from densead.io import atomic_write_text, check_output_dir, staging_folder, swap_folders
+from densead.io import atomic_write_text, check_output_dir, staged_heatmaps
 from densead.scoring import glow_outputs, read_scores_csv, save_heatmaps, write_scores_csv
 from densead.train import (
     CHECKPOINT_NAME,
@@ -497,14 +497,12 @@ def _replace_heatmaps(
 ) -> None:
     """``heatmaps/<set>/`` written whole into a hidden staging folder, then put in place of the
     previous run's: no PNG of a set, image or detector this run does not show stays behind."""
-    with staging_folder(out_dir) as staging:
-        (staging / "heatmaps").mkdir()
+    with staged_heatmaps(out_dir / "heatmaps") as folder:
         for set_name, maps in heat.items():
             n = next(iter(maps.values())).shape[0] if maps else 0
             shown = ImageSet(sets[set_name].images[:n], sets[set_name].labels[:n], set_name)
             stems = [f"{i:04d}" for i in range(n)]
-            save_heatmaps(staging / "heatmaps" / set_name, shown, maps, stems, n_bins)
-        swap_folders(staging, out_dir, ["heatmaps"])
+            save_heatmaps(folder / set_name, shown, maps, stems, n_bins)
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:

@@ -278,12 +278,14 @@ def check_heatmap_folder(
 
 
 @contextlib.contextmanager
-def staged_heatmaps(target: str | os.PathLike[str], record: Mapping[str, Any]) -> Iterator[Path]:
+def staged_heatmaps(
+    target: str | os.PathLike[str], record: Mapping[str, Any] | None = None
+) -> Iterator[Path]:
     """The folder to write heat maps into (:func:`score_image_set`'s ``heatmap_dir``), hidden
     beside ``target`` and the same on every rank. When the block ends without an error, ``record``
-    goes into it as :data:`HEATMAPS_RECORD` and it replaces ``target`` whole, so no PNG of an
-    earlier run stays beside the new ones; on an error nothing of it stays. Check ``target`` with
-    :func:`check_heatmap_folder` first."""
+    (if any) goes into it as :data:`HEATMAPS_RECORD` and it replaces ``target`` whole, so no PNG of
+    an earlier run stays beside the new ones; on an error nothing of it stays. Check a folder of
+    the user's with :func:`check_heatmap_folder` first."""
     target = Path(os.path.abspath(target))
     missing = missing_folders(target.parent)
     anchor = missing[-1].parent if missing else target.parent  # no folder is made before the end
@@ -296,8 +298,9 @@ def staged_heatmaps(target: str | os.PathLike[str], record: Mapping[str, Any]) -
         yield staging / target.name
         dist.barrier()  # every rank's PNGs are written
         if dist.is_main():
-            atomic_write_text(
-                staging / target.name / HEATMAPS_RECORD, json.dumps(dict(record), indent=2) + "\n"
-            )
+            if record is not None:
+                atomic_write_text(
+                    staging / target.name / HEATMAPS_RECORD, json.dumps(dict(record), indent=2) + "\n"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             swap_folders(staging, target.parent, [target.name])

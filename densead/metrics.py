@@ -357,6 +357,12 @@ def _stratified_counts(
     return weights
 
 
+def _check_resamples(n_resamples: int, who: str) -> int:
+    if int(n_resamples) != n_resamples or n_resamples < 1:
+        raise ValueError(f"{who}: n_resamples must be a whole number >= 1, got {n_resamples}")
+    return int(n_resamples)
+
+
 def bootstrap_metrics(
     scores: Mapping[str, Any], labels: Any, n_resamples: int = 1000, seed: int | Sequence[int] = 0
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -386,8 +392,7 @@ def bootstrap_metrics(
     """
     if not scores:
         raise ValueError("bootstrap_metrics: no detector scores given")
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(f"bootstrap_metrics: n_resamples must be a whole number >= 1, got {n_resamples}")
+    n_resamples = _check_resamples(n_resamples, "bootstrap_metrics")
     checked = {}
     for name, values in scores.items():
         try:
@@ -399,8 +404,8 @@ def bootstrap_metrics(
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK // y.size)
     parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in checked}
-    for start in range(0, int(n_resamples), chunk):
-        weights = _stratified_counts(rng, groups, y.size, min(chunk, int(n_resamples) - start))
+    for start in range(0, n_resamples, chunk):
+        weights = _stratified_counts(rng, groups, y.size, min(chunk, n_resamples - start))
         for name, (s, _) in checked.items():
             parts[name].append(_summary(*_cumulative_counts(s, y, weights)))
     return {
@@ -778,10 +783,7 @@ def bootstrap_frame_metrics(
     """
     if not frames:
         raise ValueError("bootstrap_frame_metrics: no detector histograms given")
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(
-            f"bootstrap_frame_metrics: n_resamples must be a whole number >= 1, got {n_resamples}"
-        )
+    n_resamples = _check_resamples(n_resamples, "bootstrap_frame_metrics")
     first_name, first = next(iter(frames.items()))
     classes = first.frame_classes()
     for name, h in frames.items():
@@ -802,7 +804,7 @@ def bootstrap_frame_metrics(
         )
     code = 2 * classes[:, 0] + classes[:, 1]  # 3: both, 2: anomalies only, 1: inliers only, 0: neither
     groups = [np.flatnonzero(code == c) for c in (3, 2, 1, 0)]
-    w = _stratified_counts(np.random.default_rng(seed), groups, first.n_frames, int(n_resamples))
+    w = _stratified_counts(np.random.default_rng(seed), groups, first.n_frames, n_resamples)
     out = {}
     for name, h in frames.items():
         used = h.bins()
@@ -1144,15 +1146,12 @@ def bootstrap_component_metrics(
     """
     if not metrics:
         raise ValueError("bootstrap_component_metrics: no detector component metrics given")
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ValueError(
-            f"bootstrap_component_metrics: n_resamples must be a whole number >= 1, got {n_resamples}"
-        )
+    n_resamples = _check_resamples(n_resamples, "bootstrap_component_metrics")
     counts = {name: m.frame_counts() for name, m in metrics.items()}
     first_name, first = next(iter(counts.items()))
-    instances = first["n_instances"]
+    instances, thresholds = first["n_instances"], metrics[first_name].siou_thresholds
     for name, c in counts.items():
-        if not np.array_equal(c["n_instances"], instances) or c["tp"].shape[1] != first["tp"].shape[1]:
+        if not np.array_equal(c["n_instances"], instances) or metrics[name].siou_thresholds != thresholds:
             raise ValueError(
                 f"detectors {first_name!r} and {name!r} were given different frames, instances or sIoU "
                 f"thresholds ({instances.size} and {c['n_instances'].size} frames, "
@@ -1164,7 +1163,7 @@ def bootstrap_component_metrics(
             f"no anomaly instance in the {instances.size} frames: no component metric to resample"
         )
     groups = (np.flatnonzero(instances > 0), np.flatnonzero(instances == 0))
-    w = _stratified_counts(np.random.default_rng(seed), groups, instances.size, int(n_resamples))
+    w = _stratified_counts(np.random.default_rng(seed), groups, instances.size, n_resamples)
     n = w @ instances  # > 0 in every replicate: the frames with instances keep their number
     out = {}
     for name, c in counts.items():

@@ -978,6 +978,12 @@ def test_component_bootstrap_errors() -> None:
     other_thresholds.update(maps["b"], labels)
     with pytest.raises(ValueError, match="different frames, instances or sIoU thresholds"):
         bootstrap_component_metrics({"one": one, "other": other_thresholds})
+    as_many = ComponentMetrics(
+        0.35, 6, 5, siou_thresholds=tuple(round(0.26 + 0.05 * i, 2) for i in range(11))
+    )
+    as_many.update(maps["b"], labels)  # as many thresholds as one's, at other values
+    with pytest.raises(ValueError, match="different frames, instances or sIoU thresholds"):
+        bootstrap_component_metrics({"one": one, "as_many": as_many})
     small.update(maps["a"][[1, 5]], labels[[1, 5]])  # the two frames without anomalies
     with pytest.raises(ValueError, match="no anomaly instance in the 2 frames"):
         bootstrap_component_metrics({"small": small})
