@@ -12,7 +12,7 @@ map functions, no second implementation (see :mod:`densead.frame_scorers` for th
   So on the padded frame the map sums to the detector's score of the padded, shrunk frame
   (``−log p`` for ``raw``).
 * Feature-density detectors (``density_<tap>``, ``density_mean``, ``density_min``, ``msp``,
-  ``max_logit``, ``entropy``) of a flows checkpoint: frames resized and padded as the flows run
+  ``max_logit``, ``entropy``, ``sml``) of a flows checkpoint: frames resized and padded as the flows run
   saw them, maps resized back bilinearly.
 * Combinations ``combo:<a>+<b>``: the mean of the components' maps, each standardized on the
   inlier pixels of calibration frames of another split (:mod:`densead.combined_maps`).
@@ -397,7 +397,7 @@ def write_dense_maps(
     return write_frame_maps(dataset, glow, out_dir, rescale, overlays, batch_size, progress, info)
 
 
-FEATURE_DETECTOR_NAMES = "density_<tap>, density_mean, density_min, msp, max_logit, entropy"
+FEATURE_DETECTOR_NAMES = "density_<tap>, density_mean, density_min, msp, max_logit, entropy, sml"
 
 
 def _shared_frames(a: RoadDataset, b: RoadDataset) -> list[str]:
@@ -415,8 +415,14 @@ def _glow_detector(name: str, feature_names: Sequence[str] | None) -> GlowDetect
         return get_detector(name)
     except ValueError:
         features = f"{FEATURE_DETECTOR_NAMES} (need feature_flows)" if feature_names is None else ""
+        hint = ""
+        if name == "sml" and feature_names is not None:  # a flows checkpoint without its statistics
+            hint = (
+                " (sml needs the max-logit statistics of the training pixels, which the feature-flows "
+                "checkpoint predates: retrain it with tools/train_feature_flows.py)"
+            )
         raise ValueError(
-            f"unknown detector {name!r}; valid: Glow detectors {', '.join(DETECTORS)}, scale<i>, "
+            f"unknown detector {name!r}{hint}; valid: Glow detectors {', '.join(DETECTORS)}, scale<i>, "
             f"ratio_scale<i>; feature detectors {features or ', '.join(feature_names or ())}"
         ) from None
 
@@ -545,7 +551,7 @@ def score_road_dataset(
 
     Detector names may mix Glow detectors (from ``checkpoint`` and ``general``) and the
     feature-density detectors of ``feature_flows`` (``density_<tap>``, ``density_mean``,
-    ``density_min``, ``msp``, ``max_logit``, ``entropy``); ``checkpoint`` may be None when no
+    ``density_min``, ``msp``, ``max_logit``, ``entropy``, ``sml``); ``checkpoint`` may be None when no
     Glow detector is asked for. ``combine`` (or detector names starting with ``combo:``) adds
     combinations such as ``"density_cls+ratio"`` (:mod:`densead.combined_maps`), standardized on
     the inlier pixels of ``calibration_frames`` frames spread over ``calibration`` (default: the

@@ -36,6 +36,7 @@ from densead.detectors.feature_density import (
     FeatureFlowsRunConfig,
     FlowConfig,
     FlowTrainConfig,
+    load_dense_detector,
     load_feature_density,
     train_feature_flows,
 )
@@ -327,7 +328,7 @@ def test_road_scoring_errors_name_the_problem(tmp_path: Path) -> None:
         ),
         (
             {"detectors": ["density_cls"]},
-            r"density_mean, density_min, msp, max_logit, entropy \(need feature_flows",
+            r"density_mean, density_min, msp, max_logit, entropy, sml \(need feature_flows",
         ),
         ({"detectors": ["raw"], "checkpoint": None}, r"\['raw'\] need a Glow checkpoint"),
     ]
@@ -452,10 +453,23 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
     density, _ = load_feature_density(flows)
     assert density.names == ("fuse", "cls")
     only = tmp_path / "only"
-    run_tool("tools/score_images.py", *common, "--feature-flows", str(flows), "--detector", "entropy",
+    run_tool("tools/score_images.py", *common, "--feature-flows", str(flows), "--detector", "entropy,sml",
              "--no-overlays", "--out", str(only))  # fmt: skip
-    assert json.loads((only / "run.json").read_text())["detectors"] == ["entropy"]
+    assert json.loads((only / "run.json").read_text())["detectors"] == ["entropy", "sml"]
     assert not (only / "overlays").exists()
+    # A flows checkpoint from before the sml statistics scores everything else; sml is refused by name.
+    ckpt = torch.load(flows, map_location="cpu", weights_only=True)
+    assert ckpt["max_logit_stats"]["count"].shape == (9,)
+    del ckpt["max_logit_stats"]
+    torch.save(ckpt, tmp_path / "old_flows.pt")
+    old_detector, _ = load_dense_detector(tmp_path / "old_flows.pt")
+    assert old_detector.names == tuple(n for n in load_dense_detector(flows)[0].names if n != "sml")
+    proc = run_tool("tools/score_images.py", *common, "--feature-flows", str(tmp_path / "old_flows.pt"),
+                    "--detector", "entropy,sml", "--out", str(tmp_path / "old"), ok=False)  # fmt: skip
+    assert (
+        proc.returncode == 2 and "unknown detector 'sml' (sml needs the max-logit statistics" in proc.stderr
+    )
+    assert not (tmp_path / "old").exists()
     # --protocol sequences: Seq05VD frames under test, calibration on the training drives.
     seq = tmp_path / "seq"
     run_tool("tools/score_images.py", *common, "--protocol", "sequences", "--feature-flows", str(flows),

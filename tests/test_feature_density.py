@@ -20,14 +20,17 @@ from torch import Tensor, nn
 
 from densead.detectors.feature_density import (
     BASELINES,
+    SML_MIN_PIXELS,
     STD_FLOOR,
     DenseFeatureDetector,
     FeatureDensity,
     FeatureFlowsRunConfig,
     FlowConfig,
     FlowTrainConfig,
+    MaxLogitStats,
     class_balance_table,
     entropy_score,
+    fit_max_logit_stats,
     fit_normalization,
     fit_standardization,
     flow_training_step,
@@ -403,6 +406,85 @@ def test_detector_maps_and_ensembles() -> None:
     assert torch.allclose(maps["msp"], msp_score(up))
 
 
+def test_sml_standardizes_the_max_logit_per_predicted_class() -> None:
+    # Class 0 is predicted with max logits around 10 (std 1), class 1 around 2 (std 0.5).
+    stats = MaxLogitStats(
+        torch.tensor([10.0, 2.0], dtype=torch.float64),
+        torch.tensor([1.0, 0.5], dtype=torch.float64),
+        torch.tensor([500, 500]),
+    )
+    # Pixels: (class 0, max 8), (class 1, max 2), (class 1, max 3), (class 0, max 12).
+    logits = torch.tensor([[8.0, 0.0], [0.0, 2.0], [1.0, 3.0], [12.0, -1.0]]).t().reshape(1, 2, 1, 4)
+    sml = stats.score(logits)[0, 0]
+    assert torch.allclose(sml, torch.tensor([2.0, 0.0, -2.0, -2.0]))
+    # Raw max logit calls the class-1 pixels the most anomalous; sml, the unusually low class-0 one.
+    assert int(max_logit_score(logits)[0, 0].argmax()) == 1 and int(sml.argmax()) == 0
+    with pytest.raises(ValueError, match="logits have 3 classes, the sml statistics 2"):
+        stats.score(torch.zeros(1, 3, 1, 1))
+    with pytest.raises(ValueError, match="std must be positive"):
+        MaxLogitStats(stats.mean, torch.tensor([1.0, 0.0], dtype=torch.float64), stats.count)
+
+
+def test_sml_rare_and_constant_classes_fall_back_to_pooled_statistics() -> None:
+    values = {0: torch.linspace(4.0, 8.0, 400), 1: torch.full((SML_MIN_PIXELS,), 3.0), 2: torch.tensor([9.0])}
+    count = torch.tensor([len(v) for v in values.values()] + [0])
+    total = torch.tensor([float(v.double().sum()) for v in values.values()] + [0.0], dtype=torch.float64)
+    total_sq = torch.tensor(
+        [float((v.double() ** 2).sum()) for v in values.values()] + [0.0], dtype=torch.float64
+    )
+    stats = MaxLogitStats.from_sums(count, total, total_sq)
+    pooled = torch.cat(list(values.values())).double()
+    assert math.isclose(float(stats.mean[0]), float(values[0].double().mean()), rel_tol=1e-12)
+    assert math.isclose(float(stats.std[0]), float(values[0].double().std(unbiased=False)), rel_tol=1e-9)
+    # Class 1: SML_MIN_PIXELS pixels, all alike: its own mean, a std floored at STD_FLOOR × pooled std.
+    assert float(stats.mean[1]) == 3.0
+    assert math.isclose(float(stats.std[1]), STD_FLOOR * float(pooled.std(unbiased=False)), rel_tol=1e-6)
+    # Classes 2 (one pixel) and 3 (never predicted) take the pooled statistics.
+    for k in (2, 3):
+        assert math.isclose(float(stats.mean[k]), float(pooled.mean()), rel_tol=1e-12)
+        assert math.isclose(float(stats.std[k]), float(pooled.std(unbiased=False)), rel_tol=1e-9)
+    assert stats.count.tolist() == [400, SML_MIN_PIXELS, 1, 0]
+    with pytest.raises(ValueError, match="no in-distribution training pixels"):
+        MaxLogitStats.from_sums(torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(2))
+
+
+def test_sml_statistics_come_from_the_inlier_pixels_as_scored() -> None:
+    extractor = _toy_extractor()
+    arrays = _toy_arrays()
+    stats = fit_max_logit_stats(extractor, arrays, batch_size=2, divisor=8)
+    # By hand: logits upsampled to the padded 24×24 frame (as score_maps does), cut to 20×24,
+    # grouped by predicted class over the inlier pixels.
+    x = _toy_input(arrays)
+    up = F.interpolate(extractor(x)["logits"], size=(24, 24), mode="bilinear", align_corners=False)[:, :, :20]
+    top, cls = up.max(1)
+    inlier = torch.from_numpy(arrays.labels == 0)
+    top, cls = top[inlier].double(), cls[inlier]
+    assert int(stats.count.sum()) == int(inlier.sum()) and stats.n_classes == 6
+    for k in range(6):
+        v = top[cls == k]
+        assert int(stats.count[k]) == v.numel()
+        if v.numel() >= SML_MIN_PIXELS:
+            assert math.isclose(float(stats.mean[k]), float(v.mean()), rel_tol=1e-6)
+            assert math.isclose(float(stats.std[k]), float(v.std(unbiased=False)), rel_tol=1e-4)
+    assert int((stats.count >= SML_MIN_PIXELS).sum()) >= 2  # the check above compared something
+    # A detector with the statistics scores sml as their standardization of its logits.
+    density, _ = _fitted_toy()
+    density.set_normalization({"a": -3.0, "b": -5.0}, {"a": 1.0, "b": 1.0})
+    maps, logits = DenseFeatureDetector(extractor, density, max_logit_stats=stats).score_maps(x)
+    assert torch.equal(maps["sml"], stats.score(logits))
+    assert "sml" not in DenseFeatureDetector(extractor, density).score_maps(x)[0]
+    # Only inlier pixels enter: a frame labelled void throughout counts as no frame at all.
+    labels = arrays.labels.copy()
+    labels[0] = 255
+    voided = SceneArrays(arrays.images, labels, arrays.train_ids, arrays.names, arrays.classes)
+    rest = SceneArrays(
+        arrays.images[1:], arrays.labels[1:], arrays.train_ids[1:], arrays.names[1:], ("thing",)
+    )
+    a, b = fit_max_logit_stats(extractor, voided, 2, 8), fit_max_logit_stats(extractor, rest, 2, 8)
+    assert torch.equal(a.count, b.count) and int(a.count.sum()) < int(stats.count.sum())
+    assert torch.allclose(a.mean, b.mean, rtol=1e-9) and torch.allclose(a.std, b.std, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- the tools
 
 
@@ -478,6 +560,7 @@ def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
         "msp",
         "max_logit",
         "entropy",
+        "sml",
     ]
     assert all(0.0 <= float(r["auroc"]) <= 1.0 and int(r["n_anomaly"]) > 0 for r in rows)
     assert "| density_mean |" in out.stdout

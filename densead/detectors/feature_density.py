@@ -43,12 +43,21 @@ Detectors (higher = more anomalous everywhere):
 | ``msp`` | ``1 − max_k softmax(logits)_k`` |
 | ``max_logit`` | ``−max_k logits_k`` |
 | ``entropy`` | ``−Σ_k p_k log p_k`` |
+| ``sml`` | ``−(max_k logits_k − μ_ĉ) / σ_ĉ``, ``ĉ = argmax_k logits_k`` |
 
 ``density_min`` is Blum et al.'s "min" ensemble, named after the log-likelihood it takes the
 minimum of: a pixel is as anomalous as its least likely layer says.
 
-The three baselines come from the logits of the same frozen segmenter in the same forward
-pass, bilinearly upsampled to the frame as the segmenter itself does.
+The baselines come from the logits of the same frozen segmenter in the same forward pass,
+bilinearly upsampled to the frame as the segmenter itself does.
+
+Standardized max logits (``sml``, Jung et al., *Standardized Max Logits*, ICCV 2021): the max
+logit's scale differs from class to class (a segmenter is surer of road than of sign poles), so
+one threshold on it treats classes unequally. ``μ_k``, ``σ_k`` are the mean and standard deviation
+of the max logit over the in-distribution training pixels the segmenter *predicts* as class ``k``
+(fitted with the normalization, :func:`fit_max_logit_stats`, stored in the checkpoint). A class
+predicted on fewer than :data:`SML_MIN_PIXELS` training pixels gets the statistics of all of them.
+The paper's further steps (boundary suppression, dilated smoothing) are not part of ``sml``.
 """
 
 from __future__ import annotations
@@ -114,6 +123,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "LOGITS_TAP",
     "MASK_RULES",
+    "SML_MIN_PIXELS",
     "NORMALIZATIONS",
     "STD_FLOOR",
     "DenseEvalConfig",
@@ -123,10 +133,12 @@ __all__ = [
     "FlowConfig",
     "FlowTrainConfig",
     "LogProbStats",
+    "MaxLogitStats",
     "class_balance_table",
     "entropy_score",
     "evaluate_dense_detectors",
     "evaluate_run",
+    "fit_max_logit_stats",
     "fit_normalization",
     "fit_standardization",
     "flow_training_step",
@@ -150,6 +162,10 @@ MASK_RULES = ("all", "center")
 # Standardization scale floor, relative to the layer's mean channel std: a channel that is
 # (nearly) constant on the training pixels is divided by STD_FLOOR × that mean, not by ~0.
 STD_FLOOR = 1e-3
+# sml: a class predicted on fewer training pixels than this takes the statistics of all of them.
+SML_MIN_PIXELS = 100
+# The checkpoint entry holding the sml statistics (MaxLogitStats.state()).
+SML_KEY = "max_logit_stats"
 NORMALIZATIONS = ("mean", "zscore")
 # DenseEvalConfig.metrics_mode: the modes of densead.metrics.PixelMetrics.
 METRICS_MODES = ("binned", "exact")
@@ -326,6 +342,87 @@ BASELINES: dict[str, Callable[[Tensor], Tensor]] = {
     "max_logit": max_logit_score,
     "entropy": entropy_score,
 }
+
+
+def frame_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """The segmenter's logits ``(B, K, h, w)`` upsampled (bilinear, float32) to the frame ``size``,
+    as the baselines see them, at scoring and when their statistics are fitted."""
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class MaxLogitStats:
+    """Per predicted class ``k``: mean ``μ_k`` and std ``σ_k`` of the max logit over training
+    pixels, for standardized max logits (``sml``, see the module docstring).
+
+    Attributes:
+        mean: ``(K,)`` float64.
+        std: ``(K,)`` float64, positive.
+        count: ``(K,)`` int64, the training pixels predicted as each class (classes under
+            :data:`SML_MIN_PIXELS` hold the pooled statistics).
+    """
+
+    mean: Tensor
+    std: Tensor
+    count: Tensor
+
+    def __post_init__(self) -> None:
+        k = self.mean.shape
+        if len(k) != 1 or self.std.shape != k or self.count.shape != k:
+            raise ValueError(
+                f"mean, std and count must be vectors of one length, got shapes {tuple(self.mean.shape)}, "
+                f"{tuple(self.std.shape)}, {tuple(self.count.shape)}"
+            )
+        if not bool(torch.isfinite(self.mean).all()):
+            raise ValueError("mean holds non-finite values")
+        if not bool((self.std > 0).all() and torch.isfinite(self.std).all()):
+            raise ValueError("std must be positive and finite")
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.mean.shape[0])
+
+    @classmethod
+    def from_sums(cls, count: Tensor, total: Tensor, total_sq: Tensor) -> MaxLogitStats:
+        """From per-class pixel counts, sums and sums of squares of the max logit (float64)."""
+        n = float(count.sum())
+        if n == 0:
+            raise ValueError("no in-distribution training pixels to fit the max-logit statistics on")
+        pooled_mean = float(total.sum()) / n
+        pooled_std = math.sqrt(max(float(total_sq.sum()) / n - pooled_mean**2, 0.0))
+        safe = count.double().clamp_min(1)
+        mean = total / safe
+        std = (total_sq / safe - mean * mean).clamp_min(0).sqrt()
+        few = count < SML_MIN_PIXELS
+        mean = torch.where(few, torch.full_like(mean, pooled_mean), mean)
+        std = torch.where(few, torch.full_like(std, pooled_std), std)
+        # A (nearly) constant max logit: divide by a small fraction of the pooled spread, not by ~0.
+        std = std.clamp_min(STD_FLOOR * pooled_std + torch.finfo(torch.float32).tiny)
+        return cls(mean, std, count.long())
+
+    def score(self, logits: Tensor) -> Tensor:
+        """``(B, K, H, W)`` → ``−(max logit − μ_ĉ) / σ_ĉ`` ``(B, H, W)``, ``ĉ`` the predicted class."""
+        if logits.shape[1] != self.n_classes:
+            raise ValueError(f"logits have {logits.shape[1]} classes, the sml statistics {self.n_classes}")
+        top, cls = logits.float().max(dim=1)
+        mean, std = self.mean.to(top.device)[cls], self.std.to(top.device)[cls]
+        return (-(top.double() - mean) / std).float()
+
+    def state(self) -> dict[str, Tensor]:
+        return {"mean": self.mean.cpu(), "std": self.std.cpu(), "count": self.count.cpu()}
+
+    @classmethod
+    def from_state(cls, state: Any, where: str) -> MaxLogitStats:
+        """:meth:`state` read back; ``where`` (file and key) names the culprit of a bad entry."""
+        if not isinstance(state, Mapping) or not all(
+            isinstance(state.get(k), Tensor) for k in ("mean", "std", "count")
+        ):
+            raise ValueError(f"{where}: expected tensors mean, std and count")
+        try:
+            return cls(state["mean"].double(), state["std"].double(), state["count"].long())
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
 
 # --------------------------------------------------------------------------- masks and sampling
 
@@ -690,12 +787,14 @@ class DenseFeatureDetector:
     extractor: FrozenFeatureExtractor
     density: FeatureDensity
     normalization: str = "mean"
+    max_logit_stats: MaxLogitStats | None = None
     names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.density.eval()
         taps = [f"density_{n}" for n in self.density.names]
-        self.names = (*taps, "density_mean", "density_min", *BASELINES)
+        sml = ("sml",) if self.max_logit_stats is not None else ()
+        self.names = (*taps, "density_mean", "density_min", *BASELINES, *sml)
 
     @torch.no_grad()
     def score_maps(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -705,7 +804,7 @@ class DenseFeatureDetector:
         """
         feats = self.extractor(x)
         size = x.shape[-2:]
-        logits = F.interpolate(feats[LOGITS_TAP].float(), size=size, mode="bilinear", align_corners=False)
+        logits = frame_logits(feats[LOGITS_TAP], size)
         scores = self.density.normalized_scores(self.density.log_prob_maps(feats), self.normalization)
         layer_maps = {
             f"density_{n}": F.interpolate(
@@ -718,6 +817,8 @@ class DenseFeatureDetector:
         out["density_mean"] = stacked.mean(dim=0)
         out["density_min"] = stacked.amax(dim=0)  # min normalized log-likelihood = max score
         out.update({name: fn(logits) for name, fn in BASELINES.items()})
+        if self.max_logit_stats is not None:
+            out["sml"] = self.max_logit_stats.score(logits)
         return out, logits
 
 
@@ -843,13 +944,44 @@ def fit_normalization(
     return stats
 
 
+def fit_max_logit_stats(
+    extractor: FrozenFeatureExtractor,
+    arrays: SceneArrays,
+    batch_size: int,
+    divisor: int,
+    device: torch.device | str = "cpu",
+) -> MaxLogitStats:
+    """The ``sml`` statistics: per predicted class, mean and std of the max logit over every
+    in-distribution pixel of ``arrays`` (anomalous and void pixels left out), the logits taken
+    as :meth:`DenseFeatureDetector.score_maps` takes them (:func:`frame_logits` of the padded
+    frame, cut back to the frame). ``extractor`` must return :data:`LOGITS_TAP`."""
+    if LOGITS_TAP not in extractor.channels:
+        raise ValueError(f"the extractor returns no {LOGITS_TAP!r} tap")
+    k = extractor.channels[LOGITS_TAP]
+    sums = torch.zeros(3, k, dtype=torch.float64)
+    with torch.no_grad():
+        for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
+            h, w = labels.shape[1:]
+            logits = frame_logits(extractor(x.to(device))[LOGITS_TAP], x.shape[-2:])[:, :, :h, :w]
+            top, cls = logits.max(dim=1)
+            keep = torch.from_numpy(labels == INLIER).to(top.device)
+            cls, top = cls[keep].cpu(), top[keep].double().cpu()
+            sums[0] += torch.bincount(cls, minlength=k).double()
+            sums[1] += torch.bincount(cls, weights=top, minlength=k)
+            sums[2] += torch.bincount(cls, weights=top * top, minlength=k)
+    return MaxLogitStats.from_sums(sums[0].long(), sums[1], sums[2])
+
+
 def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overwrite: bool = False) -> Path:
-    """Train one flow per tap on in-distribution CamVid pixels, fit the normalization, save.
+    """Train one flow per tap on in-distribution CamVid pixels, fit the normalization and the
+    ``sml`` statistics, save.
     An existing checkpoint is refused unless ``overwrite``.
 
     Returns:
         ``<output_dir>/feature_flows.pt``: ``density`` state_dict (flows + normalization buffers),
-        ``config``, ``channels``, ``strides``, ``train_seconds``; ``config.yaml`` beside it.
+        ``config``, ``channels``, ``strides``, ``train_seconds``, ``segmenter_sha256``,
+        ``max_logit_stats`` (``sml``, :func:`fit_max_logit_stats` on the normalization frames);
+        ``config.yaml`` beside it.
     """
     _check_choice(cfg.mask_rule, MASK_RULES, "mask_rule")
     _check_choice(cfg.normalization, NORMALIZATIONS, "normalization")
@@ -866,7 +998,7 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
     segmenter = _load_checked_segmenter(cfg, device)
     fingerprint = segmenter_fingerprint(segmenter)
     # The logits node is what scoring taps besides the flows': a bad one fails here, not after training.
-    _tap_segmenter(cfg, segmenter, with_logits=True)
+    with_logits = _tap_segmenter(cfg, segmenter, with_logits=True)
     extractor = _tap_segmenter(cfg, segmenter, with_logits=False)
     density = FeatureDensity(extractor.channels, cfg.flow.n_steps, cfg.flow.hidden, cfg.log_softmax_floor).to(
         device
@@ -917,25 +1049,27 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
             print(f"step {step + 1}/{tcfg.steps} nll/dim {text} ({time.time() - start:.0f} s)", flush=True)
             running = {}
     train_seconds = time.time() - start
+    norm_arrays = _spread_frames(train, tcfg.norm_frames)
     stats = fit_normalization(
-        extractor,
-        density,
-        _spread_frames(train, tcfg.norm_frames),
-        cfg.eval.batch_size,
-        cfg.data.pad_divisor,
-        cfg.mask_rule,
-        device,
+        extractor, density, norm_arrays, cfg.eval.batch_size, cfg.data.pad_divisor, cfg.mask_rule, device
     )
+    sml = fit_max_logit_stats(with_logits, norm_arrays, cfg.eval.batch_size, cfg.data.pad_divisor, device)
     if progress:
         for name in density.names:
             print(
                 f"normalization {name}: mean log p {stats.mean()[name]:.2f}, std {stats.std()[name]:.2f} "
                 f"over {stats.count[name]} training positions"
             )
+        pooled = int((sml.count < SML_MIN_PIXELS).sum())
+        print(
+            f"sml: max-logit statistics of {sml.n_classes} classes over {int(sml.count.sum())} training "
+            f"pixels ({pooled} predicted on < {SML_MIN_PIXELS} pixels: pooled statistics)"
+        )
     path = out_dir / CHECKPOINT_NAME
     save_feature_density(
-        path, density, cfg, extractor.strides, train_seconds=train_seconds, segmenter_sha256=fingerprint
-    )
+        path, density, cfg, extractor.strides, train_seconds=train_seconds, segmenter_sha256=fingerprint,
+        **{SML_KEY: sml.state()},
+    )  # fmt: skip
     save_config(cfg, out_dir / "config.yaml")
     return path
 
@@ -951,7 +1085,8 @@ def save_feature_density(
     ``strides`` and ``extra`` entries, written atomically; read it with :func:`load_feature_density`.
 
     ``segmenter_sha256`` among ``extra`` (:func:`~densead.segmenter.segmenter_fingerprint` of the
-    segmenter the flows were trained on) makes :func:`load_dense_detector` refuse another one."""
+    segmenter the flows were trained on) makes :func:`load_dense_detector` refuse another one;
+    ``max_logit_stats`` (:meth:`MaxLogitStats.state`) gives its detector the ``sml`` map."""
     channels = {name: density.flows[name].channels for name in density.names}
     atomic_torch_save(
         {
@@ -1054,7 +1189,15 @@ def load_dense_detector(
     wrong = {n: c for n, c in wrong.items() if c[0] != c[1]}
     if wrong:
         raise ValueError(f"{path}: tap channels (segmenter, flow) do not match: {wrong}")
-    return DenseFeatureDetector(extractor, density, cfg.normalization), cfg
+    sml = None  # checkpoints from before the sml statistics have none: no sml detector
+    if SML_KEY in ckpt:
+        sml = MaxLogitStats.from_state(ckpt[SML_KEY], f"{path}: {SML_KEY}")
+        if sml.n_classes != extractor.channels[LOGITS_TAP]:
+            raise ValueError(
+                f"{path}: {SML_KEY} holds {sml.n_classes} classes, segmenter {cfg.segmenter} has "
+                f"{extractor.channels[LOGITS_TAP]}"
+            )
+    return DenseFeatureDetector(extractor, density, cfg.normalization, sml), cfg
 
 
 def check_geometry(path: str | Path, stored: FeatureFlowsRunConfig, cfg: FeatureFlowsRunConfig) -> None:
