@@ -12,8 +12,8 @@ map functions, no second implementation (see :mod:`densead.frame_scorers` for th
   So on the padded frame the map sums to the detector's score of the padded, shrunk frame
   (``−log p`` for ``raw``).
 * Feature-density detectors (``density_<tap>``, ``density_mean``, ``density_min``, ``msp``,
-  ``max_logit``, ``entropy``, ``sml``) of a flows checkpoint: frames resized and padded as the flows run
-  saw them, maps resized back bilinearly.
+  ``max_logit``, ``entropy``, ``energy``, ``sml``) of a flows checkpoint: frames resized and
+  padded as the flows run saw them, maps resized back bilinearly.
 * Combinations ``combo:<a>+<b>``: the mean of the components' maps, each standardized on the
   inlier pixels of calibration frames of another split (:mod:`densead.combined_maps`).
 
@@ -397,7 +397,7 @@ def write_dense_maps(
     return write_frame_maps(dataset, glow, out_dir, rescale, overlays, batch_size, progress, info)
 
 
-FEATURE_DETECTOR_NAMES = "density_<tap>, density_mean, density_min, msp, max_logit, entropy, sml"
+FEATURE_DETECTOR_NAMES = "density_<tap>, density_mean, density_min, msp, max_logit, entropy, energy, sml"
 
 
 def _shared_frames(a: RoadDataset, b: RoadDataset) -> list[str]:
@@ -551,11 +551,12 @@ def score_road_dataset(
 
     Detector names may mix Glow detectors (from ``checkpoint`` and ``general``) and the
     feature-density detectors of ``feature_flows`` (``density_<tap>``, ``density_mean``,
-    ``density_min``, ``msp``, ``max_logit``, ``entropy``, ``sml``); ``checkpoint`` may be None when no
-    Glow detector is asked for. ``combine`` (or detector names starting with ``combo:``) adds
-    combinations such as ``"density_cls+ratio"`` (:mod:`densead.combined_maps`), standardized on
-    the inlier pixels of ``calibration_frames`` frames spread over ``calibration`` (default: the
-    ``train`` split of ``source``), which must not be the frames under test.
+    ``density_min``, ``msp``, ``max_logit``, ``entropy``, ``energy``, ``sml``); ``checkpoint``
+    may be None when no Glow detector is asked for. ``combine`` (or detector names starting with
+    ``combo:``) adds combinations such as ``"density_cls+ratio"``
+    (:mod:`densead.combined_maps`), standardized on the inlier pixels of ``calibration_frames``
+    frames spread over ``calibration`` (default: the ``train`` split of ``source``), which must
+    not be the frames under test.
 
     ``downscale=None`` takes the factor the in-distribution Glow was trained with (1 for
     checkpoints that do not record one). ``segmenter`` replaces the segmenter path stored with

@@ -10,8 +10,8 @@ detectors' own map functions; none reimplements a score:
   spread evenly over the ``downscale²`` native pixels it covers, padding cut off.
 * :class:`FeatureFrameScorer`: the per-pixel feature-density detector
   (:class:`~densead.detectors.feature_density.DenseFeatureDetector`: ``density_<tap>``,
-  ``density_mean``, ``density_min``, ``msp``, ``max_logit``, ``entropy``, ``sml``). Frames go through the
-  same geometry as the flows' training frames: resized by the run's ``data.scale`` with
+  ``density_mean``, ``density_min``, ``msp``, ``max_logit``, ``entropy``, ``energy``, ``sml``).
+  Frames go through the same geometry as the flows' training frames: resized by the run's ``data.scale`` with
   ``INTER_AREA`` (as :func:`densead.segmenter.load_scene_arrays`), mirror-padded bottom/right to
   ``data.pad_divisor`` (as :func:`densead.segmenter.iter_eval_batches`), scored, the padding cut
   off, and the maps resized back to the native frame bilinearly.

@@ -328,7 +328,7 @@ def test_road_scoring_errors_name_the_problem(tmp_path: Path) -> None:
         ),
         (
             {"detectors": ["density_cls"]},
-            r"density_mean, density_min, msp, max_logit, entropy, sml \(need feature_flows",
+            r"density_mean, density_min, msp, max_logit, entropy, energy, sml \(need feature_flows",
         ),
         ({"detectors": ["raw"], "checkpoint": None}, r"\['raw'\] need a Glow checkpoint"),
     ]

@@ -29,6 +29,7 @@ from densead.detectors.feature_density import (
     FlowTrainConfig,
     MaxLogitStats,
     class_balance_table,
+    energy_score,
     entropy_score,
     fit_max_logit_stats,
     fit_normalization,
@@ -381,6 +382,13 @@ def test_baselines_on_hand_made_logits() -> None:
     assert torch.allclose(msp_score(shifted), msp_score(logits), atol=1e-6)
     assert torch.allclose(entropy_score(shifted), entropy_score(logits), atol=1e-5)
     assert torch.allclose(max_logit_score(shifted), max_logit_score(logits) - 5.0)
+    # Energy: −log Σ exp(z), written out; a smooth max logit (−max z − log K ≤ energy ≤ −max z).
+    energy = energy_score(logits)[0, 0]
+    by_hand = torch.tensor([-math.log(math.exp(10) + 2), -math.log(math.exp(2) + math.exp(1) + 1),
+                            -math.log(3 * math.e), -math.log(math.exp(0.1) + 2)])  # fmt: skip
+    assert torch.allclose(energy, by_hand)
+    assert (energy <= max_logit).all() and (energy >= max_logit - math.log(3)).all()
+    assert torch.allclose(energy_score(shifted), energy - 5.0)
 
 
 def test_detector_maps_and_ensembles() -> None:
@@ -560,6 +568,7 @@ def test_tools_smoke(tmp_path: Path, shared_data: Path) -> None:
         "msp",
         "max_logit",
         "entropy",
+        "energy",
         "sml",
     ]
     assert all(0.0 <= float(r["auroc"]) <= 1.0 and int(r["n_anomaly"]) > 0 for r in rows)

@@ -21,12 +21,12 @@ writes maps/<detector>/<frame>.npy (float16 in [0, 1], dataset-level min-max), o
 <frame>.png, summary.csv, rescale.json and run.json (see densead/dense_scoring.py). --road takes
 camvid, cityscapes, fishyscapes_laf, smiyc, lostandfound, road_anomaly or folder (any image folder).
 
-Feature-density detectors (density_<tap>, density_mean, density_min, msp, max_logit, entropy, sml) come
-from --feature-flows (a checkpoint of tools/train_feature_flows.py; frames are resized and padded
-as that run saw them). --detector may mix them with Glow detectors; --checkpoint is needed only for
-Glow detectors. --combine adds combo:<a>+<b> maps (folders maps/combo-<a>+<b>): the mean of the
-components after standardizing each on the inlier pixels of --calibration-frames frames of
---calibration-split (never the split under test; see densead/combined_maps.py):
+Feature-density detectors (density_<tap>, density_mean, density_min, msp, max_logit, entropy,
+energy, sml) come from --feature-flows (a checkpoint of tools/train_feature_flows.py; frames are
+resized and padded as that run saw them). --detector may mix them with Glow detectors; --checkpoint
+is needed only for Glow detectors. --combine adds combo:<a>+<b> maps (folders maps/combo-<a>+<b>):
+the mean of the components after standardizing each on the inlier pixels of --calibration-frames
+frames of --calibration-split (never the split under test; see densead/combined_maps.py):
 
     python tools/score_images.py --road camvid --root ../shared/data/camvid --split test \\
         --feature-flows runs/camvid_feature_flows/feature_flows.pt \\
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     road.add_argument("--rescale-from", help="rescale.json of another run (default: calibrate on this set)")
     road.add_argument("--no-overlays", action="store_true", help="write maps and summary only")
     road.add_argument(
-        "--feature-flows", help="feature-density checkpoint (density_*, msp, max_logit, entropy, sml)"
+        "--feature-flows", help="feature-density checkpoint (density_*, msp, max_logit, entropy, energy, sml)"
     )
     road.add_argument(
         "--segmenter",
