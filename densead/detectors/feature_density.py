@@ -360,7 +360,7 @@ def frame_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: no elementwise == as equality
 class MaxLogitStats:
     """Per predicted class ``k``: mean ``μ_k`` and std ``σ_k`` of the max logit over training
     pixels, for standardized max logits (``sml``, see the module docstring).
