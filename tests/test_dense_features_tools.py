@@ -460,6 +460,12 @@ def test_tools_feature_glow_and_combined_maps(tmp_path: Path, shared_data: Path)
     # A flows checkpoint from before the sml statistics scores everything else; sml is refused by name.
     ckpt = torch.load(flows, map_location="cpu", weights_only=True)
     assert ckpt["max_logit_stats"]["count"].shape == (9,)
+    wrong = {k: v[:8] for k, v in ckpt["max_logit_stats"].items()}  # statistics of another segmenter
+    torch.save({**ckpt, "max_logit_stats": wrong}, tmp_path / "wrong_flows.pt")
+    with pytest.raises(
+        ValueError, match=r"wrong_flows.pt: max_logit_stats holds 8 classes, segmenter .* has 9"
+    ):
+        load_dense_detector(tmp_path / "wrong_flows.pt")
     del ckpt["max_logit_stats"]
     torch.save(ckpt, tmp_path / "old_flows.pt")
     old_detector, _ = load_dense_detector(tmp_path / "old_flows.pt")

@@ -431,6 +431,15 @@ def test_sml_standardizes_the_max_logit_per_predicted_class() -> None:
         stats.score(torch.zeros(1, 3, 1, 1))
     with pytest.raises(ValueError, match="std must be positive"):
         MaxLogitStats(stats.mean, torch.tensor([1.0, 0.0], dtype=torch.float64), stats.count)
+    # A checkpoint entry read back: the error names where it came from.
+    again = MaxLogitStats.from_state(stats.state(), "here")
+    assert torch.equal(again.mean, stats.mean) and torch.equal(again.count, stats.count)
+    with pytest.raises(ValueError, match=r"^f.pt: max_logit_stats: expected tensors mean, std and count"):
+        MaxLogitStats.from_state({"mean": stats.mean, "std": stats.std}, "f.pt: max_logit_stats")
+    with pytest.raises(ValueError, match=r"^f.pt: max_logit_stats: mean holds non-finite"):
+        MaxLogitStats.from_state(
+            {**stats.state(), "mean": torch.tensor([0.0, math.nan])}, "f.pt: max_logit_stats"
+        )
 
 
 def test_sml_rare_and_constant_classes_fall_back_to_pooled_statistics() -> None:
