@@ -28,6 +28,7 @@ from densead.detectors.feature_density import (
     FlowConfig,
     FlowTrainConfig,
     MaxLogitStats,
+    MaxLogitSums,
     class_balance_table,
     energy_score,
     entropy_score,
@@ -484,6 +485,14 @@ def test_sml_statistics_come_from_the_inlier_pixels_as_scored() -> None:
             assert math.isclose(float(stats.mean[k]), float(v.mean()), rel_tol=1e-6)
             assert math.isclose(float(stats.std[k]), float(v.std(unbiased=False)), rel_tol=1e-4)
     assert int((stats.count >= SML_MIN_PIXELS).sum()) >= 2  # the check above compared something
+    # Training fits them in the normalization's pass: the same statistics, the same normalization.
+    density, _ = _fitted_toy()
+    plain = fit_normalization(extractor, density, arrays, 2, 8, "all")
+    sums = MaxLogitSums(6)
+    shared = fit_normalization(extractor, density, arrays, 2, 8, "all", max_logits=sums)
+    assert shared.mean() == plain.mean() and shared.std() == plain.std()
+    assert torch.equal(sums.stats().count, stats.count) and torch.equal(sums.stats().mean, stats.mean)
+    assert torch.equal(sums.stats().std, stats.std)
     # A detector with the statistics scores sml as their standardization of its logits.
     density, _ = _fitted_toy()
     density.set_normalization({"a": -3.0, "b": -5.0}, {"a": 1.0, "b": 1.0})

@@ -136,6 +136,7 @@ __all__ = [
     "FlowTrainConfig",
     "LogProbStats",
     "MaxLogitStats",
+    "MaxLogitSums",
     "class_balance_table",
     "energy_score",
     "entropy_score",
@@ -885,10 +886,12 @@ def _features_and_inliers(
     batch_size: int,
     divisor: int,
     device: torch.device | str,
-) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-    """Every frame of ``arrays`` in order, padded to ``divisor``: (``{tap: features}``, inlier pixel mask)."""
+) -> Iterator[tuple[dict[str, Tensor], Tensor, tuple[int, int]]]:
+    """Every frame of ``arrays`` in order, padded to ``divisor``: (``{tap: features}``, inlier pixel
+    mask of the unpadded frames, padded size ``(H, W)``)."""
     for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
-        yield extractor(x.to(device)), torch.from_numpy(labels == INLIER).to(device)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        yield extractor(x.to(device)), torch.from_numpy(labels == INLIER).to(device), size
 
 
 def fit_standardization(
@@ -908,7 +911,7 @@ def fit_standardization(
     """
     sums: dict[str, list[Tensor]] = {}
     with torch.no_grad():
-        for feats, inlier in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
+        for feats, inlier, _ in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
             for name in density.names:
                 f = density.inputs(name, feats[name])
                 valid = valid_feature_mask(inlier, f.shape[-2:], extractor.strides[name], rule)
@@ -937,21 +940,54 @@ def fit_normalization(
     divisor: int,
     rule: str,
     device: torch.device | str = "cpu",
+    max_logits: MaxLogitSums | None = None,
 ) -> LogProbStats:
     """Mean and std of each tap's log-likelihood over all valid positions of ``arrays``.
 
     The constants are stored in ``density`` (:meth:`FeatureDensity.set_normalization`) and returned.
+    With ``max_logits`` (``extractor`` then returns :data:`LOGITS_TAP` too), the same pass adds
+    the frames' max logits to it: the ``sml`` statistics of the same frames, without a second pass
+    of the segmenter over them.
     """
     stats = LogProbStats(density.names)
     density.eval()
     with torch.no_grad():
-        for feats, inlier in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
+        for feats, inlier, size in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
             log_probs = density.log_prob_maps(feats)
             for name, lp in log_probs.items():
                 valid = valid_feature_mask(inlier, lp.shape[-2:], extractor.strides[name], rule)
                 stats.update(name, lp[valid])
+            if max_logits is not None:
+                max_logits.update(feats[LOGITS_TAP], size, inlier)
     density.set_normalization(stats.mean(), stats.std())
     return stats
+
+
+class MaxLogitSums:
+    """Running per-class sums for :class:`MaxLogitStats`: over the in-distribution pixels given to
+    :meth:`update`, per predicted class the pixel count, the sum and the sum of squares of the max
+    logit (float64)."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.sums = torch.zeros(3, n_classes, dtype=torch.float64)
+
+    def update(self, logits: Tensor, size: Sequence[int], inlier: Tensor) -> None:
+        """Logits ``(B, K, h, w)`` of frames padded to ``size``, taken as
+        :meth:`DenseFeatureDetector.score_maps` takes them (:func:`frame_logits`, cut back to the
+        frames), at the pixels where the bool mask ``inlier`` ``(B, H', W')`` of the unpadded
+        frames is set."""
+        k = self.sums.shape[1]
+        if logits.shape[1] != k:
+            raise ValueError(f"logits have {logits.shape[1]} classes, the sums {k}")
+        h, w = inlier.shape[-2:]
+        top, cls = frame_logits(logits, size)[:, :, :h, :w].max(dim=1)
+        cls, top = cls[inlier].cpu(), top[inlier].double().cpu()
+        self.sums[0] += torch.bincount(cls, minlength=k).double()
+        self.sums[1] += torch.bincount(cls, weights=top, minlength=k)
+        self.sums[2] += torch.bincount(cls, weights=top * top, minlength=k)
+
+    def stats(self) -> MaxLogitStats:
+        return MaxLogitStats.from_sums(self.sums[0].long(), self.sums[1], self.sums[2])
 
 
 def fit_max_logit_stats(
@@ -963,23 +999,16 @@ def fit_max_logit_stats(
 ) -> MaxLogitStats:
     """The ``sml`` statistics: per predicted class, mean and std of the max logit over every
     in-distribution pixel of ``arrays`` (anomalous and void pixels left out), the logits taken
-    as :meth:`DenseFeatureDetector.score_maps` takes them (:func:`frame_logits` of the padded
-    frame, cut back to the frame). ``extractor`` must return :data:`LOGITS_TAP`."""
+    as :meth:`DenseFeatureDetector.score_maps` takes them (:class:`MaxLogitSums`).
+    ``extractor`` must return :data:`LOGITS_TAP`. (Training fits them in the normalization's pass:
+    :func:`fit_normalization` with ``max_logits``.)"""
     if LOGITS_TAP not in extractor.channels:
         raise ValueError(f"the extractor returns no {LOGITS_TAP!r} tap")
-    k = extractor.channels[LOGITS_TAP]
-    sums = torch.zeros(3, k, dtype=torch.float64)
+    sums = MaxLogitSums(extractor.channels[LOGITS_TAP])
     with torch.no_grad():
-        for _, x, labels, _ in iter_eval_batches(arrays, batch_size, divisor):
-            h, w = labels.shape[1:]
-            logits = frame_logits(extractor(x.to(device))[LOGITS_TAP], x.shape[-2:])[:, :, :h, :w]
-            top, cls = logits.max(dim=1)
-            keep = torch.from_numpy(labels == INLIER).to(top.device)
-            cls, top = cls[keep].cpu(), top[keep].double().cpu()
-            sums[0] += torch.bincount(cls, minlength=k).double()
-            sums[1] += torch.bincount(cls, weights=top, minlength=k)
-            sums[2] += torch.bincount(cls, weights=top * top, minlength=k)
-    return MaxLogitStats.from_sums(sums[0].long(), sums[1], sums[2])
+        for feats, inlier, size in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
+            sums.update(feats[LOGITS_TAP], size, inlier)
+    return sums.stats()
 
 
 def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overwrite: bool = False) -> Path:
@@ -1059,11 +1088,12 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
             print(f"step {step + 1}/{tcfg.steps} nll/dim {text} ({time.time() - start:.0f} s)", flush=True)
             running = {}
     train_seconds = time.time() - start
-    norm_arrays = _spread_frames(train, tcfg.norm_frames)
+    sums = MaxLogitSums(with_logits.channels[LOGITS_TAP])  # sml: filled by the normalization's pass
     stats = fit_normalization(
-        extractor, density, norm_arrays, cfg.eval.batch_size, cfg.data.pad_divisor, cfg.mask_rule, device
-    )
-    sml = fit_max_logit_stats(with_logits, norm_arrays, cfg.eval.batch_size, cfg.data.pad_divisor, device)
+        with_logits, density, _spread_frames(train, tcfg.norm_frames), cfg.eval.batch_size,
+        cfg.data.pad_divisor, cfg.mask_rule, device, sums,
+    )  # fmt: skip
+    sml = sums.stats()
     if progress:
         for name in density.names:
             print(
