@@ -84,6 +84,17 @@ def _one_size(images: Sequence[np.ndarray], who: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- Glow
 
 
+def _check_per_pixel(detectors: Sequence[GlowDetector]) -> None:
+    """A ValueError naming the detectors whose maps are no per-pixel decomposition."""
+    whole = [d.name for d in detectors if not d.per_pixel]
+    if whole:
+        raise ValueError(
+            f"detector(s) {whole} score whole images (a PNG code length is one number per image) and "
+            "make no per-pixel map of road frames; score images with them (tools/score_images.py "
+            "without --road, experiments)"
+        )
+
+
 def frame_maps(
     scorer: GlowScorer,
     images: Sequence[np.ndarray],
@@ -95,6 +106,7 @@ def frame_maps(
 
     See the module docstring for padding, shrinking and spreading; higher = more anomalous.
     """
+    _check_per_pixel(detectors)
     h, w = _one_size(images, "frame_maps")
     unit = downscale * 2**scorer.model.n_scales
     batch = np.stack([shrink(pad_to_multiple(im, unit), downscale) for im in images])
@@ -128,6 +140,7 @@ class GlowFrameScorer:
     ) -> None:
         if downscale < 1:
             raise ValueError(f"downscale must be a positive integer, got {downscale}")
+        _check_per_pixel(detectors)
         self.scorer = scorer
         self.detectors = list(detectors)
         self.names = tuple(d.name for d in self.detectors)

@@ -89,7 +89,8 @@ def score_image_set(
 
     With ``heatmap_dir``, also writes one overlay PNG per image and detector
     (the detector's pixel map, from the same forward pass as the score) for the
-    first ``n_heatmaps`` images (0: every image).
+    first ``n_heatmaps`` images (0: every image); not for ``complexity``, whose map is
+    ``raw``'s shifted by a constant per image.
     Under torchrun, every rank scores its shard and writes its images' PNGs;
     every rank returns all scores in input order.
     """
@@ -115,7 +116,8 @@ def score_image_set(
         else:
             results = scorer.score_maps(x, list(detectors))
             part = ImageSet(images.images[sl][:keep], images.labels[sl][:keep], images.name)
-            maps = {k: m[:keep] for k, (_, m) in results.items()}
+            per_pixel = {d.name for d in detectors if d.per_pixel}  # not complexity: raw's map, shifted
+            maps = {k: m[:keep] for k, (_, m) in results.items() if k in per_pixel}
             stems = [n.replace("/", "__") for n in names[sl][:keep]]
             save_heatmaps(heatmap_dir, part, maps, stems, n_bins)
         for name, (s, _) in results.items():

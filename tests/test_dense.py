@@ -718,3 +718,14 @@ def test_component_bootstrap_intervals_and_paired_differences(tmp_path: Path, ca
     assert evaluate.main([a for a in args if a not in ("--bootstrap", "100")]) == 0
     assert "siou_lo" not in (out / "component_metrics.csv").read_text()
     assert "[" not in (out / "component_metrics.md").read_text().split("|---|")[-1]
+
+
+def test_frame_maps_refuse_whole_image_detectors() -> None:
+    scorer = GlowScorer(random_glow(3).float())
+    frame = np.zeros((32, 48, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"\['complexity'\] score whole images"):
+        frame_maps(scorer, [frame], [get_detector("raw"), get_detector("complexity")])
+    from densead.frame_scorers import GlowFrameScorer
+
+    with pytest.raises(ValueError, match=r"\['complexity'\] score whole images"):
+        GlowFrameScorer(scorer, [get_detector("complexity")])

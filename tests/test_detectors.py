@@ -104,3 +104,84 @@ def test_glow_outputs_leaves_gradients_on_between_batches() -> None:
     for _, out in glow_outputs(model, images, 2, torch.device("cpu")):
         assert not out.log_prob().requires_grad  # computed without autograd
         assert torch.is_grad_enabled(), "the generator left gradients off in the caller"
+
+
+# --------------------------------------------------------------------------- complexity (PNG)
+
+
+def test_png_files_are_lossless_codes_of_the_levels_in_rgb_order() -> None:
+    """Each PNG decodes (with PIL, not the encoder's library) to exactly the image, channels in
+    the model's order, and its length in bits is the code length."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from densead.detectors.complexity import png_code_length, png_files
+
+    g = torch.Generator().manual_seed(0)
+    for channels in (1, 3):
+        levels = torch.randint(0, 256, (3, channels, 12, 20), generator=g, dtype=torch.uint8)
+        levels[1] = 7  # a flat image codes far shorter than noise
+        files = png_files(levels)
+        for f, image in zip(files, levels, strict=True):
+            decoded = np.asarray(Image.open(io.BytesIO(f)))
+            assert np.array_equal(decoded.reshape(12, 20, channels), image.permute(1, 2, 0).numpy())
+        bits = png_code_length(levels)
+        assert bits.tolist() == [8.0 * len(f) for f in files]
+        assert bits[0] >= 8 * levels[0].numel()  # noise does not compress below its 8 bits/value
+        assert bits[1] < bits[0] / 4
+
+
+def test_complexity_is_the_ratio_to_a_png_coder_and_its_map_sums_to_it() -> None:
+    from densead.data.transforms import to_model_input
+    from densead.detectors.complexity import png_log_prob
+
+    g = torch.Generator().manual_seed(1)
+    levels = torch.randint(0, 17, (4, 1, 8, 8), generator=g, dtype=torch.uint8)
+    levels[0] = 0
+    model = Glow(1, n_scales=2, n_steps=2, hidden=8, n_bins=17)
+    x = to_model_input(levels, 17, dequantize=False)
+    model.train()(x)
+    scorer = GlowScorer(model)
+    got = scorer.score_maps(x, [get_detector("complexity"), get_detector("raw")])
+    (score, pixel_map), (raw, raw_map) = got["complexity"], got["raw"]
+    expected = png_log_prob(levels).float() + raw  # log p_png − log p_in
+    assert torch.allclose(score, expected, rtol=1e-6, atol=1e-3)
+    assert torch.allclose(pixel_map.sum(dim=(1, 2)), score, rtol=1e-5, atol=1e-2)
+    shift = pixel_map - raw_map  # the code length, spread evenly: a constant per image
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-5)
+    assert torch.allclose(scorer.score(x, [get_detector("complexity")])["complexity"], score)
+
+
+def test_levels_round_trip_and_refuse_dequantized_inputs() -> None:
+    from densead.data.transforms import to_model_input
+    from densead.detectors.complexity import levels_from_input
+
+    for n_bins in (2, 17, 256):
+        levels = torch.randint(0, n_bins, (5, 3, 4, 4), dtype=torch.uint8)
+        x = to_model_input(levels, n_bins, dequantize=False)
+        assert torch.equal(levels_from_input(x, n_bins), levels)
+    noisy = to_model_input(torch.full((1, 3, 4, 4), 9, dtype=torch.uint8), 256, dequantize=True)
+    noisy[0, 0, 0, 0] = 9.1 / 256 - 0.5  # a tenth of a level off the midpoint, whatever the noise drew
+    with pytest.raises(ValueError, match="not noise-free levels"):
+        levels_from_input(noisy, 256)
+    with pytest.raises(ValueError, match="n_bins=512"):
+        levels_from_input(torch.zeros(1, 1, 2, 2), 512)
+
+
+def test_complexity_errors_name_what_is_missing() -> None:
+    from densead.detectors.complexity import png_code_length
+
+    o = two_scale(-10.0, -10.0)
+    det = get_detector("complexity")
+    assert not det.per_pixel and not det.needs_general
+    with pytest.raises(ValueError, match="needs the images' quantization levels"):
+        det.score_from(o)
+    wrong = r"levels of shape \(2, 1, 4, 4\) for a batch of 2 inputs of shape \(1, 8, 8\)"
+    with pytest.raises(ValueError, match=wrong):
+        det.score_from(o, None, torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"C in \(1, 2, 3, 4\), got \(1, 5, 4, 4\)"):
+        png_code_length(torch.zeros(1, 5, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="got .* torch.float32"):
+        png_code_length(torch.zeros(1, 1, 4, 4))

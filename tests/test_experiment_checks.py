@@ -20,8 +20,10 @@ import densead.experiment as experiment
 from densead.config import ConfigError, ExperimentConfig, TrainConfig, from_dict
 from densead.data.images import load_image_set
 from densead.data.transforms import to_model_input
+from densead.detectors.complexity import png_code_length
 from densead.experiment import StaleStageError, check_experiment, run_experiment
 from densead.flows import Glow
+from densead.scoring import read_scores_csv
 from densead.train import load_checkpoint, load_glow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +140,7 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
     report = run_experiment(cfg, progress=False).read_text()
     assert torch.is_grad_enabled()  # scoring leaves autograd as it found it (training may follow)
     model, _ = load_glow(out / "in_dist" / "checkpoint.pt")
-    expected = {}
+    expected, png_bits, complexity = {}, {}, {}
     for name, dcfg in (("in_dist_test", cfg.in_dist_test), ("digit_0", cfg.anomalies["digit_0"])):
         images = load_image_set(dcfg, 17)
         with torch.no_grad():
@@ -154,12 +156,18 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
             )
         ) / (o.n_dims * math.log(2))
         expected[name] = (float(o.bits_per_dim().double().mean()), scale_bits.tolist())
+        png_bits[name] = float(png_code_length(images.images).mean()) / o.n_dims
+        # complexity = log p_png − log p_in, from the PNG files' lengths and the model's log p
+        complexity[name] = (-png_code_length(images.images) * math.log(2) - o.log_prob().double()).numpy()
     assert expected["digit_0"][0] < 2 * expected["in_dist_test"][0]  # same order: per dimension
-    bpd_row = re.search(r"^\| in_dist \| (.*) \|$", report, re.M).group(1).split(" | ")
     header = re.search(r"^\| model \| (.*) \|$", report, re.M).group(1).split(" | ")
-    bpd = dict(zip(header, (float(v) for v in bpd_row), strict=True))
+    rows = {m: re.search(rf"^\| {m} \| (.*) \|$", report, re.M).group(1) for m in ("in_dist", "png")}
+    bpd, bpd_png = (dict(zip(header, map(float, rows[m].split(" | ")), strict=True)) for m in rows)
+    cols = read_scores_csv(out / "scores.csv")
     for name, (bits, scales) in expected.items():
         assert bpd[name] == pytest.approx(bits, abs=1e-3), name
+        assert bpd_png[name] == pytest.approx(png_bits[name], abs=1e-3), name
+        np.testing.assert_allclose(cols["complexity"][cols["set"] == name], complexity[name], rtol=1e-5)
         row = re.search(rf"^\| {name} \| (.*) \|$", report.split("share of")[1], re.M).group(1)
         cells = row.split(" | ")
         assert [float(c.split(" ")[0]) for c in cells[:-1]] == pytest.approx(scales, abs=1e-3), name

@@ -12,6 +12,12 @@ so ``score == map.sum()`` for every detector. Higher = more anomalous.
 | ``last_scale`` | ``−c_L(x)`` | 4x4 for 32×32 inputs (hierarchy of features) |
 | ``scale<i>`` | ``−c_i(x)`` | any single scale, 1-based |
 | ``ratio_scale<i>`` | ``c_i^g(x) − c_i^in(x)`` | a scale of the ratio |
+| ``complexity`` | ``−L_PNG(x)·ln 2 − log p_in(x)`` | the ratio with a PNG coder as the general
+  distribution (Serrà et al. 2020, :mod:`densead.detectors.complexity`) |
+
+``complexity`` needs the image itself (its quantization levels) besides the Glow output; its
+code length is one number per image, so its map spreads ``−L·ln 2`` evenly over the pixels
+(the map ranks pixels as ``raw``'s does) and it has no place in per-pixel evaluation.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from densead.detectors.complexity import levels_from_input, png_log_prob
 from densead.flows import Glow, GlowOutput, GraphedCall, apply_fast_path, resolve_fast_path
 
 __all__ = ["DETECTORS", "GlowDetector", "GlowScorer", "MIN_LOG_PROB", "get_detector"]
@@ -47,11 +54,19 @@ class GlowDetector:
         needs_general: whether the general-distribution model's output is needed.
         scale: 1-based scale index (negative counts from the last) or ``None``
             for the whole likelihood.
+        compressor: the general distribution is a PNG coder (``complexity``): scoring needs the
+            images' quantization levels.
     """
 
     name: str
     needs_general: bool
     scale: int | None = None
+    compressor: bool = False
+
+    @property
+    def per_pixel(self) -> bool:
+        """Whether the map is a per-pixel decomposition (a compressor's code length is not)."""
+        return not self.compressor
 
     def _log_density_map(self, out: GlowOutput) -> Tensor:
         """Per-pixel log-density on the input grid; sums to :meth:`_log_density`."""
@@ -68,22 +83,42 @@ class GlowDetector:
             return out.log_prob(discrete=True)
         return self._log_density_map(out).sum(dim=(-2, -1))
 
-    def _check(self, general: GlowOutput | None) -> None:
+    def _check(self, out_in: GlowOutput, general: GlowOutput | None, levels: Tensor | None) -> None:
         if self.needs_general and general is None:
             raise ValueError(f"detector {self.name!r} needs a general-distribution model (--general)")
+        if not self.compressor:
+            return
+        if levels is None:
+            raise ValueError(f"detector {self.name!r} needs the images' quantization levels (levels=...)")
+        batch = out_in.contributions[0].shape[0]
+        if tuple(levels.shape) != (batch, *out_in.input_shape):
+            raise ValueError(
+                f"detector {self.name!r}: levels of shape {tuple(levels.shape)} for a batch of {batch} "
+                f"inputs of shape {out_in.input_shape}"
+            )
 
-    def score_from(self, out_in: GlowOutput, out_g: GlowOutput | None = None) -> Tensor:
-        """``(B,)`` scores, higher = more anomalous."""
-        self._check(out_g)
+    def score_from(
+        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | None = None
+    ) -> Tensor:
+        """``(B,)`` scores, higher = more anomalous. ``levels``: the ``(B, C, H, W)`` uint8
+        images (quantization levels) the outputs are of; only ``complexity`` needs them."""
+        self._check(out_in, out_g, levels)
         lp_in = _finite(self._log_density(out_in))
+        if self.compressor:
+            return png_log_prob(levels).to(lp_in) - lp_in
         if not self.needs_general:
             return -lp_in
         return _finite(self._log_density(out_g)) - lp_in
 
-    def map_from(self, out_in: GlowOutput, out_g: GlowOutput | None = None) -> Tensor:
-        """``(B, H, W)`` pixel maps, higher = more anomalous."""
-        self._check(out_g)
+    def map_from(
+        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | None = None
+    ) -> Tensor:
+        """``(B, H, W)`` pixel maps, higher = more anomalous; they sum to :meth:`score_from`."""
+        self._check(out_in, out_g, levels)
         m_in = _finite(self._log_density_map(out_in))
+        if self.compressor:  # one code length per image: spread evenly
+            h, w = m_in.shape[-2:]
+            return (png_log_prob(levels).to(m_in) / (h * w))[:, None, None] - m_in
         if not self.needs_general:
             return -m_in
         return _finite(self._log_density_map(out_g)) - m_in
@@ -94,6 +129,7 @@ DETECTORS: dict[str, GlowDetector] = {
     "ratio": GlowDetector("ratio", needs_general=True),
     "last_scale": GlowDetector("last_scale", needs_general=False, scale=-1),
     "ratio_last_scale": GlowDetector("ratio_last_scale", needs_general=True, scale=-1),
+    "complexity": GlowDetector("complexity", needs_general=False, compressor=True),
 }
 
 
@@ -209,14 +245,20 @@ class GlowScorer:
                     f"{self.general.n_scales} scales and the in-distribution model {n}"
                 )
 
+    def _levels(self, x: Tensor, detectors: list[GlowDetector]) -> Tensor | None:
+        """The images' levels (noise-free ``x`` back to uint8) when a detector codes them."""
+        return levels_from_input(x, self.model.n_bins) if any(d.compressor for d in detectors) else None
+
     def score(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, Tensor]:
-        """``{name: (B,) scores}`` for model inputs ``x``."""
+        """``{name: (B,) scores}`` for noise-free model inputs ``x``."""
         self.check_detectors(detectors)
+        levels = self._levels(x, detectors)
         outs = self.outputs(x, any(d.needs_general for d in detectors))
-        return {d.name: d.score_from(*outs) for d in detectors}
+        return {d.name: d.score_from(*outs, levels) for d in detectors}
 
     def score_maps(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: ((B,) scores, (B, H, W) maps)}`` from one pass of each model."""
         self.check_detectors(detectors)
+        levels = self._levels(x, detectors)
         outs = self.outputs(x, any(d.needs_general for d in detectors))
-        return {d.name: (d.score_from(*outs), d.map_from(*outs)) for d in detectors}
+        return {d.name: (d.score_from(*outs, levels), d.map_from(*outs, levels)) for d in detectors}
