@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -272,19 +273,21 @@ def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> 
             "tools/score_images.py",
             "--checkpoint", str(trained["in"]),
             "--general", str(trained["general"]),
-            "--detector", "raw,ratio,last_scale",
+            "--detector", "raw,ratio,last_scale,complexity",
             "--input", str(tmp_path / f"{name}.npz"),
             "--out", str(tmp_path / f"{name}.csv"),
             "--heatmaps", str(heat),
             "--n-heatmaps", shown,
             "--no-progress",
         )  # fmt: skip
-        pngs = sorted(heat.glob("*.png"))
+        pngs = sorted(heat.glob("*.png"))  # complexity has no heat map (raw's, shifted)
         assert len(pngs) == (20 if shown == "0" else int(shown)) * 3, name
     with (tmp_path / "ones.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20 and {"raw", "ratio", "last_scale", "set", "name"} <= set(rows[0])
     assert all(np.isfinite(float(r["ratio"])) for r in rows)
+    # complexity = log p_png − log p_in: below raw (−log p_in) by the PNG file's length in nats
+    assert all(8 * 60 * math.log(2) < float(r["raw"]) - float(r["complexity"]) for r in rows)
     # The second run replaced the first's folder whole: its 7 images' maps and its record only.
     assert sorted(p.name for p in heat.iterdir()) == sorted(["heatmaps.json", *(p.name for p in pngs)])
     record = json.loads((heat / "heatmaps.json").read_text())

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "general": str(Path(args.general).resolve()) if args.general else None,
             "input": str(path.resolve()),
             "set": set_name,
-            "detectors": [d.name for d in detectors],
+            "detectors": [d.name for d in detectors if d.per_pixel],  # complexity: no heat map
             "images": len(images),
             "images_shown": min(len(images), args.n_heatmaps or len(images)),
             "files": "<image name>_<detector>.png",

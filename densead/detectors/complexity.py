@@ -27,8 +27,8 @@ from torch import Tensor
 
 __all__ = ["PNG_CHANNELS", "levels_from_input", "png_code_length", "png_files", "png_log_prob"]
 
-# Channel counts PNG holds as one image: grey, grey + alpha, RGB, RGBA.
-PNG_CHANNELS = (1, 2, 3, 4)
+# Channel counts written as one PNG image: grey, RGB, RGBA (OpenCV writes no grey + alpha).
+PNG_CHANNELS = (1, 3, 4)
 
 
 def png_files(levels: Tensor) -> list[bytes]:
