@@ -8,8 +8,9 @@ Stages, each reused when finished and resumed when interrupted:
    ``in_dist`` with the outlier loss on general samples (reference: frozen
    ``general``); ``general_outlier`` finetunes ``general`` with in-distribution
    samples as its outliers (reference: frozen ``in_dist``).
-4. Scoring of every test set with every model → ``scores.csv`` (with each image's PNG code
-   length for ``complexity``, Serrà et al.'s ratio to a lossless coder, which needs no stage).
+4. Scoring of every test set with every model → ``scores.csv`` (with each image's PNG and WebP
+   code lengths for ``complexity`` and ``complexity_webp``, Serrà et al.'s ratio to a lossless
+   coder, which needs no stage).
 5. Evaluation recomputed from ``scores.csv`` → ``report.md``, ``metrics.csv``,
    ROC curves, score histograms, each scale's share of log p, heatmaps.
 
@@ -49,7 +50,7 @@ from densead.config import (
     save_config,
 )
 from densead.data.images import ImageSet, load_image_set
-from densead.detectors.complexity import png_log_prob
+from densead.detectors.complexity import CODERS, coder_log_prob
 from densead.detectors.glow import DETECTORS
 from densead.evaluation import (
     MIN_RESAMPLES,
@@ -99,6 +100,7 @@ DISPLAY_NAMES = {
     "ratio": "Diff",
     "ratio_outlier": "Diff†",
     "complexity": "complexity (PNG)",
+    "complexity_webp": "complexity (WebP)",
 }
 
 
@@ -376,7 +378,7 @@ def _score_sets(
     """Columns of scores.csv, and pixel maps of the first images of each set."""
     cols: dict[str, list] = {"set": [], "index": [], "label": []}
     n_scales = cfg.model.n_scales
-    for m in [*models, "png"]:  # log_prob_png: the PNG coder's (complexity's general distribution)
+    for m in [*models, *CODERS]:  # log_prob_png, _webp: the coders' (complexity's general distribution)
         cols[f"log_prob_{m}"] = []
     for i in range(1, n_scales + 1):
         cols[f"scale{i}_in_dist"] = []
@@ -401,7 +403,8 @@ def _score_sets(
             levels = images.images[sl]
             for m in models:
                 cols[f"log_prob_{m}"] += o[m].log_prob().double().tolist()
-            cols["log_prob_png"] += png_log_prob(levels).tolist()
+            for coder in CODERS:
+                cols[f"log_prob_{coder}"] += coder_log_prob(levels, coder).tolist()
             for i, v in enumerate(o["in_dist"].scale_log_probs().double().T, start=1):
                 cols[f"scale{i}_in_dist"] += v.tolist()
             pairs = {
@@ -409,6 +412,7 @@ def _score_sets(
                 "last_scale": (last, o["in_dist"], None),
                 "ratio": (ratio, o["in_dist"], o["general"]),
                 "complexity": (DETECTORS["complexity"], o["in_dist"], None),
+                "complexity_webp": (DETECTORS["complexity_webp"], o["in_dist"], None),
             }
             if "in_dist_outlier" in o:
                 pairs["ratio_outlier"] = (ratio, o["in_dist_outlier"], o["general_outlier"])
@@ -454,13 +458,14 @@ def _report(
         ]
     lines += ["## Bits per dimension (noise-free evaluation)", ""]
     lines += ["| model | " + " | ".join(set_names) + " |", "|---|" + "---:|" * len(set_names)]
-    for m in [*models, "png"]:  # png: the whole PNG file (complexity's general distribution)
+    for m in [*models, *CODERS]:  # png, webp: whole files (complexity's general distributions)
         lines.append(f"| {m} | " + " | ".join(f"{bpd(m, s):.3f}" for s in set_names) + " |")
     lines += [
         "",
-        "png: each image's PNG file, the general distribution of complexity (PNG); its bits include "
-        "the file's headers (about 63 bytes whatever the image: 7.9 bits/dim of an 8×8 greyscale image, "
-        "0.16 of a 32×32×3 one), which shift every image of a size alike.",
+        "png, webp: each image's PNG or lossless WebP file, the general distributions of complexity "
+        "(PNG) and complexity (WebP); their bits include the files' headers (PNG: 63 bytes whatever the "
+        "image, 7.9 bits/dim of an 8×8 greyscale image, 0.16 of a 32×32×3 one), which shift every image "
+        "of a size alike.",
     ]
     lines += ["", "## Spearman correlation of log p: in-distribution vs general model", ""]
     lines += ["| set | Spearman ρ |", "|---|---:|"]

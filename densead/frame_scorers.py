@@ -89,7 +89,7 @@ def _check_per_pixel(detectors: Sequence[GlowDetector]) -> None:
     whole = [d.name for d in detectors if not d.per_pixel]
     if whole:
         raise ValueError(
-            f"detector(s) {whole} score whole images (a PNG code length is one number per image) and "
+            f"detector(s) {whole} score whole images (a file's code length is one number per image) and "
             "make no per-pixel map of road frames; score images with them (tools/score_images.py "
             "without --road, experiments)"
         )

@@ -109,25 +109,26 @@ def test_glow_outputs_leaves_gradients_on_between_batches() -> None:
 # --------------------------------------------------------------------------- complexity (PNG)
 
 
-def test_png_files_are_lossless_codes_of_the_levels_in_rgb_order() -> None:
-    """Each PNG decodes (with PIL, not the encoder's library) to exactly the image, channels in
+@pytest.mark.parametrize("coder", ["png", "webp"])
+def test_coded_files_are_lossless_codes_of_the_levels_in_rgb_order(coder: str) -> None:
+    """Each file decodes (with PIL, not the encoder's library) to exactly the image, channels in
     the model's order, and its length in bits is the code length."""
     import io
 
     import numpy as np
     from PIL import Image
 
-    from densead.detectors.complexity import png_code_length, png_files
+    from densead.detectors.complexity import code_length, coded_files
 
     g = torch.Generator().manual_seed(0)
-    for channels in (1, 3, 4):
+    for channels, mode in ((1, "L"), (3, "RGB"), (4, "RGBA"))[: 2 if coder == "webp" else 3]:
         levels = torch.randint(0, 256, (3, channels, 12, 20), generator=g, dtype=torch.uint8)
         levels[1] = 7  # a flat image codes far shorter than noise
-        files = png_files(levels)
+        files = coded_files(levels, coder)
         for f, image in zip(files, levels, strict=True):
-            decoded = np.asarray(Image.open(io.BytesIO(f)))
+            decoded = np.asarray(Image.open(io.BytesIO(f)).convert(mode))  # WebP stores grey as RGB
             assert np.array_equal(decoded.reshape(12, 20, channels), image.permute(1, 2, 0).numpy())
-        bits = png_code_length(levels)
+        bits = code_length(levels, coder)
         assert bits.tolist() == [8.0 * len(f) for f in files]
         assert bits[0] >= 8 * levels[0].numel()  # noise does not compress below its 8 bits/value
         assert bits[1] < bits[0] / 4
@@ -135,7 +136,7 @@ def test_png_files_are_lossless_codes_of_the_levels_in_rgb_order() -> None:
 
 def test_complexity_is_the_ratio_to_a_png_coder_and_its_map_sums_to_it() -> None:
     from densead.data.transforms import to_model_input
-    from densead.detectors.complexity import png_log_prob
+    from densead.detectors.complexity import coder_log_prob
 
     g = torch.Generator().manual_seed(1)
     levels = torch.randint(0, 17, (4, 1, 8, 8), generator=g, dtype=torch.uint8)
@@ -144,14 +145,18 @@ def test_complexity_is_the_ratio_to_a_png_coder_and_its_map_sums_to_it() -> None
     x = to_model_input(levels, 17, dequantize=False)
     model.train()(x)
     scorer = GlowScorer(model)
-    got = scorer.score_maps(x, [get_detector("complexity"), get_detector("raw")])
-    (score, pixel_map), (raw, raw_map) = got["complexity"], got["raw"]
-    expected = png_log_prob(levels).float() + raw  # log p_png − log p_in
-    assert torch.allclose(score, expected, rtol=1e-6, atol=1e-3)
-    assert torch.allclose(pixel_map.sum(dim=(1, 2)), score, rtol=1e-5, atol=1e-2)
-    shift = pixel_map - raw_map  # the code length, spread evenly: a constant per image
-    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-5)
-    assert torch.allclose(scorer.score(x, [get_detector("complexity")])["complexity"], score)
+    names = ("complexity", "complexity_webp", "raw")
+    got = scorer.score_maps(x, [get_detector(n) for n in names])
+    raw, raw_map = got["raw"]
+    for name, coder in (("complexity", "png"), ("complexity_webp", "webp")):
+        score, pixel_map = got[name]
+        expected = coder_log_prob(levels, coder).float() + raw  # log p_coder − log p_in
+        assert torch.allclose(score, expected, rtol=1e-6, atol=1e-3), name
+        assert torch.allclose(pixel_map.sum(dim=(1, 2)), score, rtol=1e-5, atol=1e-2), name
+        shift = pixel_map - raw_map  # the code length, spread evenly: a constant per image
+        assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift), atol=1e-5), name
+        assert torch.allclose(scorer.score(x, [get_detector(name)])[name], score), name
+    assert not torch.equal(got["complexity"][0], got["complexity_webp"][0])  # two coders, two lengths
 
 
 def test_levels_round_trip_and_refuse_dequantized_inputs() -> None:
@@ -171,7 +176,8 @@ def test_levels_round_trip_and_refuse_dequantized_inputs() -> None:
 
 
 def test_complexity_errors_name_what_is_missing() -> None:
-    from densead.detectors.complexity import png_code_length
+    from densead.detectors.complexity import code_length
+    from densead.detectors.glow import GlowDetector
 
     o = two_scale(-10.0, -10.0)
     det = get_detector("complexity")
@@ -183,6 +189,12 @@ def test_complexity_errors_name_what_is_missing() -> None:
         det.score_from(o, None, torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
     for channels in (2, 5):
         with pytest.raises(ValueError, match=rf"C in \(1, 3, 4\), got \(1, {channels}, 4, 4\)"):
-            png_code_length(torch.zeros(1, channels, 4, 4, dtype=torch.uint8))
+            code_length(torch.zeros(1, channels, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"webp code length: .* C in \(1, 3\), got \(1, 4, 4, 4\)"):
+        code_length(torch.zeros(1, 4, 4, 4, dtype=torch.uint8), "webp")  # transparent colours dropped
     with pytest.raises(ValueError, match="got .* torch.float32"):
-        png_code_length(torch.zeros(1, 1, 4, 4))
+        code_length(torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="unknown coder 'flif'; valid: png, webp"):
+        code_length(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "flif")
+    with pytest.raises(ValueError, match="detector 'c': unknown coder 'zip'"):
+        GlowDetector("c", needs_general=False, compressor="zip")

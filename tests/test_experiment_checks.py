@@ -20,7 +20,7 @@ import densead.experiment as experiment
 from densead.config import ConfigError, ExperimentConfig, TrainConfig, from_dict
 from densead.data.images import load_image_set
 from densead.data.transforms import to_model_input
-from densead.detectors.complexity import png_code_length
+from densead.detectors.complexity import code_length
 from densead.experiment import StaleStageError, check_experiment, run_experiment
 from densead.flows import Glow
 from densead.scoring import read_scores_csv
@@ -156,9 +156,9 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
             )
         ) / (o.n_dims * math.log(2))
         expected[name] = (float(o.bits_per_dim().double().mean()), scale_bits.tolist())
-        png_bits[name] = float(png_code_length(images.images).mean()) / o.n_dims
+        png_bits[name] = float(code_length(images.images).mean()) / o.n_dims
         # complexity = log p_png − log p_in, from the PNG files' lengths and the model's log p
-        complexity[name] = (-png_code_length(images.images) * math.log(2) - o.log_prob().double()).numpy()
+        complexity[name] = (-code_length(images.images) * math.log(2) - o.log_prob().double()).numpy()
     assert expected["digit_0"][0] < 2 * expected["in_dist_test"][0]  # same order: per dimension
     header = re.search(r"^\| model \| (.*) \|$", report, re.M).group(1).split(" | ")
     rows = {m: re.search(rf"^\| {m} \| (.*) \|$", report, re.M).group(1) for m in ("in_dist", "png")}

@@ -7,8 +7,9 @@
 Input: an .npz file (``images`` uint8 N×H×W[×C]), an image folder, or a
 torchvision set (``--dataset svhn --root data/ --split test [--download]``).
 Scores: higher = more anomalous. Detectors: raw, ratio (Diff), last_scale (4x4),
-scale<i>, ratio_scale<i>, ratio_last_scale, complexity (a PNG coder as the general distribution,
-Serrà et al. 2020: no --general, image scores only, no heatmap). --heatmaps DIR: <image
+scale<i>, ratio_scale<i>, ratio_last_scale, complexity and complexity_webp (a PNG or lossless
+WebP coder as the general distribution, Serrà et al. 2020: no --general, image scores only, no
+heatmap). --heatmaps DIR: <image
 name>_<detector>.png per image (the first --n-heatmaps) and heatmaps.json saying how they were
 made; DIR is new, empty, or one an earlier --heatmaps run wrote, replaced whole once the scores
 are written (under torchrun too).

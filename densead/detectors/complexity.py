@@ -8,12 +8,14 @@ and no general data. Used like the general Glow of the ratio detector ("Diff"):
 
 Higher = more anomalous: an in-distribution image is coded much shorter by the model than by the
 compressor; an anomaly is not, however simple it is (a digit on black is cheap for both). This is
-Serrà et al.'s ``S(x)`` with PNG as the complexity estimate, in nats instead of bits.
+Serrà et al.'s ``S(x)`` with PNG (``complexity``) or WebP lossless (``complexity_webp``) as
+the complexity estimate, in nats instead of bits; they found that a stronger coder (FLIF) gives a
+better estimate.
 
-The code length is the whole PNG file (headers included: a constant for a given image size and
-channel count, so rankings among same-size images do not depend on it), written by OpenCV at
-the highest zlib level from the image's quantization levels ``0 … n_bins−1``, which is the
-discrete object the Glow's ``log p(x)`` is a probability of.
+The code length is the whole file (headers included: nearly a constant for a given image size
+and channel count, so rankings among same-size images hardly depend on it), written by OpenCV
+from the image's quantization levels ``0 … n_bins−1``, which is the discrete object the Glow's
+``log p(x)`` is a probability of.
 """
 
 from __future__ import annotations
@@ -25,22 +27,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PNG_CHANNELS", "levels_from_input", "png_code_length", "png_files", "png_log_prob"]
+__all__ = ["CODERS", "code_length", "coded_files", "coder_log_prob", "levels_from_input"]
 
-# Channel counts written as one PNG image: grey, RGB, RGBA (OpenCV writes no grey + alpha).
-PNG_CHANNELS = (1, 3, 4)
+# Lossless coders, as OpenCV writes them: file extension, parameters, channel counts it codes
+# losslessly (OpenCV writes no grey + alpha; WebP drops the colour of transparent pixels).
+#   png: zlib level 9, Serrà et al.'s PNG;
+#   webp: WebP lossless (quality above 100 selects it), a stronger coder of photos.
+CODERS: dict[str, tuple[str, list[int], tuple[int, ...]]] = {
+    "png": (".png", [cv2.IMWRITE_PNG_COMPRESSION, 9], (1, 3, 4)),
+    "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101], (1, 3)),
+}
 
 
-def png_files(levels: Tensor) -> list[bytes]:
-    """Each image as a PNG file (zlib level 9): the code whose length :func:`png_code_length` is.
+def coded_files(levels: Tensor, coder: str = "png") -> list[bytes]:
+    """Each image as a losslessly coded file: the code whose length :func:`code_length` is.
 
     Args:
-        levels: ``(B, C, H, W)`` uint8 quantization levels, ``C`` in :data:`PNG_CHANNELS`
-            (channel order as the model sees it: RGB).
+        levels: ``(B, C, H, W)`` uint8 quantization levels, ``C`` one the coder takes
+            (:data:`CODERS`: 1 or 3, and 4 for PNG), channel order as the model sees it (RGB).
+        coder: a key of :data:`CODERS`.
     """
-    if levels.dim() != 4 or levels.dtype != torch.uint8 or levels.shape[1] not in PNG_CHANNELS:
+    if coder not in CODERS:
+        raise ValueError(f"unknown coder {coder!r}; valid: {', '.join(CODERS)}")
+    ext, params, channels = CODERS[coder]
+    if levels.dim() != 4 or levels.dtype != torch.uint8 or levels.shape[1] not in channels:
         raise ValueError(
-            f"PNG code length: images must be (B, C, H, W) uint8 with C in {PNG_CHANNELS}, "
+            f"{coder} code length: images must be (B, C, H, W) uint8 with C in {channels}, "
             f"got {tuple(levels.shape)} {levels.dtype}"
         )
     arrays = levels.cpu().permute(0, 2, 3, 1).numpy()
@@ -48,21 +60,21 @@ def png_files(levels: Tensor) -> list[bytes]:
         arrays = arrays[..., [2, 1, 0, *range(3, arrays.shape[-1])]]
     files = []
     for i, a in enumerate(arrays):
-        ok, buf = cv2.imencode(".png", np.ascontiguousarray(a), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        ok, buf = cv2.imencode(ext, np.ascontiguousarray(a), params)
         if not ok:
-            raise RuntimeError(f"PNG code length: OpenCV could not encode image {i} of shape {a.shape}")
+            raise RuntimeError(f"{coder} code length: OpenCV could not encode image {i} of shape {a.shape}")
         files.append(buf.tobytes())
     return files
 
 
-def png_code_length(levels: Tensor) -> Tensor:
-    """``(B,)`` float64: bits of each image's PNG file (:func:`png_files`)."""
-    return torch.tensor([8.0 * len(f) for f in png_files(levels)], dtype=torch.float64)
+def code_length(levels: Tensor, coder: str = "png") -> Tensor:
+    """``(B,)`` float64: bits of each image's coded file (:func:`coded_files`)."""
+    return torch.tensor([8.0 * len(f) for f in coded_files(levels, coder)], dtype=torch.float64)
 
 
-def png_log_prob(levels: Tensor) -> Tensor:
-    """``(B,)`` float64: ``log p_c(x) = −L(x)·ln 2`` in nats (:func:`png_code_length`)."""
-    return -png_code_length(levels) * math.log(2)
+def coder_log_prob(levels: Tensor, coder: str = "png") -> Tensor:
+    """``(B,)`` float64: ``log p_c(x) = −L(x)·ln 2`` in nats (:func:`code_length`)."""
+    return -code_length(levels, coder) * math.log(2)
 
 
 def levels_from_input(x: Tensor, n_bins: int) -> Tensor:
@@ -73,7 +85,7 @@ def levels_from_input(x: Tensor, n_bins: int) -> Tensor:
     compressor must code the very image the Glow's likelihood is of.
     """
     if not 2 <= n_bins <= 256:
-        raise ValueError(f"PNG code length needs 2…256 quantization levels, the model has n_bins={n_bins}")
+        raise ValueError(f"a code length needs 2…256 quantization levels, the model has n_bins={n_bins}")
     scaled = (x.detach().double() + 0.5) * n_bins - 0.5
     levels = scaled.round()
     off = levels.numel() and (scaled - levels).abs().max() > 0.25

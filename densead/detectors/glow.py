@@ -14,10 +14,12 @@ so ``score == map.sum()`` for every detector. Higher = more anomalous.
 | ``ratio_scale<i>`` | ``c_i^g(x) − c_i^in(x)`` | a scale of the ratio |
 | ``complexity`` | ``−L_PNG(x)·ln 2 − log p_in(x)`` | the ratio with a PNG coder as the general
   distribution (Serrà et al. 2020, :mod:`densead.detectors.complexity`) |
+| ``complexity_webp`` | ``−L_WebP(x)·ln 2 − log p_in(x)`` | the same with WebP lossless |
 
-``complexity`` needs the image itself (its quantization levels) besides the Glow output; its
-code length is one number per image, so its map spreads ``−L·ln 2`` evenly over the pixels
-(the map ranks pixels as ``raw``'s does) and it has no place in per-pixel evaluation.
+``complexity`` (and ``complexity_webp``) needs the image itself (its quantization levels)
+besides the Glow output; its code length is one number per image, so its map spreads ``−L·ln 2``
+evenly over the pixels (the map ranks pixels as ``raw``'s does) and it has no place in per-pixel
+evaluation.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from densead.detectors.complexity import levels_from_input, png_log_prob
+from densead.detectors.complexity import CODERS, coder_log_prob, levels_from_input
 from densead.flows import Glow, GlowOutput, GraphedCall, apply_fast_path, resolve_fast_path
 
 __all__ = ["DETECTORS", "GlowDetector", "GlowScorer", "MIN_LOG_PROB", "get_detector"]
@@ -54,19 +56,26 @@ class GlowDetector:
         needs_general: whether the general-distribution model's output is needed.
         scale: 1-based scale index (negative counts from the last) or ``None``
             for the whole likelihood.
-        compressor: the general distribution is a PNG coder (``complexity``): scoring needs the
+        compressor: the general distribution is this lossless coder (a key of
+            :data:`~densead.detectors.complexity.CODERS`; ``complexity``): scoring needs the
             images' quantization levels.
     """
 
     name: str
     needs_general: bool
     scale: int | None = None
-    compressor: bool = False
+    compressor: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.compressor is not None and self.compressor not in CODERS:
+            raise ValueError(
+                f"detector {self.name!r}: unknown coder {self.compressor!r}; valid: {', '.join(CODERS)}"
+            )
 
     @property
     def per_pixel(self) -> bool:
         """Whether the map is a per-pixel decomposition (a compressor's code length is not)."""
-        return not self.compressor
+        return self.compressor is None
 
     def _log_density_map(self, out: GlowOutput) -> Tensor:
         """Per-pixel log-density on the input grid; sums to :meth:`_log_density`."""
@@ -86,7 +95,7 @@ class GlowDetector:
     def _check(self, out_in: GlowOutput, general: GlowOutput | None, levels: Tensor | None) -> None:
         if self.needs_general and general is None:
             raise ValueError(f"detector {self.name!r} needs a general-distribution model (--general)")
-        if not self.compressor:
+        if self.compressor is None:
             return
         if levels is None:
             raise ValueError(f"detector {self.name!r} needs the images' quantization levels (levels=...)")
@@ -104,8 +113,8 @@ class GlowDetector:
         images (quantization levels) the outputs are of; only ``complexity`` needs them."""
         self._check(out_in, out_g, levels)
         lp_in = _finite(self._log_density(out_in))
-        if self.compressor:
-            return png_log_prob(levels).to(lp_in) - lp_in
+        if self.compressor is not None:
+            return coder_log_prob(levels, self.compressor).to(lp_in) - lp_in
         if not self.needs_general:
             return -lp_in
         return _finite(self._log_density(out_g)) - lp_in
@@ -116,9 +125,9 @@ class GlowDetector:
         """``(B, H, W)`` pixel maps, higher = more anomalous; they sum to :meth:`score_from`."""
         self._check(out_in, out_g, levels)
         m_in = _finite(self._log_density_map(out_in))
-        if self.compressor:  # one code length per image: spread evenly
+        if self.compressor is not None:  # one code length per image: spread evenly
             h, w = m_in.shape[-2:]
-            return (png_log_prob(levels).to(m_in) / (h * w))[:, None, None] - m_in
+            return (coder_log_prob(levels, self.compressor).to(m_in) / (h * w))[:, None, None] - m_in
         if not self.needs_general:
             return -m_in
         return _finite(self._log_density_map(out_g)) - m_in
@@ -129,7 +138,8 @@ DETECTORS: dict[str, GlowDetector] = {
     "ratio": GlowDetector("ratio", needs_general=True),
     "last_scale": GlowDetector("last_scale", needs_general=False, scale=-1),
     "ratio_last_scale": GlowDetector("ratio_last_scale", needs_general=True, scale=-1),
-    "complexity": GlowDetector("complexity", needs_general=False, compressor=True),
+    "complexity": GlowDetector("complexity", needs_general=False, compressor="png"),
+    "complexity_webp": GlowDetector("complexity_webp", needs_general=False, compressor="webp"),
 }
 
 
@@ -247,7 +257,8 @@ class GlowScorer:
 
     def _levels(self, x: Tensor, detectors: list[GlowDetector]) -> Tensor | None:
         """The images' levels (noise-free ``x`` back to uint8) when a detector codes them."""
-        return levels_from_input(x, self.model.n_bins) if any(d.compressor for d in detectors) else None
+        coded = any(d.compressor is not None for d in detectors)
+        return levels_from_input(x, self.model.n_bins) if coded else None
 
     def score(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, Tensor]:
         """``{name: (B,) scores}`` for noise-free model inputs ``x``."""
