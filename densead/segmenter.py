@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from densead.config import (
     ConfigError,
+    DataConfig,
     FieldError,
     check_device,
     checkpoint_config,
@@ -46,6 +47,7 @@ from densead.config import (
     require,
     save_config,
 )
+from densead.data.outliers import OutlierPasteConfig, PhotoPaster
 from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform
 from densead.features import load_weights
 from densead.io import (
@@ -66,6 +68,7 @@ __all__ = [
     "SceneDataConfig",
     "Segmenter",
     "SegmenterConfig",
+    "SegmenterOutlierConfig",
     "SegmenterRunConfig",
     "SegmenterTrainConfig",
     "augmented_batch",
@@ -82,6 +85,7 @@ __all__ = [
     "load_segmenter",
     "segmenter_fingerprint",
     "mean_iou",
+    "outlier_exposure_loss",
     "pad_to_multiple",
     "train_augmentation",
     "train_segmenter",
@@ -195,6 +199,8 @@ class SegmenterTrainConfig:
 
     ``num_threads`` sets torch's intra-op threads (0: torch's default); on a CPU shared
     with other jobs, 1 thread avoids oversubscription and is several times faster.
+    ``init_from``: a segmenter checkpoint whose weights training starts from (finetuning, e.g.
+    with ``outliers``); its architecture and classes must be this run's.
     """
 
     steps: int = 1000
@@ -208,6 +214,7 @@ class SegmenterTrainConfig:
     eval_split: str = "test"
     eval_batch_size: int = 8
     num_threads: int = 0
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         require(self, 1, "steps", "batch_size", "log_every", "eval_batch_size")
@@ -221,6 +228,41 @@ class SegmenterTrainConfig:
 
 
 @dataclass(frozen=True)
+class SegmenterOutlierConfig:
+    """Outlier exposure of the segmenter itself (Chan et al., ICCV 2021, "entropy maximization").
+
+    Photos are pasted into every training frame (:class:`~densead.data.outliers.PhotoPaster`) and
+    their pixels pushed towards the uniform softmax:
+
+        loss = (1 − weight) · CE(in-distribution pixels) + weight · CE(pasted pixels, uniform)
+
+    so the segmenter's own entropy / max-softmax maps flag what is unlike every training class.
+    Chan et al. finetune a trained segmenter this way with ``weight`` 0.9.
+
+    Attributes:
+        data: the photos (``exclude_classes`` must drop the classes that show the held-out
+            anomalies).
+        per_frame, min_size, max_size, max_aspect: as :class:`~densead.data.outliers.OutlierPasteConfig`.
+        weight: ``λ`` above, in ``[0, 1)``.
+    """
+
+    data: DataConfig
+    per_frame: int = 2
+    min_size: int = 12
+    max_size: int = 48
+    max_aspect: float = 2.0
+    weight: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.weight < 1:
+            raise FieldError("weight", f"must be in [0, 1), got {self.weight}")
+        self.paste_config()  # the pasting fields, checked as the flows' outliers are
+
+    def paste_config(self) -> OutlierPasteConfig:
+        return OutlierPasteConfig(self.data, self.per_frame, self.min_size, self.max_size, self.max_aspect)
+
+
+@dataclass(frozen=True)
 class SegmenterRunConfig:
     """Everything ``tools/train_segmenter.py`` needs."""
 
@@ -228,6 +270,7 @@ class SegmenterRunConfig:
     data: SceneDataConfig = SceneDataConfig()
     model: SegmenterConfig = SegmenterConfig()
     train: SegmenterTrainConfig = SegmenterTrainConfig()
+    outliers: SegmenterOutlierConfig | None = None
 
 
 # --------------------------------------------------------------------------- data
@@ -631,12 +674,42 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def outlier_exposure_loss(in_loss: Tensor, logits: Tensor, outlier: Tensor, weight: float) -> Tensor:
+    """``(1 − weight) · in_loss + weight · CE(logits at outlier pixels, uniform)``.
+
+    The second term, ``−mean_k log softmax_k`` averaged over the ``outlier`` pixels (bool
+    ``(B, H, W)``), is smallest (``log K``) where the softmax is uniform: entropy maximization
+    (Chan et al. 2021). Without outlier pixels it is 0.
+    """
+    if not outlier.any():
+        return (1 - weight) * in_loss
+    to_uniform = -F.log_softmax(logits, dim=1).mean(dim=1)[outlier].mean()
+    return (1 - weight) * in_loss + weight * to_uniform
+
+
+def _init_weights(model: Segmenter, path: str, cfg: SegmenterRunConfig, classes: Sequence[str]) -> None:
+    """Load ``path``'s weights into ``model``; a ValueError naming the file if they do not fit."""
+    init, init_cfg = load_segmenter(path)
+    init_classes = in_distribution_classes(init_cfg.data.held_out, init_cfg.data.void)
+    if tuple(init_classes) != tuple(classes):
+        raise ValueError(
+            f"train.init_from {path}: its classes {list(init_classes)} are not this run's {list(classes)}"
+        )
+    try:
+        model.load_state_dict(init.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"train.init_from {path}: its weights do not fit model (config): {err}") from None
+
+
 def train_segmenter(
     cfg: SegmenterRunConfig, progress: bool = True, overwrite: bool = False
 ) -> tuple[Path, dict[str, Any]]:
     """Train on the CamVid train split, save the checkpoint, report mIoU on ``cfg.train.eval_split``.
 
-    The loss ignores train id 255: void pixels, padding, and the held-out classes. The output
+    The loss ignores train id 255: void pixels, padding, and the held-out classes. With
+    ``cfg.outliers``, photos pasted into the frames are pushed towards the uniform softmax
+    (:class:`SegmenterOutlierConfig`); with ``cfg.train.init_from``, training starts from that
+    segmenter's weights. The output
     folder, both splits and the model are checked before training starts; the checkpoint is
     written before the evaluation and written again with its metrics. An existing checkpoint
     is refused unless ``overwrite``.
@@ -654,10 +727,14 @@ def train_segmenter(
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
     # Model and both splits before training: a bad level, frame or split costs nothing.
-    model = build_segmenter(cfg.model, len(in_distribution_classes(cfg.data.held_out, cfg.data.void)))
+    classes = in_distribution_classes(cfg.data.held_out, cfg.data.void)
+    model = build_segmenter(cfg.model, len(classes))
+    if tcfg.init_from:
+        _init_weights(model, tcfg.init_from, cfg, classes)
     model = model.to(device)
     train = load_scene_arrays(cfg.data, "train")
     test = load_scene_arrays(cfg.data, tcfg.eval_split)
+    paste = PhotoPaster(cfg.outliers.paste_config(), tcfg.seed) if cfg.outliers is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     augment = train_augmentation(cfg.data, tcfg.seed)
     batches = epoch_batches(len(train), tcfg.batch_size, tcfg.seed)
@@ -665,10 +742,18 @@ def train_segmenter(
     start, running = time.time(), torch.zeros((), device=device)
     for step in range(tcfg.steps):
         images, _, train_ids = augmented_batch(train, next(batches), augment)
+        pasted = None
+        if paste is not None:
+            images, pasted = paste(images)
+            train_ids = np.where(pasted, VOID, train_ids)  # not any class: out of the cross-entropy
         x, y = batch_tensors(images, train_ids)
         for group in optimizer.param_groups:
             group["lr"] = tcfg.lr * _lr_factor(step, tcfg.warmup_steps, tcfg.steps)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=VOID)
+        logits = model(x.to(device))
+        loss = F.cross_entropy(logits, y.to(device), ignore_index=VOID)
+        if pasted is not None:
+            outlier = torch.from_numpy(pasted).to(device)
+            loss = outlier_exposure_loss(loss, logits, outlier, cfg.outliers.weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -91,7 +91,7 @@ def _config_class(name: str) -> type:
         from densead.dense import RoadTrainConfig
 
         return RoadTrainConfig
-    if name == "camvid_segmenter.yaml":
+    if name.startswith("camvid_segmenter"):
         from densead.segmenter import SegmenterRunConfig
 
         return SegmenterRunConfig

@@ -55,8 +55,10 @@ def test_paste_photos_errors_name_the_shapes() -> None:
     data = DataConfig(source="npz", path="x.npz")
     with pytest.raises(ValueError, match="min_size <= max_size, got min_size=9, max_size=4"):
         OutlierPasteConfig(data, min_size=9, max_size=4)
-    with pytest.raises(ValueError, match="temperature > 0"):
+    with pytest.raises(ValueError, match=r"^temperature: must be > 0, got 0\.0$"):
         OutlierPasteConfig(data, temperature=0.0)
+    with pytest.raises(ValueError, match=r"^per_frame: must be >= 1, got 0$"):
+        OutlierPasteConfig(data, per_frame=0)
 
 
 def test_photo_paster_loads_and_filters_an_image_set(tmp_path) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from densead.config import DataConfig
+from densead.config import DataConfig, FieldError
 from densead.data.images import load_image_set
 
 __all__ = ["OutlierPasteConfig", "PhotoPaster", "paste_photos"]
@@ -52,20 +52,20 @@ class OutlierPasteConfig:
     margin: float = 0.5
 
     def __post_init__(self) -> None:
+        # FieldError: read from a file, the error names the whole key (outliers.per_frame) and the file.
         if self.per_frame < 1:
-            raise ValueError(f"outliers.per_frame must be >= 1, got {self.per_frame}")
+            raise FieldError("per_frame", f"must be >= 1, got {self.per_frame}")
         if not 1 <= self.min_size <= self.max_size:
-            raise ValueError(
-                f"outliers: need 1 <= min_size <= max_size, got min_size={self.min_size}, "
-                f"max_size={self.max_size}"
+            raise FieldError(
+                "min_size",
+                f"need 1 <= min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}",
             )
         if self.max_aspect < 1:
-            raise ValueError(f"outliers.max_aspect must be >= 1, got {self.max_aspect}")
-        if self.weight < 0 or self.temperature <= 0:
-            raise ValueError(
-                f"outliers: need weight >= 0 and temperature > 0, got weight={self.weight}, "
-                f"temperature={self.temperature}"
-            )
+            raise FieldError("max_aspect", f"must be >= 1, got {self.max_aspect}")
+        if self.weight < 0:
+            raise FieldError("weight", f"must be >= 0, got {self.weight}")
+        if self.temperature <= 0:
+            raise FieldError("temperature", f"must be > 0, got {self.temperature}")
 
 
 def paste_photos(
