@@ -687,7 +687,7 @@ def outlier_exposure_loss(in_loss: Tensor, logits: Tensor, outlier: Tensor, weig
     return (1 - weight) * in_loss + weight * to_uniform
 
 
-def _init_weights(model: Segmenter, path: str, cfg: SegmenterRunConfig, classes: Sequence[str]) -> None:
+def _init_weights(model: Segmenter, path: str, classes: Sequence[str]) -> None:
     """Load ``path``'s weights into ``model``; a ValueError naming the file if they do not fit."""
     init, init_cfg = load_segmenter(path)
     init_classes = in_distribution_classes(init_cfg.data.held_out, init_cfg.data.void)
@@ -730,7 +730,7 @@ def train_segmenter(
     classes = in_distribution_classes(cfg.data.held_out, cfg.data.void)
     model = build_segmenter(cfg.model, len(classes))
     if tcfg.init_from:
-        _init_weights(model, tcfg.init_from, cfg, classes)
+        _init_weights(model, tcfg.init_from, classes)
     model = model.to(device)
     train = load_scene_arrays(cfg.data, "train")
     test = load_scene_arrays(cfg.data, tcfg.eval_split)
