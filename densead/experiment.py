@@ -50,7 +50,7 @@ from densead.config import (
     save_config,
 )
 from densead.data.images import ImageSet, load_image_set
-from densead.detectors.complexity import CODERS, coder_log_prob
+from densead.detectors.complexity import CODERS, CodedImages
 from densead.detectors.glow import DETECTORS
 from densead.evaluation import (
     MIN_RESAMPLES,
@@ -400,11 +400,11 @@ def _score_sets(
             cols["set"] += [set_name] * (sl.stop - sl.start)
             cols["index"] += list(range(sl.start, sl.stop))
             cols["label"] += images.labels[sl].tolist()
-            levels = images.images[sl]
+            levels = CodedImages(images.images[sl])  # each coder codes the batch once
             for m in models:
                 cols[f"log_prob_{m}"] += o[m].log_prob().double().tolist()
             for coder in CODERS:
-                cols[f"log_prob_{coder}"] += coder_log_prob(levels, coder).tolist()
+                cols[f"log_prob_{coder}"] += levels.log_prob(coder).tolist()
             for i, v in enumerate(o["in_dist"].scale_log_probs().double().T, start=1):
                 cols[f"scale{i}_in_dist"] += v.tolist()
             pairs = {

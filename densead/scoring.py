@@ -108,6 +108,7 @@ def score_image_set(
     names = names[mine]
     images = ImageSet(images.images[mine], images.labels[mine], images.name)
     parts: dict[str, list[np.ndarray]] = {d.name: [np.zeros(0)] for d in detectors}
+    per_pixel = {d.name for d in detectors if d.per_pixel}  # heat maps; not complexity: raw's, shifted
     batches = iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}", dtype)
     for sl, x in batches:
         keep = min(sl.stop, n_maps) - sl.start  # images of this batch that get heat maps
@@ -116,7 +117,6 @@ def score_image_set(
         else:
             results = scorer.score_maps(x, list(detectors))
             part = ImageSet(images.images[sl][:keep], images.labels[sl][:keep], images.name)
-            per_pixel = {d.name for d in detectors if d.per_pixel}  # not complexity: raw's map, shifted
             maps = {k: m[:keep] for k, (_, m) in results.items() if k in per_pixel}
             stems = [n.replace("/", "__") for n in names[sl][:keep]]
             save_heatmaps(heatmap_dir, part, maps, stems, n_bins)

@@ -39,7 +39,6 @@ from torch import Tensor, nn
 
 from densead.config import (
     ConfigError,
-    DataConfig,
     FieldError,
     check_device,
     checkpoint_config,
@@ -47,7 +46,7 @@ from densead.config import (
     require,
     save_config,
 )
-from densead.data.outliers import OutlierPasteConfig, PhotoPaster
+from densead.data.outliers import PasteConfig, PhotoPaster
 from densead.data.road import CAMVID_CLASSES, CAMVID_PROTOCOLS, VOID, CamVid, PaddedTransform
 from densead.features import load_weights
 from densead.io import (
@@ -228,11 +227,11 @@ class SegmenterTrainConfig:
 
 
 @dataclass(frozen=True)
-class SegmenterOutlierConfig:
+class SegmenterOutlierConfig(PasteConfig):
     """Outlier exposure of the segmenter itself (Chan et al., ICCV 2021, "entropy maximization").
 
-    Photos are pasted into every training frame (:class:`~densead.data.outliers.PhotoPaster`) and
-    their pixels pushed towards the uniform softmax:
+    Photos are pasted into every training frame (:class:`~densead.data.outliers.PasteConfig`, whose
+    fields these are too) and their pixels pushed towards the uniform softmax:
 
         loss = (1 − weight) · CE(in-distribution pixels) + weight · CE(pasted pixels, uniform)
 
@@ -240,26 +239,15 @@ class SegmenterOutlierConfig:
     Chan et al. finetune a trained segmenter this way with ``weight`` 0.9.
 
     Attributes:
-        data: the photos (``exclude_classes`` must drop the classes that show the held-out
-            anomalies).
-        per_frame, min_size, max_size, max_aspect: as :class:`~densead.data.outliers.OutlierPasteConfig`.
         weight: ``λ`` above, in ``[0, 1)``.
     """
 
-    data: DataConfig
-    per_frame: int = 2
-    min_size: int = 12
-    max_size: int = 48
-    max_aspect: float = 2.0
     weight: float = 0.9
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.weight < 1:
             raise FieldError("weight", f"must be in [0, 1), got {self.weight}")
-        self.paste_config()  # the pasting fields, checked as the flows' outliers are
-
-    def paste_config(self) -> OutlierPasteConfig:
-        return OutlierPasteConfig(self.data, self.per_frame, self.min_size, self.max_size, self.max_aspect)
 
 
 @dataclass(frozen=True)
@@ -734,7 +722,7 @@ def train_segmenter(
     model = model.to(device)
     train = load_scene_arrays(cfg.data, "train")
     test = load_scene_arrays(cfg.data, tcfg.eval_split)
-    paste = PhotoPaster(cfg.outliers.paste_config(), tcfg.seed) if cfg.outliers is not None else None
+    paste = PhotoPaster(cfg.outliers, tcfg.seed) if cfg.outliers is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     augment = train_augmentation(cfg.data, tcfg.seed)
     batches = epoch_batches(len(train), tcfg.batch_size, tcfg.seed)

@@ -198,3 +198,23 @@ def test_complexity_errors_name_what_is_missing() -> None:
         code_length(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "flif")
     with pytest.raises(ValueError, match="detector 'c': unknown coder 'zip'"):
         GlowDetector("c", needs_general=False, compressor="zip")
+
+
+def test_a_batch_is_coded_once_per_coder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A score and its map, of both complexity detectors, code the batch once with each coder."""
+    import densead.detectors.complexity as complexity
+    from densead.data.transforms import to_model_input
+
+    calls = []
+    original = complexity.coder_log_prob
+
+    def counting(levels, coder="png"):
+        calls.append(coder)
+        return original(levels, coder)
+
+    monkeypatch.setattr(complexity, "coder_log_prob", counting)
+    model = Glow(1, n_scales=2, n_steps=1, hidden=8, n_bins=17)
+    x = to_model_input(torch.randint(0, 17, (3, 1, 8, 8), dtype=torch.uint8), 17, dequantize=False)
+    model.train()(x)
+    GlowScorer(model).score_maps(x, [get_detector("complexity"), get_detector("complexity_webp")])
+    assert sorted(calls) == ["png", "webp"]

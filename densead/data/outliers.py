@@ -22,12 +22,12 @@ import numpy as np
 from densead.config import DataConfig, FieldError
 from densead.data.images import load_image_set
 
-__all__ = ["OutlierPasteConfig", "PhotoPaster", "paste_photos"]
+__all__ = ["OutlierPasteConfig", "PasteConfig", "PhotoPaster", "paste_photos"]
 
 
 @dataclass(frozen=True)
-class OutlierPasteConfig:
-    """Photos pasted into training frames as auxiliary outliers, and the loss they enter.
+class PasteConfig:
+    """Photos pasted into training frames (:class:`PhotoPaster`).
 
     Attributes:
         data: the photos (e.g. ``tinyimagenet_val_32.npz``; ``exclude_classes`` must drop the
@@ -35,11 +35,6 @@ class OutlierPasteConfig:
         per_frame: photos pasted into each training frame.
         min_size, max_size: pasted height in pixels of the working-scale frame, drawn uniformly.
         max_aspect: width / height drawn log-uniformly from ``[1/max_aspect, max_aspect]``.
-        weight: ``λ`` of the outlier term (see
-            :func:`densead.detectors.feature_density.flow_training_step`).
-        temperature: ``T`` of the outlier term, in nats per feature dimension.
-        margin: how far (nats per dimension) below the in-distribution positions' mean
-            log-likelihood the term pushes an outlier before it saturates.
     """
 
     data: DataConfig
@@ -47,9 +42,6 @@ class OutlierPasteConfig:
     min_size: int = 12
     max_size: int = 48
     max_aspect: float = 2.0
-    weight: float = 0.1
-    temperature: float = 0.1
-    margin: float = 0.5
 
     def __post_init__(self) -> None:
         # FieldError: read from a file, the error names the whole key (outliers.per_frame) and the file.
@@ -62,6 +54,27 @@ class OutlierPasteConfig:
             )
         if self.max_aspect < 1:
             raise FieldError("max_aspect", f"must be >= 1, got {self.max_aspect}")
+
+
+@dataclass(frozen=True)
+class OutlierPasteConfig(PasteConfig):
+    """Photos pasted into training frames as auxiliary outliers (:class:`PasteConfig`), and the
+    loss of the feature flows they enter.
+
+    Attributes:
+        weight: ``λ`` of the outlier term (see
+            :func:`densead.detectors.feature_density.flow_training_step`).
+        temperature: ``T`` of the outlier term, in nats per feature dimension.
+        margin: how far (nats per dimension) below the in-distribution positions' mean
+            log-likelihood the term pushes an outlier before it saturates.
+    """
+
+    weight: float = 0.1
+    temperature: float = 0.1
+    margin: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.weight < 0:
             raise FieldError("weight", f"must be >= 0, got {self.weight}")
         if self.temperature <= 0:
@@ -112,7 +125,7 @@ def paste_photos(
 class PhotoPaster:
     """:func:`paste_photos` with the photos of ``cfg.data`` loaded once and a seeded generator."""
 
-    def __init__(self, cfg: OutlierPasteConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: PasteConfig, seed: int = 0) -> None:
         if cfg.data.channels != 3:
             raise ValueError(f"outliers.data.channels must be 3 (RGB road frames), got {cfg.data.channels}")
         photos = load_image_set(cfg.data, name="outliers.data").images

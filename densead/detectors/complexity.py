@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CODERS", "code_length", "coded_files", "coder_log_prob", "levels_from_input"]
+__all__ = ["CODERS", "CodedImages", "code_length", "coded_files", "coder_log_prob", "levels_from_input"]
 
 # Lossless coders, as OpenCV writes them: file extension, parameters, channel counts it codes
 # losslessly (OpenCV writes no grey + alpha; WebP drops the colour of transparent pixels).
@@ -75,6 +75,27 @@ def code_length(levels: Tensor, coder: str = "png") -> Tensor:
 def coder_log_prob(levels: Tensor, coder: str = "png") -> Tensor:
     """``(B,)`` float64: ``log p_c(x) = −L(x)·ln 2`` in nats (:func:`code_length`)."""
     return -code_length(levels, coder) * math.log(2)
+
+
+class CodedImages:
+    """A batch of images' levels, coded at most once per coder.
+
+    One batch is coded by several consumers (a score and its map, a complexity column and the
+    report's bits/dim): each :meth:`log_prob` of a coder after the first is the stored result.
+
+    Args:
+        levels: ``(B, C, H, W)`` uint8 quantization levels (:func:`coded_files`).
+    """
+
+    def __init__(self, levels: Tensor) -> None:
+        self.levels = levels
+        self._log_probs: dict[str, Tensor] = {}
+
+    def log_prob(self, coder: str) -> Tensor:
+        """``(B,)`` float64 :func:`coder_log_prob` of the batch."""
+        if coder not in self._log_probs:
+            self._log_probs[coder] = coder_log_prob(self.levels, coder)
+        return self._log_probs[coder]
 
 
 def levels_from_input(x: Tensor, n_bins: int) -> Tensor:

@@ -32,7 +32,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from densead.detectors.complexity import CODERS, coder_log_prob, levels_from_input
+from densead.detectors.complexity import CODERS, CodedImages, levels_from_input
 from densead.flows import Glow, GlowOutput, GraphedCall, apply_fast_path, resolve_fast_path
 
 __all__ = ["DETECTORS", "GlowDetector", "GlowScorer", "MIN_LOG_PROB", "get_detector"]
@@ -92,42 +92,48 @@ class GlowDetector:
             return out.log_prob(discrete=True)
         return self._log_density_map(out).sum(dim=(-2, -1))
 
-    def _check(self, out_in: GlowOutput, general: GlowOutput | None, levels: Tensor | None) -> None:
+    def _check(
+        self, out_in: GlowOutput, general: GlowOutput | None, levels: Tensor | CodedImages | None
+    ) -> CodedImages | None:
+        """Raise a ValueError for what the detector lacks; the levels as :class:`CodedImages`."""
         if self.needs_general and general is None:
             raise ValueError(f"detector {self.name!r} needs a general-distribution model (--general)")
         if self.compressor is None:
-            return
+            return None
         if levels is None:
             raise ValueError(f"detector {self.name!r} needs the images' quantization levels (levels=...)")
+        coded = levels if isinstance(levels, CodedImages) else CodedImages(levels)
         batch = out_in.contributions[0].shape[0]
-        if tuple(levels.shape) != (batch, *out_in.input_shape):
+        if tuple(coded.levels.shape) != (batch, *out_in.input_shape):
             raise ValueError(
-                f"detector {self.name!r}: levels of shape {tuple(levels.shape)} for a batch of {batch} "
+                f"detector {self.name!r}: levels of shape {tuple(coded.levels.shape)} for a batch of {batch} "
                 f"inputs of shape {out_in.input_shape}"
             )
+        return coded
 
     def score_from(
-        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | None = None
+        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | CodedImages | None = None
     ) -> Tensor:
         """``(B,)`` scores, higher = more anomalous. ``levels``: the ``(B, C, H, W)`` uint8
-        images (quantization levels) the outputs are of; only ``complexity`` needs them."""
-        self._check(out_in, out_g, levels)
+        images (quantization levels) the outputs are of, or them as :class:`CodedImages` (coded once
+        for every detector and call that shares it); only ``complexity`` needs them."""
+        coded = self._check(out_in, out_g, levels)
         lp_in = _finite(self._log_density(out_in))
-        if self.compressor is not None:
-            return coder_log_prob(levels, self.compressor).to(lp_in) - lp_in
+        if coded is not None:
+            return coded.log_prob(self.compressor).to(lp_in) - lp_in
         if not self.needs_general:
             return -lp_in
         return _finite(self._log_density(out_g)) - lp_in
 
     def map_from(
-        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | None = None
+        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | CodedImages | None = None
     ) -> Tensor:
         """``(B, H, W)`` pixel maps, higher = more anomalous; they sum to :meth:`score_from`."""
-        self._check(out_in, out_g, levels)
+        coded = self._check(out_in, out_g, levels)
         m_in = _finite(self._log_density_map(out_in))
-        if self.compressor is not None:  # one code length per image: spread evenly
+        if coded is not None:  # one code length per image: spread evenly
             h, w = m_in.shape[-2:]
-            return (coder_log_prob(levels, self.compressor).to(m_in) / (h * w))[:, None, None] - m_in
+            return (coded.log_prob(self.compressor).to(m_in) / (h * w))[:, None, None] - m_in
         if not self.needs_general:
             return -m_in
         return _finite(self._log_density_map(out_g)) - m_in
@@ -255,10 +261,12 @@ class GlowScorer:
                     f"{self.general.n_scales} scales and the in-distribution model {n}"
                 )
 
-    def _levels(self, x: Tensor, detectors: list[GlowDetector]) -> Tensor | None:
-        """The images' levels (noise-free ``x`` back to uint8) when a detector codes them."""
-        coded = any(d.compressor is not None for d in detectors)
-        return levels_from_input(x, self.model.n_bins) if coded else None
+    def _levels(self, x: Tensor, detectors: list[GlowDetector]) -> CodedImages | None:
+        """The images' levels (noise-free ``x`` back to uint8), coded once per coder, when a
+        detector codes them."""
+        if not any(d.compressor is not None for d in detectors):
+            return None
+        return CodedImages(levels_from_input(x, self.model.n_bins))
 
     def score(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, Tensor]:
         """``{name: (B,) scores}`` for noise-free model inputs ``x``."""
