@@ -8,6 +8,7 @@ checkpoint, so a run can always be rebuilt from its own folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -61,6 +62,8 @@ def require(cfg: Any, minimum: float, *names: str, strict: bool = False) -> None
     (``> minimum`` with ``strict``)."""
     for name in names:
         value = getattr(cfg, name)
+        if not math.isfinite(value):  # NaN passes every comparison below
+            raise FieldError(name, f"must be a finite number, got {value}")
         if value < minimum or (strict and value == minimum):
             raise FieldError(name, f"must be {'>' if strict else '>='} {minimum}, got {value}")
 
@@ -111,7 +114,8 @@ class DataConfig:
         resize: ``pad`` (zero-pad centred, e.g. 28 → 32), ``resize`` (area or
             bilinear interpolation) or ``none`` (sizes must already match).
         augment: ``none``, ``flip_translate`` (CIFAR-like: horizontal flip and
-            translation ≤ 10%) or ``translate`` (digits, SVHN).
+            translation ≤ 10%, at least a pixel), ``translate`` (digits, SVHN) or ``flip``;
+            of the whole set, ``mix`` included (the parts' own ``augment`` is not read).
         n_patches, patch_size: for ``sklearn_photo_patches``: how many random
             patches of ``patch_size`` pixels (before resizing to ``size``).
         seed: for random patches.
@@ -164,6 +168,10 @@ class OutlierConfig:
     weight: float = 6000.0
     temperature: float = 1000.0
     batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        require(self, 0, "weight", "batch_size")
+        require(self, 0, "temperature", strict=True)
 
 
 # train.lr_scaling: how lr follows the batch size (TrainConfig).
@@ -301,6 +309,10 @@ class ExperimentConfig:
     n_heatmaps: int = 8
     eval_batch_size: int = 256
     bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        require(self, 0, "outlier_weight")
+        require(self, 0, "outlier_temperature", strict=True)
 
 
 # --------------------------------------------------------------------------- (de)serialization
@@ -503,34 +515,84 @@ def config_changes(
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML as a config writer means it: ``5e-4`` is a float and only ``true`` / ``false``
-    are booleans. PyYAML follows YAML 1.1, which reads ``5e-4`` as a string (a float needs a
-    dot there) and ``on`` / ``off`` / ``yes`` / ``no`` as booleans (``train.fast: off``)."""
+    """YAML as a config writer means it (the YAML 1.2 core schema): ``5e-4`` is a float, ``010``
+    the integer 10, only ``true`` / ``false`` are booleans, and a key given twice is an error.
+    PyYAML follows YAML 1.1, which reads ``5e-4`` and ``2024-01-01`` as a string and a date,
+    ``010`` as octal 8, ``1:30`` as 90 (base 60), ``on`` / ``off`` / ``yes`` / ``no`` as booleans
+    (``train.fast: off``), and keeps the last of repeated keys silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                what = f"duplicate key {key!r} (the first would be silently ignored)"
+                raise yaml.constructor.ConstructorError(None, None, what, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_decimal_int(self, node: yaml.ScalarNode) -> int:
+        return int(self.construct_scalar(node).replace("_", ""))
 
 
+_YAML_TAG = "tag:yaml.org,2002:"
+# YAML 1.1 resolvers replaced (bool, int, float) or dropped (timestamp: dates; value: "=").
+_REPLACED_TAGS = ("bool", "int", "float", "timestamp", "value")
 _ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag.removeprefix(_YAML_TAG) not in _REPLACED_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    f"{_YAML_TAG}bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 _ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    f"{_YAML_TAG}int", re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789")
 )
+_ConfigLoader.add_implicit_resolver(
+    f"{_YAML_TAG}float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+_ConfigLoader.add_constructor(f"{_YAML_TAG}int", _ConfigLoader.construct_decimal_int)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes what :class:`_ConfigLoader` reads back as written: a string that the loader would
+    take for a number or a boolean (``"1e5"``, ``"010"``) is quoted."""
+
+
+_ConfigDumper.yaml_implicit_resolvers = _ConfigLoader.yaml_implicit_resolvers
 
 
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
 
 
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what, and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{what}" + (f" ({context})" if context else "")
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=100")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), _load_yaml(raw)
+    try:
+        value = _load_yaml(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_error(err)}") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -557,7 +619,7 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
     try:
         data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return from_dict(cls, apply_overrides(data, overrides), str(path))
@@ -565,4 +627,4 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False))

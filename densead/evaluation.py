@@ -12,6 +12,8 @@ one detector beats another on these images; two overlapping intervals do not.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import numbers
 import zlib
@@ -406,12 +408,12 @@ def differences_markdown(
 
 def _csv(rows: Sequence[object], columns: Sequence[str], header: Sequence[str] | None = None) -> str:
     """The rows' attributes ``columns`` as CSV, under ``header`` (default: the column names)."""
-    lines = [",".join(header or columns)]
-    lines += [
-        ",".join(repr(v) if isinstance(v, float) else str(v) for v in (getattr(r, c) for c in columns))
-        for r in rows
-    ]
-    return "\n".join(lines) + "\n"
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")  # quotes a set or detector name with a comma
+    writer.writerow(header or columns)
+    for r in rows:
+        writer.writerow(repr(v) if isinstance(v, float) else str(v) for v in (getattr(r, c) for c in columns))
+    return text.getvalue()
 
 
 def rows_to_csv(rows: Sequence[MetricRow]) -> str:
@@ -449,6 +451,9 @@ def write_evaluation(
     ``baseline`` also ``differences.csv`` and the paired differences in ``metrics.md``, and without
     one no ``differences.csv``), ROC curves and score histograms as PNG."""
     out_dir = Path(out_dir)
+    bad = [d for d in detectors if "/" in d or "\\" in d]
+    if bad:  # roc_<detector>.png would land in another folder
+        raise ValueError(f"detector name(s) {bad} hold a path separator; they name the plot files")
     rows, diffs = _evaluate(cols, in_set, anomaly_sets, detectors, bootstrap, baseline)
     markdown = markdown_tables(rows, display, bootstrap)
     if diffs:

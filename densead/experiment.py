@@ -62,7 +62,13 @@ from densead.evaluation import (
 )
 from densead.flows import Glow
 from densead.io import atomic_write_text, check_output_dir, staged_heatmaps
-from densead.scoring import glow_outputs, read_scores_csv, save_heatmaps, write_scores_csv
+from densead.scoring import (
+    glow_outputs,
+    read_scores_csv,
+    save_heatmaps,
+    typical_bits_per_dim,
+    write_scores_csv,
+)
 from densead.train import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -101,6 +107,7 @@ DISPLAY_NAMES = {
     "ratio_outlier": "Diff†",
     "complexity": "complexity (PNG)",
     "complexity_webp": "complexity (WebP)",
+    "typicality": "typicality",
 }
 
 
@@ -373,9 +380,15 @@ def _test_sets(cfg: ExperimentConfig) -> dict[str, ImageSet]:
 # no_grad at their yields, interleaved, which otherwise leaves gradients off after scoring.
 @torch.no_grad()
 def _score_sets(
-    cfg: ExperimentConfig, models: dict[str, Glow], sets: dict[str, ImageSet], device, progress: bool
+    cfg: ExperimentConfig,
+    models: dict[str, Glow],
+    sets: dict[str, ImageSet],
+    device,
+    progress: bool,
+    typical_bpd: float,
 ) -> tuple[dict[str, list], dict[str, dict[str, torch.Tensor]]]:
-    """Columns of scores.csv, and pixel maps of the first images of each set."""
+    """Columns of scores.csv, and pixel maps of the first images of each set; ``typical_bpd``:
+    the in-distribution model's mean bits/dim on its training images (``typicality``)."""
     cols: dict[str, list] = {"set": [], "index": [], "label": []}
     n_scales = cfg.model.n_scales
     for m in [*models, *CODERS]:  # log_prob_png, _webp: the coders' (complexity's general distribution)
@@ -413,14 +426,15 @@ def _score_sets(
                 "ratio": (ratio, o["in_dist"], o["general"]),
                 "complexity": (DETECTORS["complexity"], o["in_dist"], None),
                 "complexity_webp": (DETECTORS["complexity_webp"], o["in_dist"], None),
+                "typicality": (DETECTORS["typicality"], o["in_dist"], None),
             }
             if "in_dist_outlier" in o:
                 pairs["ratio_outlier"] = (ratio, o["in_dist_outlier"], o["general_outlier"])
             take = max(0, min(cfg.n_heatmaps - n_maps, sl.stop - sl.start))
             for col, (det, oi, og) in pairs.items():
-                cols[col] += det.score_from(oi, og, levels).double().tolist()
+                cols[col] += det.score_from(oi, og, levels, typical_bpd).double().tolist()
                 if take and det.per_pixel:  # complexity's map: raw's, shifted per image
-                    heat[set_name][col].append(det.map_from(oi, og)[:take].cpu())
+                    heat[set_name][col].append(det.map_from(oi, og, None, typical_bpd)[:take].cpu())
             n_maps += take
         heat[set_name] = {d: torch.cat(v) for d, v in heat[set_name].items() if v}
     return cols, heat
@@ -432,9 +446,11 @@ def _report(
     models: list[str],
     wall: dict[str, str],
     shapes: dict[str, tuple[int, int, int]],
+    typical_bpd: float,
 ) -> str:
     """The report; ``shapes``: ``(C, H, W)`` of each set's images (sets may differ in size:
-    the Glow is fully convolutional), for the dimension counts of bits/dim and scale shares."""
+    the Glow is fully convolutional), for the dimension counts of bits/dim and scale shares;
+    ``typical_bpd``: the in-distribution model's mean bits/dim on its training images."""
     out_dir = Path(cfg.output_dir)
     anomaly_sets = list(cfg.anomalies)
     detectors = [d for d in DISPLAY_NAMES if d in cols]
@@ -466,6 +482,9 @@ def _report(
         "(PNG) and complexity (WebP); their bits include the files' headers (PNG: 63 bytes whatever the "
         "image, 7.9 bits/dim of an 8×8 greyscale image, 0.16 of a 32×32×3 one), which shift every image "
         "of a size alike.",
+        "",
+        f"typicality: |bits/dim of the in-distribution model − {typical_bpd:.3f}|, its mean on its own "
+        "training images (Nalisnick et al. 2019, one image at a time).",
     ]
     lines += ["", "## Spearman correlation of log p: in-distribution vs general model", ""]
     lines += ["| set | Spearman ρ |", "|---|---:|"]
@@ -555,7 +574,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
     t1 = time.time()
     device = devices["in_dist_train"]  # scoring runs where the in-distribution model trained
     models = {name: load_glow(path, device)[0] for name, path in ckpts.items()}
-    cols, heat = _score_sets(cfg, models, sets, device, progress)
+    train_images = load_image_set(cfg.in_dist, cfg.model.n_bins, "in_dist")
+    typical = typical_bits_per_dim(models["in_dist"], train_images, cfg.eval_batch_size, device, progress)
+    cols, heat = _score_sets(cfg, models, sets, device, progress, typical)
     # report.md is written last: while the outputs below are being replaced, none is left
     # beside them from an earlier run.
     (out_dir / "report.md").unlink(missing_ok=True)
@@ -568,7 +589,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
         "scoring + report wall time": f"{t2 - t1:.0f} s",
     }
     shapes = {name: tuple(images.images.shape[1:]) for name, images in sets.items()}
-    report = _report(cfg, read_scores_csv(out_dir / "scores.csv"), list(models), wall, shapes)
+    report = _report(cfg, read_scores_csv(out_dir / "scores.csv"), list(models), wall, shapes, typical)
     path = out_dir / "report.md"
     atomic_write_text(path, report)
     return path

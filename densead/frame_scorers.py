@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from densead.data.road import RoadDataset
 from densead.data.transforms import to_model_input
 from densead.dense import pad_to_multiple, shrink
-from densead.detectors import MIN_LOG_PROB, GlowDetector, GlowScorer
+from densead.detectors import GlowDetector, GlowScorer
+from densead.detectors.glow import SENTINEL_LIMIT, upsample_map
 
 if TYPE_CHECKING:
     from densead.detectors.feature_density import DenseFeatureDetector
@@ -49,10 +49,6 @@ __all__ = [
     "frame_maps",
     "iter_frame_maps",
 ]
-
-# Scores at or beyond this magnitude are the detectors' stand-in for a non-finite log-density
-# (MIN_LOG_PROB = −1e12); they would squeeze every real score into one float16 value.
-SENTINEL_LIMIT = 0.5 * abs(MIN_LOG_PROB)
 
 
 @runtime_checkable
@@ -86,12 +82,12 @@ def _one_size(images: Sequence[np.ndarray], who: str) -> tuple[int, int]:
 
 def _check_per_pixel(detectors: Sequence[GlowDetector]) -> None:
     """A ValueError naming the detectors whose maps are no per-pixel decomposition."""
-    whole = [d.name for d in detectors if not d.per_pixel]
+    whole = [d.name for d in detectors if not d.per_pixel or d.typical]
     if whole:
         raise ValueError(
-            f"detector(s) {whole} score whole images (a file's code length is one number per image) and "
-            "make no per-pixel map of road frames; score images with them (tools/score_images.py "
-            "without --road, experiments)"
+            f"detector(s) {whole} score whole images (a file's code length is one number per image; "
+            "typicality measures an image's bits/dim against the training images') and make no per-pixel "
+            "map of road frames; score images with them (tools/score_images.py without --road, experiments)"
         )
 
 
@@ -116,7 +112,9 @@ def frame_maps(
     for name, (_, m) in results.items():
         m = m.float().cpu().numpy()
         if downscale > 1:
-            m = np.repeat(np.repeat(m, downscale, axis=1), downscale, axis=2) / float(downscale * downscale)
+            m = np.repeat(np.repeat(m, downscale, axis=1), downscale, axis=2)
+            # spread over the pixels it stands for; a sentinel stays one (SENTINEL_LIMIT)
+            m = np.where(np.abs(m) >= SENTINEL_LIMIT, m, m / float(downscale * downscale))
         out[name] = np.ascontiguousarray(m[:, :h, :w], dtype=np.float32)
     return out
 
@@ -217,7 +215,7 @@ class FeatureFrameScorer:
         for name in self.names:
             m = scores[name][:, :hs, :ws].float()
             if (hs, ws) != (h, w):
-                m = F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+                m = upsample_map(m, (h, w))
             out[name] = np.ascontiguousarray(m.cpu().numpy(), dtype=np.float32)
         return out
 

@@ -30,6 +30,7 @@ __all__ = [
     "read_scores_csv",
     "save_heatmaps",
     "score_image_set",
+    "typical_bits_per_dim",
     "write_scores_csv",
 ]
 
@@ -123,6 +124,25 @@ def score_image_set(
         for name, (s, _) in results.items():
             parts[name].append(s.double().cpu().numpy())
     return {name: dist.gather_concat(np.concatenate(p)) for name, p in parts.items()}
+
+
+def typical_bits_per_dim(
+    model: Glow,
+    images: ImageSet,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> float:
+    """``model``'s mean bits/dim over ``images``, noise-free: ``b̄`` of the ``typicality`` detector,
+    from the images the model was trained on (its typical set's entropy estimate, Nalisnick et
+    al. 2019). A non-finite bits/dim is an error naming the set."""
+    total, count = 0.0, 0
+    for _, out in glow_outputs(model, images, batch_size, torch.device(device), progress):
+        bpd = out.bits_per_dim().double()
+        if not torch.isfinite(bpd).all():
+            raise ValueError(f"{images.name}: the model's bits/dim is not finite on some of its images")
+        total, count = total + float(bpd.sum()), count + bpd.numel()
+    return total / count
 
 
 def glow_outputs(
@@ -278,6 +298,9 @@ def read_scores_csv(
         absent = [c for c in score_columns if c not in header]
         if absent:
             raise ValueError(f"{first}: no score column(s) {absent} (columns: {', '.join(header)})")
+        text = [c for c in score_columns if c in TEXT_COLUMNS]
+        if text:
+            raise ValueError(f"{first}: column(s) {text} hold set and image names, not scores")
     records = [(p, line, dict(zip(h, r, strict=True))) for p, h, rows in tables for line, r in rows]
     cols: dict[str, np.ndarray] = {}
     for name in header:

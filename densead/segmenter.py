@@ -142,6 +142,20 @@ class SceneDataConfig:
             raise FieldError(
                 "scale_jitter", f"must be < 1 (a factor in [1 - s, 1 + s]), got {self.scale_jitter}"
             )
+        if (self.crop_height > 0) != (self.crop_width > 0):
+            key, other = (
+                ("crop_height", "crop_width") if self.crop_height == 0 else ("crop_width", "crop_height")
+            )
+            raise FieldError(
+                key,
+                f"is 0 and {other} {getattr(self, other)}: both > 0 (random crops) or both 0 (whole frames)",
+            )
+        if self.scale_jitter > 0 and self.crop_height == 0:
+            raise FieldError(
+                "scale_jitter",
+                f"{self.scale_jitter} needs random crops (crop_height, crop_width > 0): whole frames, each "
+                "rescaled by its own factor, differ in size and make no batch",
+            )
         for key in ("held_out", "void"):
             for name in getattr(self, key):
                 if name not in CAMVID_CLASSES:

@@ -693,6 +693,8 @@ def train_glow(
         reference.requires_grad_(False)
 
     model, optimizer, step, history = start_or_resume(mcfg, tcfg, ckpt_path, resume, device)
+    if history and history[-1][0] % tcfg.log_every and step < tcfg.steps:
+        history.pop()  # the end of a shorter run, off the log_every grid: a run this long never logs it
     fast = resolve_fast_path(tcfg.fast, device, where="train.fast")
     fast_training = FastTraining(model, fast)  # before DDP registers the parameters
     net = model

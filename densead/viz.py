@@ -252,7 +252,7 @@ def plot_score_histograms(
             raise ValueError(f"group {name!r} has no finite score ({values.size} values)")
         finite[name] = values[keep]
         dropped[name] = int(values.size - np.count_nonzero(keep))
-    edges = np.histogram_bin_edges(np.concatenate(list(finite.values())), bins=bins)
+    edges = _bin_edges(np.concatenate(list(finite.values())), bins)
 
     fig = _new_figure((7.0, 4.0))
     ax = fig.add_subplot()
@@ -270,6 +270,20 @@ def plot_score_histograms(
     if title:
         ax.set_title(title)
     _save_figure(fig, path)
+
+
+def _bin_edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """``bins`` equal-width bins over finite ``values``, as numpy makes them; fewer where their
+    range holds fewer distinct floats, or spans more than the largest float (numpy refuses both)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy overflows before it refuses
+            return np.histogram_bin_edges(values, bins=bins)
+    except ValueError:
+        pass
+    lo, hi = float(values.min()), float(values.max())
+    edges = np.unique(np.linspace(lo / 2, hi / 2, bins + 1) * 2)  # halves: a finite difference
+    edges[0], edges[-1] = lo, hi
+    return edges
 
 
 def plot_bars(

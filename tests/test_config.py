@@ -129,6 +129,27 @@ def test_yaml_reads_exponent_floats_and_only_true_false_as_booleans(tmp_path: Pa
         load_config(TrainRunConfig, path, ["train.amp=yes"])
     with pytest.raises(ConfigError, match=r"train\.steps: expected an integer, got 1000.0"):
         load_config(TrainRunConfig, path, ["train.steps=1e3"])
+    # no YAML 1.1 octal, base 60 or dates: 010 is ten, 1:30 and 2024-01-01 are text
+    assert load_config(TrainRunConfig, path, ["train.steps=010"]).train.steps == 10
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer, got '1:30'"):
+        load_config(TrainRunConfig, path, ["train.steps=1:30"])
+    assert load_config(TrainRunConfig, path, ["data.path=2024-01-01"]).data.path == "2024-01-01"
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1': the value is not valid YAML: line 1"):
+        load_config(TrainRunConfig, path, ["train.lr=[1"])
+
+
+def test_a_key_given_twice_is_an_error_and_saved_configs_read_back_as_written(tmp_path: Path) -> None:
+    twice = write(tmp_path, "output_dir: x\ndata: {}\ntrain:\n  lr: 0.5\ntrain:\n  steps: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"run\.yaml: not valid YAML: line 5, column 1: duplicate key 'train'"
+    ):
+        load_config(TrainRunConfig, twice)
+    # strings that look like numbers stay strings through save_config and load_config
+    path = write(tmp_path, "output_dir: '1e5'\ndata: {path: '010'}\n")
+    cfg = load_config(TrainRunConfig, path)
+    assert (cfg.output_dir, cfg.data.path) == ("1e5", "010")
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(TrainRunConfig, tmp_path / "again.yaml") == cfg
 
 
 @pytest.mark.parametrize(
@@ -147,6 +168,11 @@ def test_yaml_reads_exponent_floats_and_only_true_false_as_booleans(tmp_path: Pa
         ("model.hidden=0", r"model\.hidden: must be >= 1, got 0"),
         ("model.kernel_size=-1", r"model\.kernel_size: must be >= 1, got -1"),
         ("model.kernel_size=2", r"model\.kernel_size: must be odd, got 2"),
+        ("train.lr=.inf", r"train\.lr: must be a finite number, got inf"),  # NaN, inf pass any comparison
+        ("train.max_grad_norm=.nan", r"train\.max_grad_norm: must be a finite number, got nan"),
+        ("outlier={data: {}, reference: r.pt, temperature: 0}", r"outlier\.temperature: must be > 0, got 0"),
+        ("outlier={data: {}, reference: r.pt, weight: -1}", r"outlier\.weight: must be >= 0, got -1"),
+        ("outlier={data: {}, reference: r.pt, batch_size: -4}", r"outlier\.batch_size: must be >= 0, got -4"),
     ],
 )
 def test_values_out_of_range_name_the_key_and_file(tmp_path: Path, override: str, message: str) -> None:
@@ -161,6 +187,12 @@ def test_range_errors_name_the_experiments_own_keys() -> None:
     with pytest.raises(ConfigError, match=r"^exp.yaml: general_train\.warmup_steps: must be >= 0, got -1"):
         from_dict(ExperimentConfig, data, "exp.yaml")
     data["general_train"]["warmup_steps"] = 0
+    for key, value, message in (
+        ("outlier_temperature", 0.0, "must be > 0"),
+        ("outlier_weight", -1.0, "must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^exp.yaml: {key}: {message}, got {value}"):
+            from_dict(ExperimentConfig, {**data, key: value}, "exp.yaml")
     data["outlier_train"]["steps"] = 0  # a stage that is not trained: valid
     assert from_dict(ExperimentConfig, data, "exp.yaml").outlier_train.steps == 0
 

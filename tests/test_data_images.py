@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -29,6 +30,9 @@ def test_cifar10_npz_slice_and_classes(shared_data: Path) -> None:
     assert len(cats) == int((labels[:1000] == 3).sum()) and set(cats.labels.tolist()) == {3}
     no_cats = load_image_set(DataConfig(source="npz", path=path, exclude_classes=(3,), stop=1000))
     assert len(no_cats) + len(cats) == 1000
+    # names are places in the source file, slices and class filters notwithstanding
+    assert test.names[:2] == ("08000", "08001") and len(set(test.names)) == 2000
+    assert [int(n) for n in cats.names] == np.flatnonzero(labels[:1000] == 3).tolist()
 
 
 def test_greyscale_uses_the_paper_formula_exactly() -> None:
@@ -102,6 +106,10 @@ def test_sklearn_sets_ship_offline() -> None:
         n_bins=17,
     )
     assert patches.images.shape == (50 + 80, 1, 8, 8) and int(patches.images.max()) <= 16
+    assert patches.names[48:52] == ("00048", "00049", "00000_sym0", "00001_sym0")
+    assert patches.names[60] == "00000_sym1"
+    twice = DataConfig(source="sklearn_digits", channels=1, size=8, stop=3)
+    assert load_image_set(replace(twice, mix=(twice,)), n_bins=17).names == ()  # would repeat: none
     # rotations: the 8 symmetries of the square, the identity first
     assert torch.equal(patches.images[50:60], digits.images[:10])
     assert torch.equal(patches.images[60:70], torch.rot90(digits.images[:10], 1, dims=(2, 3)))
@@ -141,6 +149,13 @@ def test_bad_inputs_name_the_culprit(tmp_path: Path) -> None:
         load_image_set(DataConfig(source="sklearn_digits", channels=1, size=4, resize="pad"))
     with pytest.raises(ValueError, match="no images left"):
         load_image_set(DataConfig(source="sklearn_digits", channels=1, size=8, classes=(42,)))
+    np.savez(tmp_path / "wide.npz", images=np.zeros((2, 6, 10), dtype=np.uint8))
+    wide = DataConfig(source="npz", path=str(tmp_path / "wide.npz"), channels=1, rotations=True)
+    with pytest.raises(ValueError, match=r"wide\.npz: rotations need square images, these are 6×10"):
+        load_image_set(replace(wide, size=0))
+    assert load_image_set(replace(wide, size=12)).images.shape == (16, 1, 12, 12)  # rotated once padded
+    with pytest.raises(ValueError, match=r"patch_size 1000 is larger than the photos \(427 pixels"):
+        load_image_set(DataConfig(source="sklearn_photo_patches", n_patches=2, patch_size=1000, channels=1))
 
 
 def test_dequantization_ranges() -> None:
@@ -175,3 +190,25 @@ def test_augmentation_is_seeded_and_only_moves_pixels() -> None:
     assert torch.equal(augment_batch(x, "none"), x) and t.shape == x.shape
     with pytest.raises(ValueError, match="unknown augmentation"):
         augment_batch(x, "rotate")
+    flips = augment_batch(x, "flip", torch.Generator().manual_seed(3))
+    assert all(torch.equal(f, s) or torch.equal(f, s.flip(-1)) for f, s in zip(flips, x, strict=True))
+    assert any(torch.equal(f, s.flip(-1)) and not torch.equal(f, s) for f, s in zip(flips, x, strict=True))
+
+
+def test_translation_of_small_images_moves_them_a_pixel() -> None:
+    """10% of 8 pixels is 0.8: rounded down, an 8×8 digit would never move (and translate would be none)."""
+    x = torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8).expand(64, 1, 8, 8)
+    moved = augment_batch(x, "translate", torch.Generator().manual_seed(0))
+    inner = x[0, :, 1:7, 1:7]
+    shifts = set()
+    for m in moved:
+        (hit,) = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(m[:, 1 + dy : 7 + dy, 1 + dx : 7 + dx], inner)
+        ]
+        shifts.add(hit)
+    assert len(shifts) == 9  # every shift of at most a pixel, 64 draws
+    line = torch.zeros(4, 1, 1, 8, dtype=torch.uint8)  # a side of 1 pixel cannot move
+    assert augment_batch(line, "translate", torch.Generator().manual_seed(0)).shape == line.shape

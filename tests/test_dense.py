@@ -48,10 +48,13 @@ from densead.dense_scoring import (
     frame_maps,
     score_road_dataset,
     write_dense_maps,
+    write_frame_maps,
 )
-from densead.detectors import GlowScorer, get_detector
+from densead.detectors import MIN_LOG_PROB, GlowScorer, get_detector
+from densead.detectors.glow import SENTINEL_LIMIT
 from densead.evaluation import Bootstrap
-from densead.flows import Glow
+from densead.flows import Glow, GlowOutput
+from densead.frame_scorers import GlowFrameScorer
 from densead.io import atomic_torch_save
 from densead.metrics import ComponentMetrics
 from densead.train import load_checkpoint
@@ -196,6 +199,37 @@ def test_frame_maps_sum_to_log_p() -> None:
     assert raw2.sum(dtype=np.float64) == pytest.approx(-lp_small, rel=1e-4)
     # A frame that is no multiple of 2^L comes back in its own shape.
     assert frame_maps(scorer, [frame[:30, :45]], ALL_DETECTORS[:1])["raw"].shape == (1, 30, 45)
+
+
+@pytest.mark.parametrize("downscale", [1, 2, 3])
+def test_a_non_finite_position_stays_a_sentinel_on_the_native_grid(
+    tmp_path: Path, downscale: int, monkeypatch
+) -> None:
+    """A log-density without value is the sentinel on every native pixel it covers, whatever the
+    shrink factor (spread evenly over downscale² pixels, it would pass for a real score), and the
+    written run's range and maps come from the real scores only."""
+    model = random_glow(3).float()
+    forward = model.forward
+
+    def one_bad_position(x: torch.Tensor) -> GlowOutput:
+        out = forward(x)
+        c0 = out.contributions[0].clone()
+        c0[0, 1, 2] = -math.inf  # scale 1: a 2×2 block of model pixels
+        return replace(out, contributions=(c0, *out.contributions[1:]))
+
+    monkeypatch.setattr(model, "forward", one_bad_position)
+    scorer = GlowFrameScorer(GlowScorer(model), [get_detector("raw")], downscale=downscale)
+    frame = np.random.default_rng(0).integers(0, 256, (8 * downscale, 12 * downscale, 3), dtype=np.uint8)
+    m = scorer.maps([frame])["raw"][0]
+    block = np.zeros(m.shape, dtype=bool)
+    block[2 * downscale : 4 * downscale, 4 * downscale : 6 * downscale] = True
+    assert np.array_equal(np.abs(m) >= SENTINEL_LIMIT, block)
+    assert np.all(m[block] == -MIN_LOG_PROB) and np.abs(m[~block]).max() < 1e3
+
+    root = fake_camvid(tmp_path / "camvid", n=1)
+    run = write_frame_maps(CamVid(root, "test"), scorer, tmp_path / "run", overlays=False, progress=False)
+    lo, hi = run.rescale.bounds["raw"]
+    assert hi < 1e3, "the sentinel set the rescale range: every real score would be written as 0"
 
 
 def test_dataset_level_rescaling_keeps_the_order_across_frames() -> None:
@@ -725,7 +759,5 @@ def test_frame_maps_refuse_whole_image_detectors() -> None:
     frame = np.zeros((32, 48, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match=r"\['complexity'\] score whole images"):
         frame_maps(scorer, [frame], [get_detector("raw"), get_detector("complexity")])
-    from densead.frame_scorers import GlowFrameScorer
-
-    with pytest.raises(ValueError, match=r"\['complexity'\] score whole images"):
-        GlowFrameScorer(scorer, [get_detector("complexity")])
+    with pytest.raises(ValueError, match=r"\['complexity', 'typicality'\] score whole images"):
+        GlowFrameScorer(scorer, [get_detector("complexity"), get_detector("typicality")])

@@ -296,6 +296,7 @@ def test_segmenter_checkpoint_is_written_before_the_evaluation(
             [c for c in seg.CAMVID_CLASSES if c != "Unlabelled"],
             "every CamVid class is held out or void",
         ),
+        (FeatureFlowsRunConfig, "data.crop_width", 0, "is 0 and crop_height 160: both > 0 .* or both 0"),
         (FeatureFlowsRunConfig, "train.batch_size", 0, "must be >= 1, got 0"),
         (FeatureFlowsRunConfig, "train.log_every", 0, "must be >= 1, got 0"),
         (FeatureFlowsRunConfig, "data.pad_divisor", 0, "must be >= 1, got 0"),
@@ -318,6 +319,19 @@ def test_config_ranges_name_file_and_key(
         load_config(
             cls, tmp_path / "c.yaml", [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"]
         )
+
+
+def test_scale_jitter_of_whole_frames_is_a_config_error(tmp_path: Path) -> None:
+    """Whole frames rescaled each by its own factor differ in size: no batch (np.stack) on step 1."""
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            {"output_dir": str(tmp_path / "out"), "segmenter": "seg.pt", "taps": {"fuse": "fuse.1"}}
+        )
+    )
+    whole = ["data.crop_height=0", "data.crop_width=0"]
+    with pytest.raises(ConfigError, match=r"c\.yaml: data\.scale_jitter: 0\.2 needs random crops"):
+        load_config(FeatureFlowsRunConfig, tmp_path / "c.yaml", [*whole, "data.scale_jitter=0.2"])
+    assert load_config(FeatureFlowsRunConfig, tmp_path / "c.yaml", whole).data.scale_jitter == 0
 
 
 def test_out_of_range_backbone_level_is_a_config_error() -> None:

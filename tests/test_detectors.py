@@ -37,6 +37,34 @@ def test_raw_ratio_and_scale_scores_have_known_values() -> None:
     assert torch.allclose(get_detector("ratio_scale1").score_from(o_in, o_g), torch.full((2,), 20.0))
 
 
+def test_typicality_flags_too_likely_and_too_unlikely_images_alike() -> None:
+    """|bits/dim − b̄|, Nalisnick et al.'s typicality test of one image; its map sums to it."""
+    bits = 64 * math.log(2)  # nats per bit/dim of an 8×8×1 image
+    likely = output([torch.full((1, 4, 4), -1.0 * bits / 16 + CONST / 16), torch.zeros(1, 2, 2)])
+    unlikely = output([torch.full((1, 4, 4), -5.0 * bits / 16 + CONST / 16), torch.zeros(1, 2, 2)])
+    det = get_detector("typicality")
+    for out, bpd in ((likely, 1.0), (unlikely, 5.0)):
+        assert out.bits_per_dim().item() == pytest.approx(bpd)
+        assert det.score_from(out, typical_bpd=3.0).item() == pytest.approx(2.0)  # 2 bits/dim off, either way
+        pixel_map = det.map_from(out, typical_bpd=3.0)
+        assert pixel_map.sum().item() == pytest.approx(2.0)
+    # pixels of a too-likely image: the likelier, the more anomalous (the sign of its deviation)
+    mixed = output(
+        [torch.linspace(-2.0, 0.0, 16).reshape(1, 4, 4) * bits / 16 + CONST / 16, torch.zeros(1, 2, 2)]
+    )
+    m = det.map_from(mixed, typical_bpd=3.0)[0]
+    assert m.sum().item() == pytest.approx(det.score_from(mixed, typical_bpd=3.0).item())
+    assert m[7, 7] == m.max() > m[0, 0] == m.min()  # the likeliest pixels score highest
+    with pytest.raises(ValueError, match=r"'typicality' needs the model's mean bits/dim .* got None"):
+        det.score_from(likely)
+    model = Glow(1, n_scales=2, n_steps=1, hidden=8)
+    with pytest.raises(ValueError, match=r"'typicality' needs .*GlowScorer\(typical_bpd=\.\.\.\)"):
+        GlowScorer(model).score(torch.zeros(1, 1, 8, 8), [det])
+    assert GlowScorer(model, typical_bpd=2.0).score(torch.zeros(1, 1, 8, 8), [det])["typicality"].shape == (
+        1,
+    )
+
+
 @pytest.mark.parametrize("name", ["raw", "ratio", "last_scale", "scale1", "ratio_scale2", "ratio_last_scale"])
 def test_map_sums_to_score_on_a_real_glow(name: str) -> None:
     torch.manual_seed(0)
@@ -73,10 +101,11 @@ def test_raw_likelihood_flags_images_unlike_the_fit_data() -> None:
 
 def test_non_finite_log_likelihoods_become_a_very_small_constant() -> None:
     finite, broken = two_scale(-10.0, -10.0, b=1), two_scale(-10.0, -math.inf, b=1)
-    nan = two_scale(math.nan, -10.0, b=1)
     raw = get_detector("raw").score_from(broken)
     assert torch.isfinite(raw).all() and raw.item() >= 0.99 * -MIN_LOG_PROB
-    assert torch.isfinite(get_detector("raw").score_from(nan)).all()
+    for bad in (math.nan, math.inf):  # any non-finite log p: the constant (DESIGN.md), not +1e12
+        score = get_detector("raw").score_from(two_scale(bad, -10.0, b=1))
+        assert score.item() == pytest.approx(-MIN_LOG_PROB)
     # in-dist model says −inf: maximally anomalous; general model says −inf: maximally normal
     assert get_detector("ratio").score_from(broken, finite).item() > 1e11
     assert get_detector("ratio").score_from(finite, broken).item() < -1e11
@@ -171,6 +200,11 @@ def test_levels_round_trip_and_refuse_dequantized_inputs() -> None:
     noisy[0, 0, 0, 0] = 9.1 / 256 - 0.5  # a tenth of a level off the midpoint, whatever the noise drew
     with pytest.raises(ValueError, match="not noise-free levels"):
         levels_from_input(noisy, 256)
+    for bad in (math.nan, math.inf):  # not a level either (NaN compares False to every bound)
+        x = to_model_input(torch.full((1, 1, 2, 2), 3, dtype=torch.uint8), 17, dequantize=False)
+        x[0, 0, 1, 1] = bad
+        with pytest.raises(ValueError, match="not noise-free levels"):
+            levels_from_input(x, 17)
     with pytest.raises(ValueError, match="n_bins=512"):
         levels_from_input(torch.zeros(1, 1, 2, 2), 512)
 
@@ -218,3 +252,25 @@ def test_a_batch_is_coded_once_per_coder(monkeypatch: pytest.MonkeyPatch) -> Non
     model.train()(x)
     GlowScorer(model).score_maps(x, [get_detector("complexity"), get_detector("complexity_webp")])
     assert sorted(calls) == ["png", "webp"]
+
+
+def test_upsampling_a_map_keeps_its_sentinels_whole_and_out_of_their_neighbours() -> None:
+    import torch.nn.functional as F
+
+    from densead.detectors.glow import SENTINEL_LIMIT, upsample_map, with_sentinels
+
+    m = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    plain = F.interpolate(m[:, None], size=(7, 11), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(upsample_map(m, (7, 11)), plain)  # no sentinel: plain bilinear
+    m[0, 1, 2] = -MIN_LOG_PROB
+    m[1, 0, 0] = MIN_LOG_PROB
+    for size in ((6, 10), (7, 11)):  # integer and fractional factors (a frame resized back)
+        up = upsample_map(m, size)
+        cells = F.interpolate((m.abs() >= SENTINEL_LIMIT).float()[:, None], size=size, mode="nearest-exact")
+        marked = up.abs() >= SENTINEL_LIMIT
+        assert torch.equal(marked, cells[:, 0] > 0) and marked[0].any() and marked[1].any()
+        assert (up[0][marked[0]] == -MIN_LOG_PROB).all() and (up[1][marked[1]] == MIN_LOG_PROB).all()
+        assert up[~marked].abs().max() <= m[m.abs() < SENTINEL_LIMIT].abs().max() + 1e-6
+    # an ensemble of layers: a sentinel in any layer is the ensemble's, the anomalous one first
+    layers = torch.tensor([[1.0, -MIN_LOG_PROB, MIN_LOG_PROB], [2.0, MIN_LOG_PROB, 3.0]], dtype=torch.float64)
+    assert with_sentinels(layers.mean(0), layers).tolist() == [1.5, -MIN_LOG_PROB, MIN_LOG_PROB]

@@ -140,7 +140,11 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
     report = run_experiment(cfg, progress=False).read_text()
     assert torch.is_grad_enabled()  # scoring leaves autograd as it found it (training may follow)
     model, _ = load_glow(out / "in_dist" / "checkpoint.pt")
-    expected, png_bits, complexity = {}, {}, {}
+    expected, png_bits, complexity, typicality = {}, {}, {}, {}
+    with torch.no_grad():  # typicality's reference: mean bits/dim on the in-distribution training images
+        train = load_image_set(cfg.in_dist, 17).images
+        typical = float(model(to_model_input(train, 17, dequantize=False)).bits_per_dim().double().mean())
+    assert f"|bits/dim of the in-distribution model − {typical:.3f}|" in report
     for name, dcfg in (("in_dist_test", cfg.in_dist_test), ("digit_0", cfg.anomalies["digit_0"])):
         images = load_image_set(dcfg, 17)
         with torch.no_grad():
@@ -159,6 +163,7 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
         png_bits[name] = float(code_length(images.images).mean()) / o.n_dims
         # complexity = log p_png − log p_in, from the PNG files' lengths and the model's log p
         complexity[name] = (-code_length(images.images) * math.log(2) - o.log_prob().double()).numpy()
+        typicality[name] = (o.bits_per_dim().double() - typical).abs().numpy()
     assert expected["digit_0"][0] < 2 * expected["in_dist_test"][0]  # same order: per dimension
     header = re.search(r"^\| model \| (.*) \|$", report, re.M).group(1).split(" | ")
     rows = {m: re.search(rf"^\| {m} \| (.*) \|$", report, re.M).group(1) for m in ("in_dist", "png")}
@@ -168,6 +173,7 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
         assert bpd[name] == pytest.approx(bits, abs=1e-3), name
         assert bpd_png[name] == pytest.approx(png_bits[name], abs=1e-3), name
         np.testing.assert_allclose(cols["complexity"][cols["set"] == name], complexity[name], rtol=1e-5)
+        np.testing.assert_allclose(cols["typicality"][cols["set"] == name], typicality[name], atol=1e-5)
         row = re.search(rf"^\| {name} \| (.*) \|$", report.split("share of")[1], re.M).group(1)
         cells = row.split(" | ")
         assert [float(c.split(" ")[0]) for c in cells[:-1]] == pytest.approx(scales, abs=1e-3), name

@@ -45,6 +45,7 @@ from densead.detectors.feature_density import (
     train_feature_flows,
     valid_feature_mask,
 )
+from densead.detectors.glow import MIN_LOG_PROB, SENTINEL_LIMIT
 from densead.features import FrozenFeatureExtractor
 from densead.metrics import PixelMetrics
 from densead.segmenter import SceneArrays, load_segmenter
@@ -413,6 +414,29 @@ def test_detector_maps_and_ensembles() -> None:
     assert (maps["density_min"] >= maps["density_mean"]).all()
     up = F.interpolate(feats["logits"], size=(16, 24), mode="bilinear", align_corners=False)
     assert torch.allclose(maps["msp"], msp_score(up))
+
+
+def test_a_non_finite_feature_stays_a_sentinel_in_every_density_map() -> None:
+    """A position without density is the sentinel over its whole cell, in its layer, the mean and the
+    min ensemble; scaled by 1/|μ| and blended bilinearly it would pass for a real score (and squeeze
+    every real one into a single float16 value of a dataset-wide rescale)."""
+    density, extractor = _fitted_toy()
+    density.set_normalization({"a": -3.0, "b": -5.0}, {"a": 1.0, "b": 1.0})
+    detector = DenseFeatureDetector(extractor, density)
+    x = torch.rand(2, 3, 16, 24)
+    clean, _ = detector.score_maps(x)
+    x[0, :, 4:8, 8:12] = math.inf  # one cell of tap "b" (stride 4): pooled to inf
+    maps, _ = detector.score_maps(x)
+    cell = torch.zeros(2, 16, 24, dtype=torch.bool)
+    cell[0, 4:8, 8:12] = True
+    for name in ("density_b", "density_mean", "density_min"):
+        assert torch.equal(maps[name].abs() >= SENTINEL_LIMIT, cell), name
+        assert (maps[name][cell] == -MIN_LOG_PROB).all(), name
+        real = maps[name][~cell]
+        assert real.abs().max() < 100, name  # no fraction of the sentinel leaked into a neighbour
+    # tap "a" (stride 2) sees the same inf pixels: its sentinels are exactly the cells it pooled them into
+    assert torch.equal(maps["density_a"].abs() >= SENTINEL_LIMIT, cell)
+    assert torch.equal(maps["density_b"][1], clean["density_b"][1])  # the other frame is untouched
 
 
 def test_sml_standardizes_the_max_logit_per_predicted_class() -> None:

@@ -20,6 +20,7 @@ from densead.flows import (
     flow_step,
     glow_coupling_net,
 )
+from densead.flows.layers import ACTNORM_EPS
 
 DTYPE = torch.float64
 
@@ -123,6 +124,19 @@ def test_actnorm_initializes_once_to_unit_statistics() -> None:
     bias = layer.bias.detach().clone()
     layer(torch.randn(8, 3, 5, 5, dtype=DTYPE))
     assert torch.equal(bias, layer.bias)
+
+
+@pytest.mark.parametrize("mean, std", [(100.0, 0.01), (-1000.0, 0.1), (10.0, 1e-3)])
+def test_actnorm_float32_init_keeps_a_small_spread_next_to_a_large_mean(mean: float, std: float) -> None:
+    """E[x²] − mean² in float32 loses every digit of a spread 1e4× below the mean; the init must not
+    (raw features, say, whose channels sit far from 0)."""
+    x = mean + std * torch.randn(64, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    layer = ActNorm(2).train()
+    y, _ = layer(x)
+    want = x.double().std(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(layer.log_scale.exp().double(), 1 / (want + ACTNORM_EPS), rtol=1e-5, atol=0)
+    spread = y.double().std(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(spread, want / (want + ACTNORM_EPS), rtol=1e-3, atol=0)
 
 
 def test_actnorm_refuses_to_initialize_from_an_empty_batch() -> None:
@@ -250,6 +264,9 @@ def test_glow_is_fully_convolutional_and_checks_input() -> None:
         glow(torch.zeros(1, 3, 36, 32))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         glow(torch.zeros(1, 1, 32, 32))
+    for empty in ((1, 3, 0, 8), (1, 3, 8, 0)):  # 0 is divisible by 8, but no image
+        with pytest.raises(ValueError, match=r"positive and divisible by 8.*\(1, 3, (0, 8|8, 0)\)"):
+            glow(torch.zeros(empty))
 
 
 def test_glow_sampling_inverts_prior_samples() -> None:

@@ -371,6 +371,31 @@ def test_set_and_name_columns_stay_text(evaluate: ModuleType, tmp_path: Path) ->
     assert {r["anomaly_set"] for r in metrics} == {"2"} and float(metrics[0]["auroc"]) == 1.0
 
 
+def test_set_names_with_commas_and_quotes_keep_their_csv_columns(
+    evaluate: ModuleType, tmp_path: Path, capsys
+) -> None:
+    odd = 'svhn, test "b"'  # a legal --set-name; score_images.py writes it quoted
+    scores = write_csv(tmp_path / "s.csv", HEADER, scores_rows("cif16") + scores_rows(odd, shift=50))
+    out = tmp_path / "eval"
+    args = [str(scores), "--in-set", "cif16", "--bootstrap", "100", "--compare", "raw", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    for name in ("metrics.csv", "differences.csv"):
+        rows = list(csv.reader((out / name).open()))
+        assert {len(r) for r in rows} == {len(rows[0])}, name
+        assert {r[rows[0].index("anomaly_set")] for r in rows[1:]} == {odd}, name
+    # a text column asked for as scores is named, not a float conversion error
+    err = eval_error(evaluate, capsys, tmp_path / "e2", [scores], "--in-set", "cif16", "--detectors", "set")
+    assert "s.csv: column(s) ['set'] hold set and image names, not scores" in err
+    # a detector named twice is evaluated once; one whose name is a path writes nothing
+    args = [str(scores), "--in-set", "cif16", "--detectors", "raw", "raw", "--out", str(tmp_path / "e3")]
+    assert evaluate.main(args) == 0
+    assert [r["detector"] for r in csv.DictReader((tmp_path / "e3" / "metrics.csv").open())] == ["raw"]
+    pathy = write_csv(tmp_path / "p.csv", [*HEADER, "../up"], [[*r, 1.0 * r[1]] for r in scores_rows("a")])
+    write_csv(tmp_path / "q.csv", [*HEADER, "../up"], [[*r, 5.0 + r[1]] for r in scores_rows("b")])
+    err = eval_error(evaluate, capsys, tmp_path / "e4", [pathy, tmp_path / "q.csv"], "--in-set", "a")
+    assert "detector name(s) ['../up'] hold a path separator" in err
+
+
 def test_columns_in_another_order_are_aligned_by_name(tmp_path: Path) -> None:
     a = write_csv(tmp_path / "a.csv", HEADER, scores_rows("cif16"))
     order = [5, 3, 0, 4, 2, 1]

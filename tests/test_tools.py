@@ -261,6 +261,49 @@ def test_a_checkpoint_that_is_a_folder_or_no_torch_file_is_named_as_such(tmp_pat
         load_checkpoint(tmp_path / "run.yaml")
 
 
+def test_score_images_typicality_against_the_training_images_mean(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for name, digit in (("ones", 1), ("twos", 2)):
+        keep = digits.target == digit
+        np.savez(tmp_path / f"{name}.npz", images=digits.images[keep][:20].astype(np.uint8))
+
+    def score(name: str, *extra: str, ok: bool = True) -> subprocess.CompletedProcess:
+        args = ["--checkpoint", str(trained["in"]), "--input", str(tmp_path / f"{name}.npz")]
+        out = ["--out", str(tmp_path / f"{name}.csv"), "--no-progress", *extra]
+        return run_tool("tools/score_images.py", *args, *out, ok=ok)
+
+    def column(name: str, key: str) -> np.ndarray:
+        with (tmp_path / f"{name}.csv").open() as f:
+            return np.array([float(r[key]) for r in csv.DictReader(f)])
+
+    score("twos", "--detector", "raw")  # b̄ by hand: the mean bits/dim of the "training" twos
+    mean_bpd = float(np.mean(column("twos", "raw") / (64 * math.log(2))))
+    proc = score("ones", "--detector", "raw,typicality", "--typical-set", str(tmp_path / "twos.npz"))
+    assert f"typicality: mean bits/dim {mean_bpd:.4f} on 20 images" in proc.stdout
+    expected = np.abs(column("ones", "raw") / (64 * math.log(2)) - mean_bpd)
+    np.testing.assert_allclose(column("ones", "typicality"), expected, rtol=0, atol=1e-5)
+    score("ones", "--detector", "typicality", "--typical-bpd", repr(mean_bpd))
+    np.testing.assert_allclose(column("ones", "typicality"), expected, rtol=0, atol=1e-5)
+    for extra, message in (
+        (["--detector", "typicality"], "needs --typical-set (the model's training images) or --typical-bpd"),
+        (
+            ["--detector", "raw", "--typical-bpd", "3"],
+            "--typical-set / --typical-bpd are for --detector typicality",
+        ),
+        (
+            ["--detector", "typicality", "--typical-bpd", "nan"],
+            "--typical-bpd must be a finite number, got nan",
+        ),
+        (["--detector", "typicality", "--typical-set", str(tmp_path / "no.npz")], "--typical-set not found"),
+    ):
+        proc = score("ones", *extra, ok=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
 def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
@@ -373,7 +416,8 @@ def test_run_experiment_report_and_resume(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0, name
     for stage in ("general", "in_dist", "in_dist_outlier", "general_outlier"):
         assert (out / stage / "checkpoint.pt").is_file(), stage
-    assert len(list((out / "heatmaps" / "digit_0").glob("*.png"))) == 2 * 4
+    # 2 images × raw, last scale, Diff, Diff† and typicality (complexity: raw's map, shifted)
+    assert len(list((out / "heatmaps" / "digit_0").glob("*.png"))) == 2 * 5
 
     # The report's numbers, intervals and paired differences are recomputed from scores.csv by
     # tools/evaluate.py exactly (the report's command line says how).

@@ -285,3 +285,19 @@ def test_plots_leave_global_backend_and_pyplot_alone(tmp_path: Path) -> None:
         assert cv2.imread(str(tmp_path / "r.png")) is not None  # still a real PNG
     finally:
         matplotlib.use(before)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        1e8 + np.array([0.0, 1.5e-8, 3e-8]),  # 3 distinct floats: no 50 bins between them
+        np.array([-1e308, 0.0, 1e308]),  # a range beyond the largest float
+    ],
+)
+def test_histograms_of_ranges_numpy_cannot_bin(monkeypatch: pytest.MonkeyPatch, values: np.ndarray) -> None:
+    figures = capture_figures(monkeypatch)
+    plot_score_histograms("unused.png", {"in": values[:2], "out": values[1:]}, bins=50)
+    (ax,) = figures[0].axes
+    for patch in (p for p in ax.patches if p.get_fill()):
+        xs = patch.get_xy()[:, 0]
+        assert xs.min() == values.min() and xs.max() == values.max()  # every value in a bin

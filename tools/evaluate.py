@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for metrics.csv, metrics.md and plots")
     add_bootstrap_flags(p, "differences.csv")
     args = p.parse_args(argv)
+    for key in ("detectors", "anomaly_sets"):  # each once: a repeat would repeat rows and plots
+        if getattr(args, key):
+            setattr(args, key, list(dict.fromkeys(getattr(args, key))))
     with tool_errors(p):  # input errors: one line, exit status 2; SIGTERM runs the cleanups (densead.cli)
         # Everything is checked before anything is written.
         bootstrap = bootstrap_of(p, args)

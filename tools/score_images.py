@@ -9,7 +9,8 @@ torchvision set (``--dataset svhn --root data/ --split test [--download]``).
 Scores: higher = more anomalous. Detectors: raw, ratio (Diff), last_scale (4x4),
 scale<i>, ratio_scale<i>, ratio_last_scale, complexity and complexity_webp (a PNG or lossless
 WebP coder as the general distribution, Serrà et al. 2020: no --general, image scores only, no
-heatmap). --heatmaps DIR: <image
+heatmap), typicality (|bits/dim − their mean on the model's training images|, Nalisnick et al.
+2019: --typical-set or --typical-bpd; image scores only). --heatmaps DIR: <image
 name>_<detector>.png per image (the first --n-heatmaps) and heatmaps.json saying how they were
 made; DIR is new, empty, or one an earlier --heatmaps run wrote, replaced whole once the scores
 are written (under torchrun too).
@@ -49,8 +50,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from densead import distributed as dist
@@ -62,7 +65,7 @@ from densead.dense import RoadSource
 from densead.dense_scoring import MapRescale, score_road_dataset
 from densead.detectors import GlowScorer, get_detector
 from densead.io import check_heatmap_folder, check_output_dir, staged_heatmaps
-from densead.scoring import image_names, score_image_set, write_scores_csv
+from densead.scoring import image_names, score_image_set, typical_bits_per_dim, write_scores_csv
 from densead.train import load_glow, resolve_device
 
 
@@ -94,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="images per batch (default 256; road mode: frames, 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    typ = p.add_argument_group("typicality (images only)").add_mutually_exclusive_group()
+    typ.add_argument(
+        "--typical-set",
+        help="an .npz file or image folder of the --checkpoint model's training images (shaped by --size and "
+        "--resize): their mean bits/dim is typicality's reference",
+    )
+    typ.add_argument("--typical-bpd", type=float, help="that mean bits/dim, known (e.g. from an experiment)")
     road = p.add_argument_group("road mode (--road)")
     road.add_argument("--held-out", help="CamVid classes labelled anomaly (default: Pedestrian,Bicyclist)")
     road.add_argument("--void", help="CamVid classes labelled void (default: Unlabelled)")
@@ -136,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         if not [name for name in args.detector.split(",") if name.strip()]:
             p.error(f"--detector names no detector: {args.detector!r}")
         if args.road:
+            for flag in ("typical_set", "typical_bpd"):
+                if getattr(args, flag) is not None:
+                    flag = flag.replace("_", "-")
+                    p.error(f"--{flag} is for image scoring (typicality scores whole images)")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 p.error("road mode runs in one process; torchrun is supported for image scoring")
             return _road_main(p, args)
@@ -157,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--classes must be comma-separated integer labels, got {args.classes!r}")
         if any(d.needs_general for d in detectors) and not args.general:
             p.error(f"detector(s) {[d.name for d in detectors if d.needs_general]} need --general")
+        typical_wanted = any(d.typical for d in detectors)
+        if typical_wanted and args.typical_set is None and args.typical_bpd is None:
+            p.error(
+                "detector 'typicality' needs --typical-set (the model's training images) or --typical-bpd"
+            )
+        if not typical_wanted and (args.typical_set is not None or args.typical_bpd is not None):
+            p.error("--typical-set / --typical-bpd are for --detector typicality")
+        if args.typical_bpd is not None and not math.isfinite(args.typical_bpd):
+            p.error(f"--typical-bpd must be a finite number, got {args.typical_bpd}")
 
         device = dist.init_from_env(resolve_device(args.device, "--device"))
         model, mcfg = load_glow(args.checkpoint, device)
@@ -165,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             scorer = GlowScorer(model, general)
         except ValueError as err:
             p.error(f"--general {args.general} does not fit --checkpoint {args.checkpoint}: {err}")
-        try:  # scales that exist (in both models, for scale-wise ratios)
-            scorer.check_detectors(detectors)
+        try:  # scales that exist (in both models, for scale-wise ratios); typicality's flags: above
+            scorer.check_detectors([d for d in detectors if not d.typical])
         except ValueError as err:
             with_general = f" with --general {args.general}" if args.general else ""
             p.error(f"--checkpoint {args.checkpoint}{with_general}: {err}")
@@ -194,6 +217,20 @@ def main(argv: list[str] | None = None) -> int:
             resize=args.resize,
         )
         images = load_image_set(dcfg, mcfg.n_bins, set_name)
+        if args.typical_set is not None:
+            typical = Path(args.typical_set)
+            if not typical.exists():
+                p.error(f"--typical-set not found: {typical}")
+            kind = "npz" if typical.is_file() else "folder"
+            tcfg = replace(dcfg, source=kind, path=str(typical), classes=())
+            train_images = load_image_set(tcfg, mcfg.n_bins, "--typical-set")
+            progress = not args.no_progress and dist.is_main()
+            scorer.typical_bpd = typical_bits_per_dim(model, train_images, args.batch_size, device, progress)
+            if dist.is_main():
+                n = len(train_images)
+                print(f"typicality: mean bits/dim {scorer.typical_bpd:.4f} on {n} images of {typical}")
+        elif args.typical_bpd is not None:
+            scorer.typical_bpd = args.typical_bpd
         record = {
             "checkpoint": str(Path(args.checkpoint).resolve()),
             "general": str(Path(args.general).resolve()) if args.general else None,
@@ -202,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             "detectors": [d.name for d in detectors if d.per_pixel],  # complexity: no heat map
             "images": len(images),
             "images_shown": min(len(images), args.n_heatmaps or len(images)),
+            "typical_bpd": scorer.typical_bpd,
             "files": "<image name>_<detector>.png",
         }
         # Heat maps go to a hidden folder that replaces --heatmaps only once the scores are written.

@@ -40,7 +40,10 @@ class ImageSet:
     images: Tensor
     labels: Tensor
     name: str
-    names: tuple[str, ...] = ()  # per-image names (file paths for folders), empty if unnamed
+    # Per-image names: file paths for folders, else the index in the source file or dataset
+    # (``00017``: after slicing and class filters, still the image's place in its source);
+    # empty for a mix whose parts' names would repeat.
+    names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -217,6 +220,12 @@ def _load_sklearn_photo_patches(cfg: DataConfig) -> _Raw:
     if cfg.n_patches <= 0 or cfg.patch_size <= 0:
         raise ValueError("sklearn_photo_patches needs n_patches > 0 and patch_size > 0")
     photos = load_sample_images().images
+    smallest = min(min(p.shape[:2]) for p in photos)
+    if cfg.patch_size > smallest:
+        raise ValueError(
+            f"sklearn_photo_patches: patch_size {cfg.patch_size} is larger than the photos "
+            f"({smallest} pixels on their short side)"
+        )
     rng = np.random.default_rng(cfg.seed)
     which = rng.integers(0, len(photos), cfg.n_patches)
     patches = []
@@ -311,7 +320,7 @@ def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageS
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{name}: {err}" if name else str(err)) from None
     images, labels = raw.images, raw.labels
-    names = raw.names if raw.names is not None else np.asarray([], dtype=str)
+    names = raw.names if raw.names is not None else np.asarray([f"{i:05d}" for i in range(len(raw.images))])
     stop = cfg.stop or len(images)
     images, labels = images[cfg.start : stop], labels[cfg.start : stop]
     names = names[cfg.start : stop]
@@ -321,17 +330,22 @@ def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageS
     if cfg.exclude_classes:
         keep &= ~np.isin(labels, cfg.exclude_classes)
     images, labels = images[keep], labels[keep]
-    names = names[keep] if len(names) else names
+    names = names[keep]
     if len(images) == 0:
         raise ValueError(
             f"{name or cfg.source} ({cfg.path or cfg.source}): no images left after slicing/filtering"
         )
-    if cfg.rotations:
-        images, labels = _all_rotations(images), np.tile(labels, 8)
-        names = np.asarray([f"{n}_sym{k}" for k in range(8) for n in names])
     images = _to_channels(images, cfg.channels)
     where = name or cfg.path or cfg.source
     images = np.stack([_fit(img, cfg, where) for img in images])
+    if cfg.rotations:  # of the fitted images: a non-square one would not stack with its rotations
+        if images.shape[1] != images.shape[2]:
+            raise ValueError(
+                f"{where}: rotations need square images, these are {images.shape[1]}×{images.shape[2]}; "
+                "set size (with resize: pad or resize)"
+            )
+        images, labels = _all_rotations(images), np.tile(labels, 8)
+        names = np.asarray([f"{n}_sym{k}" for k in range(8) for n in names])
     images = _quantize(images, raw.levels, n_bins)
     tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     result = ImageSet(tensor, torch.from_numpy(labels.copy()), name or cfg.source, tuple(names.tolist()))
@@ -342,11 +356,11 @@ def load_image_set(cfg: DataConfig, n_bins: int = 256, name: str = "") -> ImageS
                 f"{result.name}.mix[{i}]: images of shape {tuple(part.images.shape[1:])} do not match "
                 f"{tuple(result.images.shape[1:])}; set channels and size alike"
             )
-        both_named = bool(result.names) and bool(part.names)
+        names = result.names + part.names
         result = ImageSet(
             torch.cat([result.images, part.images]),
             torch.cat([result.labels, part.labels]),
             result.name,
-            result.names + part.names if both_named else (),
+            names if result.names and part.names and len(set(names)) == len(names) else (),
         )
     return result

@@ -17,7 +17,7 @@ __all__ = ["AUGMENTATIONS", "augment_batch", "to_model_input", "to_uint8"]
 # Paper S4: translations of up to 10% of the image size.
 MAX_TRANSLATION = 0.1
 
-AUGMENTATIONS = ("none", "translate", "flip_translate")
+AUGMENTATIONS = ("none", "translate", "flip", "flip_translate")
 
 
 def to_model_input(
@@ -39,7 +39,8 @@ def to_uint8(x: Tensor, n_bins: int) -> Tensor:
 
 
 def augment_batch(images: Tensor, mode: str, generator: torch.Generator | None = None) -> Tensor:
-    """Random translation ≤ 10% (reflect padding) and, for ``flip_translate``, horizontal flips.
+    """Random translation ≤ 10%, at least a pixel (reflect padding; ``translate``), horizontal flips
+    (``flip``), or both (``flip_translate``).
 
     Args:
         images: ``(B, C, H, W)`` uint8 (or float) batch.
@@ -52,10 +53,13 @@ def augment_batch(images: Tensor, mode: str, generator: torch.Generator | None =
         return images
     b, _, h, w = images.shape
     device = images.device
-    if mode == "flip_translate":
+    if mode in ("flip", "flip_translate"):
         flip = torch.rand(b, generator=generator, device=device) < 0.5
         images = torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
-    mh, mw = int(MAX_TRANSLATION * h), int(MAX_TRANSLATION * w)
+    if mode == "flip":
+        return images
+    # 10% of 8 pixels rounds down to none: a translation is at least a pixel (none of a 1-pixel side)
+    mh, mw = (max(1, int(MAX_TRANSLATION * n)) if n > 1 else 0 for n in (h, w))
     if mh == 0 and mw == 0:
         return images
     # Reflect padding needs a float tensor; uint8 values survive the round trip exactly.

@@ -109,7 +109,7 @@ def levels_from_input(x: Tensor, n_bins: int) -> Tensor:
         raise ValueError(f"a code length needs 2…256 quantization levels, the model has n_bins={n_bins}")
     scaled = (x.detach().double() + 0.5) * n_bins - 0.5
     levels = scaled.round()
-    off = levels.numel() and (scaled - levels).abs().max() > 0.25
+    off = levels.numel() and not ((scaled - levels).abs().max() <= 0.25)  # NaN is off too
     if off or (levels.numel() and (levels.min() < 0 or levels.max() >= n_bins)):
         raise ValueError(
             "complexity: the model inputs are not noise-free levels ((k + 0.5)/n_bins − 0.5 for "

@@ -88,7 +88,7 @@ from densead.config import (
 )
 from densead.data.outliers import OutlierPasteConfig, PhotoPaster
 from densead.data.road import ANOMALY, INLIER, VOID
-from densead.detectors.glow import MIN_LOG_PROB
+from densead.detectors.glow import MIN_LOG_PROB, SENTINEL_LIMIT, upsample_map, with_sentinels
 from densead.features import FrozenFeatureExtractor
 from densead.flows import ActNorm, FeatureFlow
 from densead.io import (
@@ -630,7 +630,7 @@ class FeatureDensity(nn.Module):
         out = {}
         for name in self.names:
             lp = self.log_prob_map(name, features[name])
-            out[name] = torch.nan_to_num(lp, nan=MIN_LOG_PROB, posinf=-MIN_LOG_PROB, neginf=MIN_LOG_PROB)
+            out[name] = torch.nan_to_num(lp, nan=MIN_LOG_PROB, posinf=MIN_LOG_PROB, neginf=MIN_LOG_PROB)
         return out
 
     @property
@@ -816,16 +816,16 @@ class DenseFeatureDetector:
         feats = self.extractor(x)
         size = x.shape[-2:]
         logits = frame_logits(feats[LOGITS_TAP], size)
-        scores = self.density.normalized_scores(self.density.log_prob_maps(feats), self.normalization)
-        layer_maps = {
-            f"density_{n}": F.interpolate(
-                s[:, None].float(), size=size, mode="bilinear", align_corners=False
-            )[:, 0]
-            for n, s in scores.items()
-        }
+        log_probs = self.density.log_prob_maps(feats)
+        scores = self.density.normalized_scores(log_probs, self.normalization)
+        layer_maps = {}
+        for n, s in scores.items():
+            lp = log_probs[n]  # a non-finite one's sentinel stays one, not divided by |μ|
+            s = torch.where(lp <= -SENTINEL_LIMIT, -MIN_LOG_PROB, s)
+            layer_maps[f"density_{n}"] = upsample_map(s, size)
         stacked = torch.stack(list(layer_maps.values()))
         out = dict(layer_maps)
-        out["density_mean"] = stacked.mean(dim=0)
+        out["density_mean"] = with_sentinels(stacked.mean(dim=0), stacked)
         out["density_min"] = stacked.amax(dim=0)  # min normalized log-likelihood = max score
         out.update({name: fn(logits) for name, fn in BASELINES.items()})
         if self.max_logit_stats is not None:

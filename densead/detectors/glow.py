@@ -15,36 +15,86 @@ so ``score == map.sum()`` for every detector. Higher = more anomalous.
 | ``complexity`` | ``−L_PNG(x)·ln 2 − log p_in(x)`` | the ratio with a PNG coder as the general
   distribution (Serrà et al. 2020, :mod:`densead.detectors.complexity`) |
 | ``complexity_webp`` | ``−L_WebP(x)·ln 2 − log p_in(x)`` | the same with WebP lossless |
+| ``typicality`` | ``|bpd_in(x) − b̄|`` | typicality test with one image (Nalisnick et al. 2019):
+  ``b̄``, the model's mean bits/dim on its training images |
 
 ``complexity`` (and ``complexity_webp``) needs the image itself (its quantization levels)
 besides the Glow output; its code length is one number per image, so its map spreads ``−L·ln 2``
 evenly over the pixels (the map ranks pixels as ``raw``'s does) and it has no place in per-pixel
 evaluation.
+
+``typicality`` flags images the model finds too likely as well as too unlikely (digits under a
+model of clothes or photos: a higher likelihood than the training images ever get). It needs
+``b̄`` (``typical_bpd``: :func:`densead.scoring.typical_bits_per_dim`). Its map is each pixel's
+bits/dim less ``b̄``'s even share, times the sign of the image's deviation: it sums to the score.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from densead.detectors.complexity import CODERS, CodedImages, levels_from_input
 from densead.flows import Glow, GlowOutput, GraphedCall, apply_fast_path, resolve_fast_path
 
-__all__ = ["DETECTORS", "GlowDetector", "GlowScorer", "MIN_LOG_PROB", "get_detector"]
+__all__ = [
+    "DETECTORS",
+    "MIN_LOG_PROB",
+    "SENTINEL_LIMIT",
+    "GlowDetector",
+    "GlowScorer",
+    "get_detector",
+    "upsample_map",
+    "with_sentinels",
+]
 
 # Paper S4.5: non-finite log-likelihoods are replaced by a very small constant
 # before taking differences, so a model that assigns −inf still ranks the
 # image as maximally unlikely instead of producing NaN scores.
 MIN_LOG_PROB = -1e12
+# Map values at or beyond this magnitude are such stand-ins (for a pixel's non-finite
+# log-density), not scores: whatever rescales, spreads, averages or upsamples maps keeps them
+# intact (:func:`with_sentinels`), and dense scoring leaves them out of its ranges and statistics.
+SENTINEL_LIMIT = 0.5 * abs(MIN_LOG_PROB)
+
+
+def with_sentinels(value: Tensor, parts: Tensor) -> Tensor:
+    """``value`` where no part holds a sentinel; ``−MIN_LOG_PROB`` (most anomalous) where one
+    holds it, else ``MIN_LOG_PROB`` where one holds that. ``parts``: ``(n, *value.shape)``, what
+    ``value`` was computed from (say, the layer maps a mean of them)."""
+    high = (parts >= SENTINEL_LIMIT).any(dim=0)
+    low = (parts <= -SENTINEL_LIMIT).any(dim=0)
+    return torch.where(high, -MIN_LOG_PROB, torch.where(low, MIN_LOG_PROB, value))
+
+
+def upsample_map(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(B, h, w)`` maps bilinearly at ``size`` (``align_corners=False``), float32, sentinels kept:
+    a sentinel covers its cell's pixels (nearest neighbour) and is not blended into its neighbours,
+    which blend with the frame's largest real value instead (the cell is the most anomalous there
+    when its sentinel is ``−MIN_LOG_PROB``, the usual one)."""
+    m = m.float()
+
+    def bilinear(t: Tensor) -> Tensor:
+        return F.interpolate(t[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    marked = m.abs() >= SENTINEL_LIMIT
+    if not bool(marked.any()):
+        return bilinear(m)
+    top = m.masked_fill(marked, -math.inf).amax(dim=(1, 2), keepdim=True)
+    smooth = bilinear(torch.where(marked, torch.nan_to_num(top, neginf=0.0), m))  # 0: sentinels only
+    marks = F.interpolate(torch.where(marked, m, 0.0)[:, None], size=size, mode="nearest-exact")[:, 0]
+    return torch.where(marks != 0, marks, smooth)
 
 
 def _finite(t: Tensor) -> Tensor:
-    return torch.nan_to_num(t, nan=MIN_LOG_PROB, posinf=-MIN_LOG_PROB, neginf=MIN_LOG_PROB)
+    return torch.nan_to_num(t, nan=MIN_LOG_PROB, posinf=MIN_LOG_PROB, neginf=MIN_LOG_PROB)
 
 
 @dataclass(frozen=True)
@@ -59,12 +109,15 @@ class GlowDetector:
         compressor: the general distribution is this lossless coder (a key of
             :data:`~densead.detectors.complexity.CODERS`; ``complexity``): scoring needs the
             images' quantization levels.
+        typical: the distance of bits/dim to the training images' mean (``typicality``):
+            scoring needs that mean (``typical_bpd``).
     """
 
     name: str
     needs_general: bool
     scale: int | None = None
     compressor: str | None = None
+    typical: bool = False
 
     def __post_init__(self) -> None:
         if self.compressor is not None and self.compressor not in CODERS:
@@ -93,11 +146,20 @@ class GlowDetector:
         return self._log_density_map(out).sum(dim=(-2, -1))
 
     def _check(
-        self, out_in: GlowOutput, general: GlowOutput | None, levels: Tensor | CodedImages | None
+        self,
+        out_in: GlowOutput,
+        general: GlowOutput | None,
+        levels: Tensor | CodedImages | None,
+        typical_bpd: float | None,
     ) -> CodedImages | None:
         """Raise a ValueError for what the detector lacks; the levels as :class:`CodedImages`."""
         if self.needs_general and general is None:
             raise ValueError(f"detector {self.name!r} needs a general-distribution model (--general)")
+        if self.typical and (typical_bpd is None or not math.isfinite(typical_bpd)):
+            raise ValueError(
+                f"detector {self.name!r} needs the model's mean bits/dim on its training images "
+                f"(typical_bpd, got {typical_bpd}; tools/score_images.py --typical-set)"
+            )
         if self.compressor is None:
             return None
         if levels is None:
@@ -112,13 +174,21 @@ class GlowDetector:
         return coded
 
     def score_from(
-        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | CodedImages | None = None
+        self,
+        out_in: GlowOutput,
+        out_g: GlowOutput | None = None,
+        levels: Tensor | CodedImages | None = None,
+        typical_bpd: float | None = None,
     ) -> Tensor:
         """``(B,)`` scores, higher = more anomalous. ``levels``: the ``(B, C, H, W)`` uint8
         images (quantization levels) the outputs are of, or them as :class:`CodedImages` (coded once
-        for every detector and call that shares it); only ``complexity`` needs them."""
-        coded = self._check(out_in, out_g, levels)
+        for every detector and call that shares it); only ``complexity`` needs them.
+        ``typical_bpd``: the model's mean bits/dim on its training images; only ``typicality``
+        needs it."""
+        coded = self._check(out_in, out_g, levels, typical_bpd)
         lp_in = _finite(self._log_density(out_in))
+        if self.typical:
+            return (-lp_in / (out_in.n_dims * math.log(2)) - typical_bpd).abs()
         if coded is not None:
             return coded.log_prob(self.compressor).to(lp_in) - lp_in
         if not self.needs_general:
@@ -126,13 +196,23 @@ class GlowDetector:
         return _finite(self._log_density(out_g)) - lp_in
 
     def map_from(
-        self, out_in: GlowOutput, out_g: GlowOutput | None = None, levels: Tensor | CodedImages | None = None
+        self,
+        out_in: GlowOutput,
+        out_g: GlowOutput | None = None,
+        levels: Tensor | CodedImages | None = None,
+        typical_bpd: float | None = None,
     ) -> Tensor:
-        """``(B, H, W)`` pixel maps, higher = more anomalous; they sum to :meth:`score_from`."""
-        coded = self._check(out_in, out_g, levels)
+        """``(B, H, W)`` pixel maps, higher = more anomalous; they sum to :meth:`score_from` where the
+        log-densities are finite. A non-finite one becomes the sentinel (``−MIN_LOG_PROB``) at every
+        pixel it covers, once in the score: a pixel's stand-in for "no density" is never divided
+        among the pixels (dense scoring recognizes sentinels by their magnitude)."""
+        coded = self._check(out_in, out_g, levels, typical_bpd)
         m_in = _finite(self._log_density_map(out_in))
+        h, w = m_in.shape[-2:]
+        if self.typical:  # each pixel's bits/dim less its share of the mean, signed as the image's
+            bits = -m_in / (out_in.n_dims * math.log(2)) - typical_bpd / (h * w)
+            return bits * bits.sum(dim=(-2, -1)).sign()[:, None, None]
         if coded is not None:  # one code length per image: spread evenly
-            h, w = m_in.shape[-2:]
             return (coded.log_prob(self.compressor).to(m_in) / (h * w))[:, None, None] - m_in
         if not self.needs_general:
             return -m_in
@@ -146,6 +226,7 @@ DETECTORS: dict[str, GlowDetector] = {
     "ratio_last_scale": GlowDetector("ratio_last_scale", needs_general=True, scale=-1),
     "complexity": GlowDetector("complexity", needs_general=False, compressor="png"),
     "complexity_webp": GlowDetector("complexity_webp", needs_general=False, compressor="webp"),
+    "typicality": GlowDetector("typicality", needs_general=False, typical=True),
 }
 
 
@@ -199,10 +280,17 @@ class GlowScorer:
             from a CUDA graph for batches of the first full batch's shape (other
             shapes, such as the last batch, run eagerly); outputs are copied out
             of the graph, so every call's results stay valid.
+        typical_bpd: ``model``'s mean bits/dim on its training images, for ``typicality``
+            (:func:`densead.scoring.typical_bits_per_dim`).
     """
 
     def __init__(
-        self, model: Glow, general: Glow | None = None, amp: bool = False, fast: str = "auto"
+        self,
+        model: Glow,
+        general: Glow | None = None,
+        amp: bool = False,
+        fast: str = "auto",
+        typical_bpd: float | None = None,
     ) -> None:
         if general is not None:
             for attr in ("in_channels", "n_bins"):
@@ -214,6 +302,7 @@ class GlowScorer:
         self.model = model.eval()
         self.general = general.eval() if general is not None else None
         self.amp = amp
+        self.typical_bpd = typical_bpd
         levers = resolve_fast_path(fast, next(model.parameters()).device, allow_compile=False)
         for m in (self.model, self.general):
             if m is not None:
@@ -251,6 +340,11 @@ class GlowScorer:
         for d in detectors:
             if d.needs_general and self.general is None:
                 raise ValueError(f"detector {d.name!r} needs a general-distribution model (--general)")
+            if d.typical and self.typical_bpd is None:
+                raise ValueError(
+                    f"detector {d.name!r} needs the model's mean bits/dim on its training images "
+                    "(GlowScorer(typical_bpd=...); tools/score_images.py --typical-set)"
+                )
             if d.scale is None:
                 continue
             if not (1 <= d.scale <= n or -n <= d.scale <= -1):
@@ -273,11 +367,12 @@ class GlowScorer:
         self.check_detectors(detectors)
         levels = self._levels(x, detectors)
         outs = self.outputs(x, any(d.needs_general for d in detectors))
-        return {d.name: d.score_from(*outs, levels) for d in detectors}
+        return {d.name: d.score_from(*outs, levels, self.typical_bpd) for d in detectors}
 
     def score_maps(self, x: Tensor, detectors: list[GlowDetector]) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: ((B,) scores, (B, H, W) maps)}`` from one pass of each model."""
         self.check_detectors(detectors)
         levels = self._levels(x, detectors)
         outs = self.outputs(x, any(d.needs_general for d in detectors))
-        return {d.name: (d.score_from(*outs, levels), d.map_from(*outs, levels)) for d in detectors}
+        t = self.typical_bpd
+        return {d.name: (d.score_from(*outs, levels, t), d.map_from(*outs, levels, t)) for d in detectors}

@@ -235,11 +235,12 @@ def on_side_stream(fn: Callable[[], object]) -> object:
 class GraphedCall:
     """``fn`` on fixed-shape CUDA tensors, captured once as a CUDA graph and replayed.
 
-    For inference (``fn`` runs under ``torch.no_grad``): the first ``warmup``
-    calls run ``fn`` eagerly on a side stream, the next captures it, and every
-    call after copies its inputs into the graph's static inputs and replays. The
-    returned outputs are the graph's static tensors: they are overwritten by the
-    next call (clone what you keep). Inputs of another shape run ``fn`` eagerly.
+    For inference (``fn`` runs under ``torch.no_grad``): the graph is of the first call's
+    inputs (shapes, dtypes, devices; a data set's first batch is a full one). The first
+    ``warmup`` calls of those run ``fn`` eagerly on a side stream, the next captures it, and
+    every call after copies its inputs into the graph's static inputs and replays. The
+    returned outputs are the graph's static tensors: they are overwritten by the next call
+    (clone what you keep). Inputs of another shape (a last, partial batch) run ``fn`` eagerly.
     CUDA only.
     """
 
@@ -247,6 +248,7 @@ class GraphedCall:
         if warmup < 1:
             raise ValueError(f"GraphedCall: warmup must be at least 1, got {warmup}")
         self.fn, self.warmup, self.calls = fn, warmup, 0
+        self.signature: list[tuple] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> object:
@@ -254,19 +256,20 @@ class GraphedCall:
             raise ValueError(
                 f"GraphedCall: inputs must be CUDA tensors, got {[str(t.device) for t in inputs]}"
             )
-        self.calls += 1
-        shapes = [t.shape for t in inputs]
+        signature = [(t.shape, t.dtype, t.device) for t in inputs]
+        if self.signature is None:
+            self.signature = signature
         with torch.no_grad():
+            if signature != self.signature:
+                return self.fn(*inputs)
+            self.calls += 1
             if self.graph is None and self.calls <= self.warmup:
                 return on_side_stream(lambda: self.fn(*inputs))
             if self.graph is None:
                 self.static_inputs = [t.clone() for t in inputs]
-                self.shapes = shapes
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
                     self.static_out = self.fn(*self.static_inputs)
-            if shapes != self.shapes:
-                return self.fn(*inputs)
             for static, t in zip(self.static_inputs, inputs, strict=True):
                 static.copy_(t)
             self.graph.replay()

@@ -316,10 +316,10 @@ class Glow(nn.Module):
         :func:`densead.data.transforms.to_model_input`.
         """
         factor = 2**self.n_scales
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels or any(n < 1 or n % factor for n in x.shape[2:]):
             raise ValueError(
-                f"Glow expects input (B, {self.in_channels}, H, W) with H and W divisible by {factor}, "
-                f"got shape {tuple(x.shape)}"
+                f"Glow expects input (B, {self.in_channels}, H, W) with H and W positive and divisible by "
+                f"{factor}, got shape {tuple(x.shape)}"
             )
         dtype = next(self.parameters()).dtype
         if x.dtype != dtype:

@@ -50,6 +50,18 @@ def _per_position(value: Tensor, like: Tensor) -> Tensor:
     return value.to(logdet_dtype(like)).expand(b, h, w)
 
 
+def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``E[x]`` and ``E[x²]`` of ``(B, C, H, W)``, averaged over every process."""
+    mean = x.mean(dim=(0, 2, 3))
+    sq = (x * x).mean(dim=(0, 2, 3))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        stats = torch.stack([mean, sq])
+        torch.distributed.all_reduce(stats)
+        stats /= torch.distributed.get_world_size()
+        mean, sq = stats[0], stats[1]
+    return mean, sq
+
+
 class ActNorm(FlowLayer):
     """Per-channel affine map ``y = (x + b) · exp(log_s)`` with data-dependent init.
 
@@ -87,15 +99,16 @@ class ActNorm(FlowLayer):
             raise ValueError(
                 f"ActNorm's data-dependent init needs a non-empty first training batch, got {tuple(x.shape)}"
             )
-        xf = x.detach().to(self.bias.dtype)
-        mean = xf.mean(dim=(0, 2, 3))
-        sq = (xf * xf).mean(dim=(0, 2, 3))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = torch.stack([mean, sq])
-            torch.distributed.all_reduce(stats)
-            stats /= torch.distributed.get_world_size()
-            mean, sq = stats[0], stats[1]
-        std = (sq - mean * mean).clamp_min(0).sqrt()
+        mean, sq = _channel_moments(x.detach().to(self.bias.dtype))
+        var = sq - mean * mean
+        if bool((var <= 1e-3 * mean * mean).any()):
+            # E[x²] − mean² cancels when a channel's spread is small next to its mean (float32,
+            # mean 100, std 0.01: no correct digit left): centre first, in float64.
+            xd = x.detach().double()
+            mean64 = _channel_moments(xd)[0]
+            var = _channel_moments(xd - mean64.view(1, -1, 1, 1))[1].to(var.dtype)
+            mean = mean64.to(mean.dtype)
+        std = var.clamp_min(0).sqrt()
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + ACTNORM_EPS))
         self.initialized.fill_(True)
