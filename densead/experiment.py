@@ -158,6 +158,13 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     for key in ("general_train", "in_dist_train"):
         if getattr(cfg, key).steps < 1:
             raise ConfigError(f"{key}.steps must be >= 1, got {getattr(cfg, key).steps}")
+    for key in ("in_dist_train", "outlier_train"):
+        if getattr(cfg, key).init_from:
+            raise ConfigError(
+                f"{key}.init_from is {getattr(cfg, key).init_from!r}, but the experiment sets it (the "
+                "in-distribution model starts from the general one, each Diff† model from its plain "
+                "counterpart); leave it empty"
+            )
     if cfg.outlier_train.steps < 0:
         raise ConfigError(f"outlier_train.steps must be >= 0 (0: no Diff†), got {cfg.outlier_train.steps}")
     if not cfg.anomalies:

@@ -81,6 +81,8 @@ def content(path: Path) -> bytes:
         ({"n_heatmaps": -1}, r"^n_heatmaps must be >= 0, got -1"),
         ({"bootstrap": -5}, r"^bootstrap must be 0 \(no intervals\) or at least 100 resamples, got -5"),
         ({"bootstrap": 20}, r"^bootstrap must be 0 \(no intervals\) or at least 100 resamples, got 20"),
+        ({"in_dist_train": {"init_from": "x.pt"}}, r"^in_dist_train\.init_from is 'x\.pt', but the"),
+        ({"outlier_train": {"init_from": "x.pt"}}, r"^outlier_train\.init_from is 'x\.pt', but the"),
     ],
 )  # fmt: skip
 def test_check_experiment_names_the_key(change: dict, message: str, tmp_path: Path) -> None:
