@@ -451,8 +451,10 @@ class PixelMetrics:
     How bins are placed. Only the ranking of scores matters, so the
     histogram is laid on a monotone transform ``t = sign(z) log(1 + |z|)``
     of ``z = (s - c) / w``, with centre ``c`` (median) and width ``w``
-    (robust spread) calibrated on the first valid pixels seen. Near ``c`` the transform is linear; far from it
-    it is logarithmic, so a few extreme scores (heavy-tailed log-likelihoods in
+    (robust spread) calibrated on the first valid pixels seen (at least
+    :attr:`calibration_pixels` of them: smaller first frames wait, exactly, until enough have
+    come, so a tiny or unusual first frame cannot set the scale). Near ``c`` the transform is
+    linear; far from it it is logarithmic, so a few extreme scores (heavy-tailed log-likelihoods in
     the thousands) cannot squeeze the bulk of the pixels into a handful of
     bins. The bin range in ``t`` starts at the first update's span; when a
     later score falls outside, the range is doubled (repeatedly if needed):
@@ -478,6 +480,8 @@ class PixelMetrics:
     #: Pixels processed per step in binned mode: bounds the float64/int64 temporaries
     #: of one update to a few hundred MB whatever the batch size.
     chunk_pixels: int = 1 << 22
+    #: Valid pixels the binned mode holds exactly before it calibrates its bins on them.
+    calibration_pixels: int = 1 << 16
 
     def __init__(self, mode: str = "binned", n_bins: int = 65536) -> None:
         if mode not in ("binned", "exact"):
@@ -504,12 +508,14 @@ class PixelMetrics:
         self._width = 0.0  # bin width in transformed units; 0 = not calibrated yet
         self._t_min = math.inf  # observed range of transformed scores
         self._t_max = -math.inf
+        # Binned mode, before calibration: the first valid pixels, held exactly.
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the accumulated state (fixed in binned mode)."""
         if self._counts is not None:
-            return int(self._counts.nbytes)
+            return int(self._counts.nbytes + sum(s.nbytes + p.nbytes for s, p in self._pending))
         return int(sum(a.nbytes for a in self._scores) + sum(a.nbytes for a in self._labels))
 
     # -- update ----------------------------------------------------------------
@@ -616,7 +622,23 @@ class PixelMetrics:
 
     def _add_binned(self, s: np.ndarray, pos: np.ndarray) -> None:
         if self._width == 0.0:
-            self._calibrate(s)
+            self._pending.append((s, pos))
+            if sum(p.size for p, _ in self._pending) >= self.calibration_pixels:
+                self._flush_pending()
+            return
+        self._bin(s, pos)
+
+    def _flush_pending(self) -> None:
+        """Calibrate on the pixels held so far, then bin them."""
+        if not self._pending:
+            return
+        s = np.concatenate([p for p, _ in self._pending])
+        pos = np.concatenate([q for _, q in self._pending])
+        self._pending = []
+        self._calibrate(s)
+        self._bin(s, pos)
+
+    def _bin(self, s: np.ndarray, pos: np.ndarray) -> None:
         t = self._transform(s)
         t_min, t_max = float(t.min()), float(t.max())
         self._grow_to(t_min, t_max)
@@ -649,6 +671,7 @@ class PixelMetrics:
             y = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=bool)
             n_pixels, n_anomaly = int(y.size), int(np.count_nonzero(y))
         else:
+            self._flush_pending()
             neg, pos = self._counts
             n_pixels, n_anomaly = int(neg.sum() + pos.sum()), int(pos.sum())
         if n_anomaly == 0 or n_anomaly == n_pixels:

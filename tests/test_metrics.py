@@ -313,6 +313,7 @@ def test_binned_rebinning_merges_counts_exactly() -> None:
     # A narrow first batch, then batches reaching ever further out on both sides.
     rng = np.random.default_rng(21)
     pm = PixelMetrics(mode="binned", n_bins=1024)
+    pm.calibration_pixels = 1  # calibrated on the first batch, grown by the later ones
     exact = PixelMetrics(mode="exact")
     seen = []
     for i in range(6):
@@ -349,6 +350,7 @@ def test_binned_equals_exact_on_discrete_scores() -> None:
 def test_binned_constant_scores_then_spread() -> None:
     # A degenerate first update (all scores equal) must still calibrate and then grow.
     pm, exact = PixelMetrics(mode="binned"), PixelMetrics(mode="exact")
+    pm.calibration_pixels = 1
     labels = np.zeros((8, 8), np.uint8)
     for m in (pm, exact):
         m.update(np.full((8, 8), 5.0), labels)
@@ -365,6 +367,7 @@ def test_binned_constant_scores_then_spread() -> None:
 def test_binned_memory_does_not_grow() -> None:
     rng = np.random.default_rng(24)
     binned, exact = PixelMetrics(mode="binned", n_bins=4096), PixelMetrics(mode="exact")
+    binned.calibration_pixels = 1
     sizes_b, sizes_e = [], []
     for i in range(30):
         labels = (rng.random((64, 64)) < 0.02).astype(np.uint8)
@@ -376,6 +379,25 @@ def test_binned_memory_does_not_grow() -> None:
     assert binned.n_rebins >= 1
     assert set(sizes_b) == {2 * 4096 * 8}
     assert sizes_e[-1] == 30 * sizes_e[0] > sizes_e[0]  # the exact state grows, for contrast
+
+
+def test_binned_calibration_waits_for_enough_pixels() -> None:
+    """Two valid pixels far from every later score must not set the bins' scale (calibrated on
+    them, the bulk of the pixels fell into the log tail's coarse bins: AP off by 2e-2)."""
+    rng = np.random.default_rng(0)
+    first_s, first_y = np.full((64, 64), 1000.0), np.full((64, 64), 255, np.uint8)
+    first_y[0, :2] = (0, 1)
+    frames = [(first_s, first_y)]
+    for _ in range(15):
+        y = (rng.random((64, 64)) < 0.05).astype(np.uint8)
+        frames.append((rng.normal(size=(64, 64)) + 1.5 * y, y))
+    exact, binned = PixelMetrics(mode="exact"), PixelMetrics()
+    for s, y in frames:
+        exact.update(s, y)
+        binned.update(s, y)
+    assert binned.nbytes > 2 * binned.n_bins * 8  # 15 frames of 4,096 pixels: held, not binned yet
+    assert_metrics_close(binned.compute(), exact.compute(), BINNED_TOL)
+    assert binned.nbytes == 2 * binned.n_bins * 8  # calibrated and binned: the fixed state
 
 
 def test_binned_chunked_update_matches_whole() -> None:
