@@ -37,6 +37,7 @@ CIFAR-10 comes from --cifar, else $DENSEAD_CIFAR, else ../shared/data/cifar10_te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import resource
@@ -90,10 +91,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start a row's peak memory anew: the CUDA allocator's, or (Linux) the process's peak RSS,
+    VmHWM, which writing 5 to clear_refs sets to the current RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_gb(device: torch.device) -> float:
+    """Peak since :func:`reset_peak`: CUDA allocator, or peak RSS (VmHWM; where /proc has none, the
+    process's peak since it started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB → GiB)
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(x for x in status if x.startswith("VmHWM")).split()[1]) / 2**20  # kB → GiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
 
 
 def glow(small: bool) -> Glow:
@@ -162,8 +179,7 @@ def bench_lever(lever: str, batch: int, args: argparse.Namespace, device: torch.
     model, fast, bf16 = build(lever, args.small, device)
     opt = torch.optim.Adamax(model.parameters(), lr=5e-4, weight_decay=5e-5)
     x = torch.rand(batch, 3, 32, 32, device=device) - 0.5  # Glow.forward converts to channels_last
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
 
     step = step_function(model, opt, fast.fast, amp=bf16)  # as train_glow runs it
 
@@ -373,9 +389,10 @@ def main() -> None:
             "| train speed-up | train % of peak | eval % of peak |"
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base: dict[int, float] = {}
+    base: dict[int, float] = {}  # plain's train img/s per batch: each row's speed-up is against it
+    levers = sorted(args.levers, key=lambda lever: lever != "plain")  # plain first, when asked for
     for batch in args.batch_sizes:
-        for lever in args.levers:
+        for lever in levers:
             try:
                 resolve_fast_path(LEVERS[lever][0], device)
             except ValueError as err:  # cudagraphs off CUDA
@@ -390,15 +407,16 @@ def main() -> None:
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            base.setdefault(batch, r["train"] if lever == "plain" else math.nan)
-            speed = r["train"] / base[batch]
+            if lever == "plain":
+                base[batch] = r["train"]
+            speed = f"{r['train'] / base[batch]:.2f}×" if batch in base else "—"  # no plain row: no ratio
             bpd = "—" if math.isnan(r["bpd"]) else f"{r['bpd']:.3f}"
             peak_fl = peak_flops(device, r["bf16"])
             fast = r["fast"] + (" +bf16" if r["bf16"] else "")
             print(
                 f"| {lever} | {fast} | {batch} | {r['train']:.1f} | {r['eval']:.1f} | {r['peak']:.2f} | "
                 f"{r['saved']:.2f} | "
-                f"{bpd} | {speed:.2f}× | {percent(r['train'] * train_flops / peak_fl)} | "
+                f"{bpd} | {speed} | {percent(r['train'] * train_flops / peak_fl)} | "
                 f"{percent(r['eval'] * eval_flops / peak_fl)} |",
                 flush=True,
             )

@@ -335,9 +335,13 @@ def _per_sample_losses(
         if x_out is not None:
             lp_out = model(x_out).log_prob(discrete=True)
             lo = outlier_loss(lp_out, ref_log_prob, ocfg.weight, ocfg.temperature)
-            # An outlier with no finite likelihood under the model has no finite gradient, even
-            # though its loss saturates (log p = −inf: loss 0): NaN marks it for training_step
-            # to drop, as a sample the reference gives −inf is marked by its infinite loss.
+            # Outliers without a finite likelihood are dropped (paper S4.5): training_step drops
+            # the samples whose loss is not finite when the gradient is not. Under the model
+            # (log p = −inf: loss 0) the gradient is not finite by itself; under the reference the
+            # loss is infinite but its gradient saturates at a finite λ/T, so a term lp_out·NaN
+            # (0 elsewhere) makes it NaN.
+            bad_ref = ~torch.isfinite(ref_log_prob)
+            lo = lo.masked_fill(bad_ref, 0.0) + lp_out * torch.where(bad_ref, math.nan, 0.0)
             lo = lo.masked_fill(~torch.isfinite(lp_out), math.nan)
     return nll, lo
 

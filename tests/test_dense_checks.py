@@ -382,6 +382,23 @@ def test_evaluation_refuses_another_scale_or_padding(tmp_path: Path) -> None:
         pattern += rf"{key} {trained}"
         with pytest.raises(ValueError, match=pattern):
             evaluate_run(other)
+    # another protocol: its splits hold frames the flows (and the segmenter) were trained on
+    other = replace(cfg, data=replace(cfg.data, protocol="sequences"))
+    with pytest.raises(
+        ValueError, match=r"data\.protocol: the config says sequences, but the flows .* under splits"
+    ):
+        evaluate_run(other)
+    with pytest.raises(
+        ValueError, match=r"segmenter trained under data\.protocol=splits, but the flows config says"
+    ):
+        train_feature_flows(replace(other, output_dir=str(tmp_path / "f2")), progress=False)
+    # a tap (or the logits) read from another node than the flows were trained on
+    for change, what in (
+        ({"taps": {"fuse": "fuse.0"}}, "fuse is 'fuse.0'"),
+        ({"logits_node": "x"}, "logits_node"),
+    ):
+        with pytest.raises(ValueError, match=rf"the flows were trained on other nodes: {what}"):
+            evaluate_run(replace(cfg, **change))
 
 
 # --------------------------------------------------------------------------- 7. label ids

@@ -279,6 +279,21 @@ def test_normalization_constants_come_from_training_pixels(tmp_path: Path) -> No
         "all",
     )
     assert torch.equal(density.train_log_prob_mean, mean_before)
+    # A training position without a finite log p is left out (named), not averaged in as −1e12.
+    plain = density.log_prob_maps
+
+    def one_bad(feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = plain(feats)
+        out["a"][0, 0, 0] = MIN_LOG_PROB
+        return out
+
+    density.log_prob_maps = one_bad
+    with pytest.warns(
+        UserWarning, match=r"without a finite log-likelihood left out, per tap: \{'a': 2, 'b': 0\}"
+    ):
+        fit_normalization(extractor, density, arrays, 2, 8, "all")
+    del density.log_prob_maps
+    assert abs(float(density.train_log_prob_mean[0]) - float(mean_before[0])) < 1.0
     # Checkpoint round trip.
     cfg = FeatureFlowsRunConfig(
         output_dir=str(tmp_path), segmenter="seg.pt", taps={"a": "x", "b": "y"}, flow=FlowConfig(2, 8)

@@ -96,22 +96,26 @@ def test_outlier_batch_with_minus_inf_trains_without_nan() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_an_outlier_only_the_trained_model_gives_minus_inf_is_dropped_not_the_batch() -> None:
-    # Its loss saturates at 0 (finite), but its gradient is not finite: it is dropped like any
-    # sample without a finite likelihood, and the step goes on with the other fifteen.
+@pytest.mark.parametrize("overflows", ["model", "reference"])
+def test_an_outlier_only_one_model_gives_minus_inf_is_dropped_not_the_batch(overflows: str) -> None:
+    # Under the trained model its loss saturates at 0 (finite) but its gradient is not finite;
+    # under the reference its loss is infinite but its gradient finite (saturated). Either way it
+    # is dropped like any sample without a finite likelihood, and the step goes on with the rest.
     torch.manual_seed(0)
     model, opt = _model_and_opt()
     reference, _ = _model_and_opt()
+    sharp = model if overflows == "model" else reference
     with torch.no_grad():  # sharper coupling scales, so a far input overflows this model only
-        for name, p in model.named_parameters():
+        for name, p in sharp.named_parameters():
             if "net.4" in name:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     x = torch.rand(8, 1, 8, 8) - 0.5
     x_out = torch.rand(8, 1, 8, 8) - 0.5
     x_out[0] *= 1e4
     with torch.no_grad():
-        assert not torch.isfinite(model(x_out[:1]).log_prob()).any()
-        assert torch.isfinite(reference(x_out).log_prob()).all()
+        assert not torch.isfinite(sharp(x_out[:1]).log_prob()).any()
+        other = reference if sharp is model else model
+        assert torch.isfinite(other(x_out).log_prob()).all()
     before = [p.detach().clone() for p in model.parameters()]
     result = training_step(model, opt, x, x_out, reference, OutlierConfig(DIGITS, "unused"))
     assert not result.skipped and result.dropped == 1

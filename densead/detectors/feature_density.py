@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -837,8 +838,15 @@ class DenseFeatureDetector:
 
 
 def _load_checked_segmenter(cfg: FeatureFlowsRunConfig, device: torch.device) -> nn.Module:
-    """The segmenter of ``cfg``, its held-out and void classes checked against ``cfg.data``."""
+    """The segmenter of ``cfg``, its held-out and void classes and its protocol checked against
+    ``cfg.data``."""
     segmenter, seg_cfg = load_segmenter(cfg.segmenter, device)
+    if seg_cfg.data.protocol != cfg.data.protocol:  # the splits' frames differ between protocols
+        raise ValueError(
+            f"{cfg.segmenter}: segmenter trained under data.protocol={seg_cfg.data.protocol}, but the flows "
+            f"config says {cfg.data.protocol}: frames one protocol trains on are another's val or test "
+            "frames (CamVid's val split is frames of a training drive under sequences)"
+        )
     # The held-out classes must be the segmenter's too, or it may have trained on the anomalies.
     protocol = (tuple(cfg.data.held_out), tuple(cfg.data.void))
     if (tuple(seg_cfg.data.held_out), tuple(seg_cfg.data.void)) != protocol:
@@ -950,15 +958,23 @@ def fit_normalization(
     of the segmenter over them.
     """
     stats = LogProbStats(density.names)
+    dropped = dict.fromkeys(density.names, 0)
     density.eval()
     with torch.no_grad():
         for feats, inlier, size in _features_and_inliers(extractor, arrays, batch_size, divisor, device):
             log_probs = density.log_prob_maps(feats)
             for name, lp in log_probs.items():
                 valid = valid_feature_mask(inlier, lp.shape[-2:], extractor.strides[name], rule)
-                stats.update(name, lp[valid])
+                real = lp.abs() < SENTINEL_LIMIT  # a non-finite log p's stand-in would be the mean
+                stats.update(name, lp[valid & real])
+                dropped[name] += int((valid & ~real).sum())
             if max_logits is not None:
                 max_logits.update(feats[LOGITS_TAP], size, inlier)
+    if any(dropped.values()):
+        warnings.warn(
+            f"normalization: training positions without a finite log-likelihood left out, per tap: {dropped}",
+            stacklevel=2,
+        )
     density.set_normalization(stats.mean(), stats.std())
     return stats
 
@@ -1216,6 +1232,12 @@ def load_dense_detector(
         raise ValueError(
             f"{path}: holds flows for taps {list(density.names)}, the config names {list(cfg.taps)}"
         )
+    moved = {n: (node, stored.taps[n]) for n, node in cfg.taps.items() if node != stored.taps[n]}
+    if cfg.logits_node != stored.logits_node:
+        moved["logits_node"] = (cfg.logits_node, stored.logits_node)
+    if moved:  # another layer's features (maybe at another stride): not what the flows model
+        what = "; ".join(f"{n} is {a!r} in the config, {b!r} in training" for n, (a, b) in moved.items())
+        raise ValueError(f"{path}: the flows were trained on other nodes: {what}")
     segmenter = _load_checked_segmenter(cfg, torch.device(device))
     expected = ckpt.get("segmenter_sha256")  # older checkpoints have none: nothing to check
     if isinstance(expected, str) and expected != (fingerprint := segmenter_fingerprint(segmenter)):
@@ -1242,7 +1264,14 @@ def load_dense_detector(
 
 def check_geometry(path: str | Path, stored: FeatureFlowsRunConfig, cfg: FeatureFlowsRunConfig) -> None:
     """``cfg.data`` must give the features the flows of checkpoint ``path`` were fitted on: the same
-    :data:`GEOMETRY_KEYS` (scale, padding) as the stored config ``stored``."""
+    :data:`GEOMETRY_KEYS` (scale, padding) as the stored config ``stored``; and the same protocol,
+    or a split would name frames the flows were trained on."""
+    if stored.data.protocol != cfg.data.protocol:
+        raise ValueError(
+            f"data.protocol: the config says {cfg.data.protocol}, but the flows of {path} were trained "
+            f"under {stored.data.protocol}: each protocol's splits hold frames the other trains on; "
+            f"evaluate with data.protocol={stored.data.protocol}"
+        )
     for key in GEOMETRY_KEYS:
         trained, now = getattr(stored.data, key), getattr(cfg.data, key)
         if trained != now:
