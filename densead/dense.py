@@ -554,7 +554,7 @@ def train_road_glow(
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = resolve_device(tcfg.device, "train.device")
-    check_output_dir(out_dir)
+    check_output_dir(out_dir, files=(CHECKPOINT_NAME, "config.yaml"))
     done = check_output(ckpt_path, cfg, resume, overwrite, _is_protocol_key)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path

@@ -37,6 +37,7 @@ __all__ = [
     "signals_deferred",
     "staged_heatmaps",
     "staging_folder",
+    "state_dict_error",
     "swap_folders",
 ]
 
@@ -48,15 +49,20 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], make_parents: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary name keeps the suffix of ``path`` so libraries that choose the
-    format from the extension (OpenCV, matplotlib, numpy) still work.
+    format from the extension (OpenCV, matplotlib, numpy) still work, and at most 40 characters
+    of its stem, so any name the file system takes for ``path`` fits. ``make_parents``: create
+    missing parent folders (off: a missing folder is an error, as for writes into a staging
+    folder that must not come back once removed).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.stem[:40]}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=f".tmp{path.suffix[:16]}", dir=path.parent)
     tmp_path = Path(tmp)
     try:  # from the moment it exists: a SIGTERM (SystemExit, densead.cli) anywhere removes it
         os.close(fd)
@@ -68,6 +74,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync(path.parent)  # and the rename itself
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def state_dict_error(err: Exception) -> str:
+    """torch's ``load_state_dict`` error (a line per missing, unexpected or misshapen entry) in
+    one line: its first problem, shortened, and how many more there are."""
+    problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    problems = problems or [str(err).strip() or type(err).__name__]
+    first = problems[0] if len(problems[0]) <= 240 else problems[0][:240] + "…"
+    return first + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def _torch_format(path: Path) -> str | None:
@@ -112,14 +127,20 @@ def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
     return missing
 
 
-def check_output_dir(path: str | os.PathLike[str], key: str = "output_dir") -> Path:
+def check_output_dir(
+    path: str | os.PathLike[str], key: str = "output_dir", files: Sequence[str] = ()
+) -> Path:
     """Before any work: a ValueError naming ``key`` when outputs cannot be written into the
-    folder ``path`` (it is a file, something on its way is a file, or the folder that would hold
-    it is not writable), instead of a lost model or score table at the end. Creates nothing: a
-    run stopped before its first output leaves no empty folder."""
+    folder ``path`` (it is a file, something on its way is a file, the folder that would hold
+    it is not writable, or one of the ``files`` it will write is there as a folder), instead of a
+    lost model or score table at the end. Creates nothing: a run stopped before its first output
+    leaves no empty folder."""
     path = Path(path)
     if os.path.lexists(path) and not path.is_dir():  # a file, or a link to nothing
         raise ValueError(f"{key}: {path} exists and is not a folder")
+    for name in files:
+        if (path / name).is_dir():
+            raise ValueError(f"{key}: {path / name} is a folder; the run writes a file there")
     missing = missing_folders(path)
     parent = missing[-1].parent if missing else path  # the nearest that exists
     if not parent.is_dir():
@@ -172,11 +193,12 @@ def swap_folders(staging: Path, target: Path, names: Sequence[str]) -> None:
     beside the new ones; a name ``staging`` lacks leaves ``target`` without it."""
     retired = staging / "previous"
     retired.mkdir()
-    for name in names:
-        if os.path.lexists(target / name):
-            os.replace(target / name, retired / name)
-        if (staging / name).is_dir():
-            os.replace(staging / name, target / name)
+    with signals_deferred():  # no stop between the two renames: the old folder gone, the new not in
+        for name in names:
+            if os.path.lexists(target / name):
+                os.replace(target / name, retired / name)
+            if (staging / name).is_dir():
+                os.replace(staging / name, target / name)
 
 
 def check_overwrite(path: str | os.PathLike[str], overwrite: bool, resumable: bool = False) -> None:
@@ -260,20 +282,33 @@ def check_heatmap_folder(
     path: str | os.PathLike[str], key: str = "--heatmaps", outputs: Sequence[str | os.PathLike[str]] = ()
 ) -> Path:
     """Before any work: the heat maps can go to folder ``path`` — new, empty, or written by an
-    earlier :func:`staged_heatmaps` (it holds :data:`HEATMAPS_RECORD`), since the new maps replace
-    it whole; a folder of other files is refused, naming ``key``, rather than mixed or removed, as
-    is one that is or holds the current folder or any of the run's other ``outputs``."""
+    earlier :func:`staged_heatmaps` (it holds :data:`HEATMAPS_RECORD` and PNGs, nothing else),
+    since the new maps replace it whole; a folder of other files is refused, naming ``key`` and a
+    file, rather than mixed or removed, as is one that is or holds the current folder or any of
+    the run's other files (``outputs``: what it writes and what it reads). A link to a folder is
+    followed: the folder it names is replaced, the link stays."""
     path = check_output_dir(path, key)
-    folder = Path(os.path.abspath(path))
+    folder = Path(os.path.realpath(path))
     for other, what in [(Path.cwd(), "the current folder"), *((Path(o), str(o)) for o in outputs)]:
-        other = Path(os.path.abspath(other))
+        other = Path(os.path.realpath(other))
         if other == folder or folder in other.parents:
             raise ValueError(f"{key}: {path} is or holds {what}, which the heat maps would replace")
-    if path.is_dir() and any(path.iterdir()) and not (path / HEATMAPS_RECORD).is_file():
-        raise ValueError(
-            f"{key}: {path} holds files that no heat-map run wrote (it has no {HEATMAPS_RECORD}): name "
-            "a new or empty folder (one that an earlier run wrote is replaced whole)"
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / HEATMAPS_RECORD).is_file():
+            raise ValueError(
+                f"{key}: {path} holds files that no heat-map run wrote (it has no {HEATMAPS_RECORD}): "
+                "name a new or empty folder (one that an earlier run wrote is replaced whole)"
+            )
+        foreign = sorted(
+            p.name
+            for p in path.iterdir()
+            if p.name != HEATMAPS_RECORD and not (p.suffix == ".png" and p.is_file() and not p.is_symlink())
         )
+        if foreign:
+            raise ValueError(
+                f"{key}: {path} holds {foreign[0]!r}, which no heat-map run wrote ({len(foreign)} such "
+                "entries); the new maps would replace the folder whole: move them, or name another folder"
+            )
     return path
 
 
@@ -286,7 +321,7 @@ def staged_heatmaps(
     (if any) goes into it as :data:`HEATMAPS_RECORD` and it replaces ``target`` whole, so no PNG of
     an earlier run stays beside the new ones; on an error nothing of it stays. Check a folder of
     the user's with :func:`check_heatmap_folder` first."""
-    target = Path(os.path.abspath(target))
+    target = Path(os.path.realpath(target))  # a link: the folder it names is replaced
     missing = missing_folders(target.parent)
     anchor = missing[-1].parent if missing else target.parent  # no folder is made before the end
     with contextlib.ExitStack() as stack:

@@ -108,6 +108,8 @@ def score_image_set(
     n_maps = max(0, min(n_maps, mine.stop) - mine.start)
     names = names[mine]
     images = ImageSet(images.images[mine], images.labels[mine], images.name)
+    if heatmap_dir is not None:  # made here, before the work; later writes never make it again
+        Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
     parts: dict[str, list[np.ndarray]] = {d.name: [np.zeros(0)] for d in detectors}
     per_pixel = {d.name for d in detectors if d.per_pixel}  # heat maps; not complexity: raw's, shifted
     batches = iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}", dtype)
@@ -189,6 +191,8 @@ def save_heatmaps(
         n_bins: quantization levels of ``images`` (to show them as 8-bit).
     """
     out_dir = Path(out_dir)
+    # Its own folder only: a staging folder removed meanwhile (a torchrun rank stopped) stays gone.
+    out_dir.mkdir(exist_ok=True)
     written = []
     levels = n_bins - 1
     for det, m in maps.items():
@@ -203,7 +207,7 @@ def save_heatmaps(
             heat = cv2.resize(m[i], (big.shape[1], big.shape[0]), interpolation=cv2.INTER_NEAREST)
             panel = np.concatenate([big, heatmap_overlay(big, heat, alpha=0.6)], axis=1)
             path = out_dir / f"{stem}_{det}.png"
-            save_png(path, panel)
+            save_png(path, panel, make_parents=False)
             written.append(path)
     return written
 

@@ -55,6 +55,7 @@ from densead.io import (
     check_output_dir,
     check_overwrite,
     read_checkpoint,
+    state_dict_error,
 )
 from densead.train import resolve_device
 
@@ -628,7 +629,7 @@ def load_segmenter(
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the stored config: {err}") from None
+        raise ValueError(f"{path}: weights do not fit the stored config: {state_dict_error(err)}") from None
     return model.to(device).eval(), cfg
 
 
@@ -700,7 +701,9 @@ def _init_weights(model: Segmenter, path: str, classes: Sequence[str]) -> None:
     try:
         model.load_state_dict(init.state_dict())
     except RuntimeError as err:
-        raise ValueError(f"train.init_from {path}: its weights do not fit model (config): {err}") from None
+        raise ValueError(
+            f"train.init_from {path}: its weights do not fit model (config): {state_dict_error(err)}"
+        ) from None
 
 
 def train_segmenter(
@@ -723,7 +726,7 @@ def train_segmenter(
     """
     tcfg = cfg.train
     device = resolve_device(tcfg.device, "train.device")
-    out_dir = check_output_dir(cfg.output_dir)
+    out_dir = check_output_dir(cfg.output_dir, files=(CHECKPOINT_NAME, "config.yaml", "metrics.yaml"))
     check_overwrite(out_dir / CHECKPOINT_NAME, overwrite)
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)

@@ -58,7 +58,14 @@ from densead.data.images import ImageSet, load_image_set
 from densead.data.transforms import augment_batch, to_model_input
 from densead.flows import FastPath, FastTraining, Glow, apply_fast_path, resolve_fast_path
 from densead.flows.fast import on_side_stream
-from densead.io import atomic_torch_save, check_output_dir, check_overwrite, read_checkpoint, require_file
+from densead.io import (
+    atomic_torch_save,
+    check_output_dir,
+    check_overwrite,
+    read_checkpoint,
+    require_file,
+    state_dict_error,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -295,7 +302,8 @@ def load_glow(path: str | Path, device: torch.device | str = "cpu") -> tuple[Glo
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the stored model config: {err}") from None
+        what = state_dict_error(err)
+        raise ValueError(f"{path}: weights do not fit the stored model config: {what}") from None
     return model.eval(), cfg
 
 
@@ -671,7 +679,7 @@ def train_glow(
     out_dir = Path(cfg.output_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     device = dist.init_from_env(resolve_device(tcfg.device, "train.device"))
-    check_output_dir(out_dir)
+    check_output_dir(out_dir, files=(CHECKPOINT_NAME, "config.yaml"))
     done = check_output(ckpt_path, cfg, resume, overwrite)
     if done is not None and done["finished"] and done["step"] >= tcfg.steps:
         return ckpt_path

@@ -130,11 +130,12 @@ def heatmap_overlay(
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
-def save_png(path: str | os.PathLike[str], image_rgb_uint8: np.ndarray) -> None:
+def save_png(path: str | os.PathLike[str], image_rgb_uint8: np.ndarray, make_parents: bool = True) -> None:
     """Write an RGB (or grey) uint8 image as PNG, atomically.
 
     Args:
-        path: destination, must end in ``.png``; parent folders are created.
+        path: destination, must end in ``.png``; parent folders are created (unless
+            ``make_parents`` is off: then a missing folder is an error).
         image_rgb_uint8: uint8 ``(H, W, 3)`` RGB or ``(H, W)`` grey.
 
     Raises:
@@ -153,7 +154,7 @@ def save_png(path: str | os.PathLike[str], image_rgb_uint8: np.ndarray) -> None:
         raise ValueError(f"save_png needs a .png path, got {os.fspath(path)!r}")
     # OpenCV expects BGR channel order.
     out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    with atomic_path(path) as tmp:
+    with atomic_path(path, make_parents) as tmp:
         try:
             ok = cv2.imwrite(str(tmp), out)
         except cv2.error as exc:

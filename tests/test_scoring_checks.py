@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -557,3 +558,45 @@ def test_heat_map_folders_are_replaced_whole_and_only_when_a_run_wrote_them(
     for here in (".", str(tmp_path / "a")):
         with pytest.raises(ValueError, match="is or holds the current folder"):
             check_heatmap_folder(here, "heatmap_dir")
+
+
+def test_an_earlier_heat_map_folder_holding_other_files_or_the_runs_inputs_is_refused(
+    score_images: ModuleType, models: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """The new maps replace the folder whole: an input or checkpoint someone kept in it would be
+    deleted with the old maps."""
+    heat = tmp_path / "hm"
+    with staged_heatmaps(heat, {"run": 1}) as folder:
+        (folder / "x_raw.png").write_bytes(b"1")
+    (heat / "data.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"hm holds 'data\.npz', which no heat-map run wrote \(1 such"):
+        check_heatmap_folder(heat)
+    (heat / "data.npz").unlink()
+    check_heatmap_folder(heat)  # PNGs and the record only: replaced whole
+    with pytest.raises(
+        ValueError, match=r"hm is or holds .*hm/x_raw\.png, which the heat maps would replace"
+    ):
+        check_heatmap_folder(heat, outputs=[heat / "x_raw.png"])  # the tool passes its inputs too
+    # A link to a folder: the folder it names gets the new maps, the link stays a link.
+    link = tmp_path / "link"
+    link.symlink_to(heat)
+    with staged_heatmaps(link, {"run": 2}) as folder:
+        (folder / "y_raw.png").write_bytes(b"2")
+    assert link.is_symlink() and sorted(p.name for p in heat.iterdir()) == ["heatmaps.json", "y_raw.png"]
+    # The tool: its input kept in an earlier heat-map folder is named, and stays.
+    kept = heat / "images.npz"
+    shutil.copy(models["images"], kept)
+    args = score_args(models, tmp_path / "s.csv", "--heatmaps", str(heat))
+    args[args.index("--input") + 1] = str(kept)
+    err = usage_error(score_images, args, capsys)
+    assert (
+        "--heatmaps: " in err and "images.npz" in err and kept.is_file() and not (tmp_path / "s.csv").exists()
+    )
+
+
+def test_atomic_writes_take_any_name_the_file_system_takes(tmp_path: Path) -> None:
+    from densead.io import atomic_write_text
+
+    path = tmp_path / ("s" * 250 + ".csv")  # 254 characters: the temporary name must not be longer
+    atomic_write_text(path, "set,raw\n")
+    assert path.read_text() == "set,raw\n" and [p.name for p in tmp_path.iterdir()] == [path.name]

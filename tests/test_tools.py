@@ -230,6 +230,11 @@ def test_outputs_are_checked_before_the_work(tmp_path: Path) -> None:
         ValueError, match=r"^--out: cannot create .*afile/sub/deeper: .*afile is not a folder"
     ):
         check_output_dir(tmp_path / "afile" / "sub" / "deeper", "--out")
+    (tmp_path / "run" / "checkpoint.pt").mkdir(parents=True)  # found before training, not after
+    with pytest.raises(
+        ValueError, match=r"^output_dir: .*run/checkpoint\.pt is a folder; the run writes a file"
+    ):
+        check_output_dir(tmp_path / "run", files=("checkpoint.pt", "config.yaml"))
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # a link to nothing: no folder either
     with pytest.raises(ValueError, match=r"cannot create .*dangling/run: .*dangling is not a folder"):
         check_output_dir(tmp_path / "dangling" / "run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -339,3 +340,14 @@ def test_a_resume_from_another_folder_compares_the_data_files_not_their_spelling
     # The same file spelled from here resumes.
     resumed = train_glow(cfg(3, path="../first/data/set.npz"), resume=True, progress=False)
     assert load_checkpoint(resumed)["step"] == 3
+
+
+def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path: Path) -> None:
+    ckpt = load_checkpoint(train_glow(run_cfg(tmp_path / "run", 1), progress=False))
+    ckpt["model_config"]["hidden"] *= 2  # every coupling net's shapes now differ
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(ValueError) as err:
+        load_glow(tmp_path / "odd.pt")
+    message = str(err.value)
+    assert "\n" not in message and "weights do not fit the stored model config: size mismatch for" in message
+    assert re.search(r"\(and \d+ more\)$", message), message

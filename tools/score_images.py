@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out: {args.out} is a folder; image scores go into a CSV file")
         check_output_dir(Path(args.out).parent, "--out")
         if args.heatmaps:
-            check_heatmap_folder(args.heatmaps, outputs=[args.out])
+            ours = [args.out, args.checkpoint, args.general, args.input, args.typical_set]
+            ours += [args.root] if args.dataset else []
+            check_heatmap_folder(args.heatmaps, outputs=[p for p in ours if p])  # never replaced by maps
         if args.input:
             path = Path(args.input)
             if not path.exists():

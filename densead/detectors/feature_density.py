@@ -100,6 +100,7 @@ from densead.io import (
     read_checkpoint,
     require_file,
     staged_heatmaps,
+    state_dict_error,
 )
 from densead.metrics import PixelMetrics
 from densead.segmenter import (
@@ -1046,7 +1047,7 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
     device = resolve_device(tcfg.device, "train.device")
     require_file(cfg.segmenter, "segmenter", "segmenter checkpoint")  # before the data is read
     check_overwrite(Path(cfg.output_dir) / CHECKPOINT_NAME, overwrite)
-    out_dir = check_output_dir(cfg.output_dir)
+    out_dir = check_output_dir(cfg.output_dir, files=(CHECKPOINT_NAME, "config.yaml"))
     if tcfg.num_threads > 0:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
@@ -1193,7 +1194,7 @@ def _read_feature_density(
     try:
         density.load_state_dict(ckpt["density"])
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the stored config: {err}") from None
+        raise ValueError(f"{path}: weights do not fit the stored config: {state_dict_error(err)}") from None
     if not density.is_normalized:
         raise ValueError(f"{path}: the normalization constants are missing (training did not finish)")
     return density.to(device).eval(), cfg, ckpt
@@ -1405,11 +1406,12 @@ def evaluate_run(
         (plus ``seconds``, the evaluation wall time).
     """
     device = resolve_device(cfg.train.device, "train.device")
-    if heatmap_dir is not None:  # not where the tables go
-        check_heatmap_folder(heatmap_dir, outputs=[Path(cfg.output_dir) / f"eval_{cfg.eval.split}"])
+    checkpoint = checkpoint or Path(cfg.output_dir) / CHECKPOINT_NAME
+    if heatmap_dir is not None:  # not where the tables go, nor where the run's files are
+        tables = Path(cfg.output_dir) / f"eval_{cfg.eval.split}"
+        check_heatmap_folder(heatmap_dir, outputs=[tables, checkpoint, cfg.segmenter, cfg.data.root])
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    checkpoint = checkpoint or Path(cfg.output_dir) / CHECKPOINT_NAME
     _, stored = load_feature_density(checkpoint)
     check_geometry(checkpoint, stored, cfg)
     detector, _ = load_dense_detector(checkpoint, cfg, device)
