@@ -22,6 +22,7 @@ from densead.segmenter import (
     SegmenterRunConfig,
     load_segmenter,
     outlier_exposure_loss,
+    segmentation_loss,
     train_segmenter,
 )
 
@@ -48,6 +49,21 @@ def test_outlier_exposure_loss_is_smallest_where_the_softmax_is_uniform() -> Non
     assert confident.grad.permute(1, 0, 2, 3)[:, ~outlier].abs().max() == 0  # inlier pixels: in_loss only
     none = torch.zeros(2, 4, 4, dtype=torch.bool)
     assert outlier_exposure_loss(in_loss, confident, none, 0.9).item() == pytest.approx(0.2)
+
+
+def test_a_crop_of_void_and_pasted_pixels_only_costs_nothing() -> None:
+    """The cross-entropy's mean over no pixel is NaN: it would be logged, and mixed into the
+    outlier-exposure loss."""
+    logits = torch.randn(2, 9, 4, 4, requires_grad=True)
+    void = torch.full((2, 4, 4), seg.VOID)
+    loss = segmentation_loss(logits, void)
+    assert loss.item() == 0.0
+    (outlier_exposure_loss(loss, logits, torch.ones(2, 4, 4, dtype=torch.bool), 0.9)).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0  # the outlier term acts
+    some = void.clone()
+    some[0, 0, 0] = 3
+    expected = torch.nn.functional.cross_entropy(logits[:1, :, :1, :1], torch.tensor([[[3]]]))
+    assert segmentation_loss(logits, some).item() == pytest.approx(expected.item())
 
 
 def photos(path: Path) -> DataConfig:
