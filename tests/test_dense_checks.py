@@ -297,6 +297,12 @@ def test_segmenter_checkpoint_is_written_before_the_evaluation(
             "every CamVid class is held out or void",
         ),
         (FeatureFlowsRunConfig, "data.crop_width", 0, "is 0 and crop_height 160: both > 0 .* or both 0"),
+        (
+            FeatureFlowsRunConfig,
+            "log_softmax_floor",
+            {"fuse": -4},
+            "tap 'fuse' reads 'fuse.1', not the logits",
+        ),
         (FeatureFlowsRunConfig, "train.batch_size", 0, "must be >= 1, got 0"),
         (FeatureFlowsRunConfig, "train.log_every", 0, "must be >= 1, got 0"),
         (FeatureFlowsRunConfig, "data.pad_divisor", 0, "must be >= 1, got 0"),

@@ -317,6 +317,12 @@ class FeatureFlowsRunConfig:
         for tap in self.log_softmax_floor:
             if tap not in self.taps:
                 raise FieldError("log_softmax_floor", f"names tap {tap!r}, not one of {list(self.taps)}")
+            if self.taps[tap] != self.logits_node:  # a softmax of other features means nothing
+                raise FieldError(
+                    "log_softmax_floor",
+                    f"tap {tap!r} reads {self.taps[tap]!r}, not the logits (logits_node "
+                    f"{self.logits_node!r}): floored log-posteriors need class scores",
+                )
 
 
 def _check_choice(value: str, valid: Sequence[str], what: str) -> None:
