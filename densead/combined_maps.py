@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from densead.data.road import INLIER, RoadDataset
-from densead.detectors import MIN_LOG_PROB
+from densead.detectors.glow import with_sentinels
 from densead.frame_scorers import SENTINEL_LIMIT, FrameScorer, iter_frame_maps
 
 __all__ = [
@@ -220,12 +221,8 @@ class CombinedFrameScorer:
         z = sum(
             (p - self.stats.mean[c]) / self.stats.std[c] for c, p in zip(combo.components, parts, strict=True)
         )
-        out = z / len(parts)
-        high = np.any([p >= SENTINEL_LIMIT for p in parts], axis=0)
-        low = np.any([p <= -SENTINEL_LIMIT for p in parts], axis=0)
-        out = np.where(low, MIN_LOG_PROB, out)
-        out = np.where(high, -MIN_LOG_PROB, out)
-        return out.astype(np.float32)
+        out = with_sentinels(torch.from_numpy(z / len(parts)), torch.from_numpy(np.stack(parts)))
+        return out.numpy().astype(np.float32)
 
     def maps(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         base = self.base.maps(images)

@@ -137,13 +137,21 @@ def typical_bits_per_dim(
 ) -> float:
     """``model``'s mean bits/dim over ``images``, noise-free: ``b̄`` of the ``typicality`` detector,
     from the images the model was trained on (its typical set's entropy estimate, Nalisnick et
-    al. 2019). A non-finite bits/dim is an error naming the set."""
-    total, count = 0.0, 0
-    for _, out in glow_outputs(model, images, batch_size, torch.device(device), progress):
+    al. 2019). A non-finite bits/dim is an error naming the set. Under torchrun each rank scores
+    its shard and every rank returns the mean of all."""
+    device = torch.device(device)
+    mine = dist.shard_range(len(images))
+    shard = ImageSet(images.images[mine], images.labels[mine], images.name)
+    total, count, bad = 0.0, 0, 0
+    for _, out in glow_outputs(model, shard, batch_size, device, progress):
         bpd = out.bits_per_dim().double()
-        if not torch.isfinite(bpd).all():
-            raise ValueError(f"{images.name}: the model's bits/dim is not finite on some of its images")
-        total, count = total + float(bpd.sum()), count + bpd.numel()
+        finite = torch.isfinite(bpd)
+        total += float(bpd[finite].sum())
+        count, bad = count + int(finite.sum()), bad + int((~finite).sum())
+    sums = dist.all_reduce_sum(torch.tensor([total, count, bad], dtype=torch.float64, device=device))
+    total, count, bad = sums.tolist()  # decided on every rank alike: none raises alone
+    if bad:
+        raise ValueError(f"{images.name}: the model's bits/dim is not finite on {int(bad)} of its images")
     return total / count
 
 

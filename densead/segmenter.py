@@ -679,10 +679,11 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 def segmentation_loss(logits: Tensor, train_ids: Tensor) -> Tensor:
     """Cross-entropy over the pixels that are not :data:`VOID`; 0 (with zero gradients) when every
-    pixel is void, say a crop all pasted photo, where the mean over no pixel would be NaN."""
+    pixel is void, say a crop all pasted photo, where the mean over no pixel would be NaN.
+    ``train_ids`` may stay on the CPU (moved here): checking them there costs no device sync."""
     if not bool((train_ids != VOID).any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, train_ids, ignore_index=VOID)
+    return F.cross_entropy(logits, train_ids.to(logits.device), ignore_index=VOID)
 
 
 def outlier_exposure_loss(in_loss: Tensor, logits: Tensor, outlier: Tensor, weight: float) -> Tensor:
@@ -763,7 +764,7 @@ def train_segmenter(
         for group in optimizer.param_groups:
             group["lr"] = tcfg.lr * _lr_factor(step, tcfg.warmup_steps, tcfg.steps)
         logits = model(x.to(device))
-        loss = segmentation_loss(logits, y.to(device))
+        loss = segmentation_loss(logits, y)
         if pasted is not None:
             outlier = torch.from_numpy(pasted).to(device)
             loss = outlier_exposure_loss(loss, logits, outlier, cfg.outliers.weight)

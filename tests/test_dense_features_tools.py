@@ -243,6 +243,14 @@ def test_combination_is_the_mean_of_inlier_standardized_components(tmp_path: Pat
     np.testing.assert_allclose(out["combo:red+bright"], (z_red + z_bright) / 2, rtol=1e-5, atol=1e-5)
     # Standardized on inliers, the combination has mean 0 over them.
     assert abs(float(scorer.combine(maps, combo)[inlier].mean())) < 1e-4
+    # A component's sentinel is the combination's, "+1e12" before "−1e12", not averaged in.
+    marked = {name: m[:1].astype(np.float64) for name, m in maps.items()}
+    marked["red"][0, 0, :3] = (1e12, -1e12, 1e12)
+    marked["bright"][0, 0, :3] = (-1e12, -1e12, 0.0)
+    combined = scorer.combine(marked, combo)
+    assert combined.dtype == np.float32
+    np.testing.assert_array_equal(combined[0, 0, :3], np.array([1e12, -1e12, 1e12], dtype=np.float32))
+    assert np.abs(combined[0, 1:]).max() < 1e3
 
     with pytest.raises(
         ValueError, match=r"combo:red\+blue: unknown component 'blue'; valid: red, bright, flat"

@@ -129,7 +129,7 @@ def _score_worker(rank: int, port: int, ckpt: str, out: str) -> None:
     from densead import distributed as dist
     from densead.data.images import load_image_set
     from densead.detectors import GlowScorer, get_detector
-    from densead.scoring import score_image_set
+    from densead.scoring import score_image_set, typical_bits_per_dim
     from densead.train import load_glow
 
     dist.init_from_env(torch.device("cpu"))
@@ -142,6 +142,7 @@ def _score_worker(rank: int, port: int, ckpt: str, out: str) -> None:
         GlowScorer(model), images, dets, 8, heatmap_dir=Path(out) / "heat23", n_heatmaps=23
     )
     assert all(np.array_equal(capped[k], v) for k, v in scores.items())
+    scores["typical_bpd"] = np.array([typical_bits_per_dim(model, images, 8)])  # shards: 19 and 18 images
     torch.save({k: torch.from_numpy(v) for k, v in scores.items()}, Path(out) / f"scores{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -149,7 +150,7 @@ def _score_worker(rank: int, port: int, ckpt: str, out: str) -> None:
 def test_distributed_scoring_equals_single_process(tmp_path: Path) -> None:
     from densead.data.images import load_image_set
     from densead.detectors import GlowScorer, get_detector
-    from densead.scoring import image_names, score_image_set
+    from densead.scoring import image_names, score_image_set, typical_bits_per_dim
     from densead.train import load_glow
 
     ckpt = train_glow(cfg_for(tmp_path / "model", steps=1), progress=False)
@@ -165,6 +166,9 @@ def test_distributed_scoring_equals_single_process(tmp_path: Path) -> None:
         got = torch.load(tmp_path / "two" / f"scores{r}.pt", weights_only=True)
         for name, values in single.items():
             assert torch.allclose(got[name], torch.from_numpy(values), rtol=1e-6), name
+        # typicality's reference: each rank its shard, every rank the mean of all
+        want = torch.tensor([typical_bits_per_dim(model, images, 8)], dtype=torch.float64)
+        assert torch.allclose(got["typical_bpd"], want, rtol=1e-6)
     one = sorted(p.name for p in (tmp_path / "one" / "heat").iterdir())
     two = sorted(p.name for p in (tmp_path / "two" / "heat").iterdir())
     assert one == two and len(one) == 37 * 2

@@ -200,11 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             ours = [args.out, args.checkpoint, args.general, args.input, args.typical_set]
             ours += [args.root] if args.dataset else []
             check_heatmap_folder(args.heatmaps, outputs=[p for p in ours if p])  # never replaced by maps
+        typical = _image_source(p, "--typical-set", args.typical_set) if args.typical_set else None
         if args.input:
-            path = Path(args.input)
-            if not path.exists():
-                p.error(f"input not found: {path}")
-            source = "npz" if path.is_file() else "folder"
+            source, path = _image_source(p, "input", args.input)
             set_name = args.set_name or path.stem
         else:
             source, path, set_name = args.dataset, Path(args.root), args.set_name or args.dataset
@@ -219,18 +217,15 @@ def main(argv: list[str] | None = None) -> int:
             resize=args.resize,
         )
         images = load_image_set(dcfg, mcfg.n_bins, set_name)
-        if args.typical_set is not None:
-            typical = Path(args.typical_set)
-            if not typical.exists():
-                p.error(f"--typical-set not found: {typical}")
-            kind = "npz" if typical.is_file() else "folder"
-            tcfg = replace(dcfg, source=kind, path=str(typical), classes=())
+        if typical is not None:
+            kind, typical_path = typical
+            tcfg = replace(dcfg, source=kind, path=str(typical_path), classes=())
             train_images = load_image_set(tcfg, mcfg.n_bins, "--typical-set")
             progress = not args.no_progress and dist.is_main()
             scorer.typical_bpd = typical_bits_per_dim(model, train_images, args.batch_size, device, progress)
             if dist.is_main():
                 n = len(train_images)
-                print(f"typicality: mean bits/dim {scorer.typical_bpd:.4f} on {n} images of {typical}")
+                print(f"typicality: mean bits/dim {scorer.typical_bpd:.4f} on {n} images of {typical_path}")
         elif args.typical_bpd is not None:
             scorer.typical_bpd = args.typical_bpd
         record = {
@@ -271,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"heatmaps -> {Path(args.heatmaps).resolve()}")
         dist.finish()
         return 0
+
+
+def _image_source(p: argparse.ArgumentParser, what: str, value: str) -> tuple[str, Path]:
+    """``(source, path)`` of an .npz file or image folder given as ``what``; a usage error if it
+    is not there."""
+    path = Path(value)
+    if not path.exists():
+        p.error(f"{what} not found: {path}")
+    return ("npz" if path.is_file() else "folder"), path
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
