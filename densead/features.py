@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from densead.io import not_a_file
+from densead.io import check_archive, not_a_file
 
 __all__ = ["FrozenFeatureExtractor", "load_state_dict_file", "load_weights"]
 
@@ -43,11 +43,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a readable state_dict (the message names it).
+        ValueError: the file is not a readable state_dict, or is corrupt (a CRC mismatch,
+            :func:`~densead.io.check_archive`); the message names it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(not_a_file(path, "checkpoint"))
+    check_archive(path, "weights file", fix="restore it")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file

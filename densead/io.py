@@ -2,7 +2,8 @@
 
 A crash or a bad input half-way never leaves a truncated file under the final
 name; readers see either the old file or the complete new one. Checkpoints are
-read back with ``weights_only=True`` by :func:`read_checkpoint`, whose errors name the file.
+read back with ``weights_only=True`` by :func:`read_checkpoint`, whose errors name the file,
+after :func:`check_archive` has checked the CRCs that ``torch.load`` does not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_text",
+    "check_archive",
     "check_heatmap_folder",
     "check_output_dir",
     "check_overwrite",
@@ -92,6 +95,70 @@ def _torch_format(path: Path) -> str | None:
     with path.open("rb") as f:
         head = f.read(4)
     return "zip" if head == b"PK\x03\x04" else "pickle" if head[:1] == b"\x80" else None
+
+
+# How much of an archive member check_archive reads at a time.
+_CRC_CHUNK = 1 << 20
+
+
+def _tensor_record(name: str) -> bool:
+    """Whether zip member ``name`` holds a tensor's bytes: ``torch.save`` writes each storage as
+    ``<archive>/data/<key>``, beside ``<archive>/data.pkl`` and a few small records."""
+    parts = name.split("/")
+    return len(parts) == 3 and parts[1] == "data"
+
+
+def check_archive(
+    path: str | os.PathLike[str],
+    what: str = "file",
+    fix: str = "re-train or restore it",
+    tensors: bool = True,
+) -> None:
+    """Before ``torch.load``: check the CRC-32 of every member of the zip archive that
+    ``torch.save`` writes (torch ≥ 1.6), which ``torch.load`` does not, so a flipped bit is an
+    error naming the file and the member instead of silently wrong weights.
+
+    Members are read in 1 MiB chunks, never whole. Anything but a zip archive with a readable
+    directory (the pickle format, a truncated file) is left to ``torch.load`` and its errors, as
+    are members without a CRC (0: ``torch.serialization.set_crc32_options(False)``).
+
+    Args:
+        path: the file.
+        what: what it is, for the message (``"checkpoint"``, ``"weights file"``).
+        fix: what to do about it, for the message.
+        tensors: check the tensors' bytes too; off: only the pickle and the small records, for
+            a mapped read that does not touch the weights (:func:`read_checkpoint`).
+
+    Raises:
+        ValueError: a member's bytes do not match its CRC, or its header is damaged; the
+            message names the file and the member.
+    """
+    path = Path(path)
+    if _torch_format(path) != "zip":
+        return
+    try:
+        archive = zipfile.ZipFile(path)
+    except Exception:  # noqa: BLE001 - no readable directory (a truncated file): torch.load says why
+        return
+    with archive:
+        for info in archive.infolist():
+            if info.external_attr & 0x10 and not info.is_dir():  # MS-DOS folder bit on a file
+                # torch.save writes no folders, and torch.load reads such a member as uninitialized memory
+                raise ValueError(f"{path}: corrupt {what} (member {info.filename!r} marked a folder); {fix}")
+            if info.is_dir() or not info.CRC or (not tensors and _tensor_record(info.filename)):
+                continue
+            try:
+                with archive.open(info) as member:
+                    while member.read(_CRC_CHUNK):
+                        pass
+            except Exception as err:  # noqa: BLE001 - a damaged header (BadZipFile, EOFError, ...) too
+                text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                reason = (
+                    f"CRC mismatch in member {info.filename!r}"
+                    if isinstance(err, zipfile.BadZipFile) and "CRC" in text
+                    else f"member {info.filename!r} unreadable: {text}"
+                )
+                raise ValueError(f"{path}: corrupt {what} ({reason}); {fix}") from None
 
 
 def _fsync(path: Path) -> None:
@@ -243,11 +310,14 @@ def read_checkpoint(
             optimizer state is about 0.5 GB, and a reader that does not touch the weights then
             costs neither the time nor the memory of reading them
             (``benchmarks/checkpoint_read.py``). Drop the dict soon: its tensors keep the file
-            mapped, and Windows cannot replace a mapped file.
+            mapped, and Windows cannot replace a mapped file. The CRC check
+            (:func:`check_archive`) then skips the tensors' bytes too: a mapped read checks what
+            it reads, and a whole read checks everything.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable, not a dict, or a key is missing; the message names the file.
+        ValueError: unreadable, corrupt (a CRC mismatch), not a dict, or a key is missing; the
+            message names the file.
     """
     path = Path(path)
     label = f"{kind} checkpoint" if kind else "checkpoint"
@@ -260,6 +330,7 @@ def read_checkpoint(
             "neither a zip archive nor a pickle)"
         )
     mmap = mmap and form == "zip"  # the pickle format cannot be mapped: it is read whole
+    check_archive(path, label, tensors=not mmap)
     try:
         ckpt = torch.load(path, map_location="cpu" if mmap else device, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file

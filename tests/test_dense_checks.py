@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_dense import TINY, _one_thread, fake_camvid  # noqa: F401 - _one_thread: autouse fixture
+from test_dense import TINY, fake_camvid
 
 import densead.detectors.feature_density as fd
 import densead.segmenter as seg
@@ -39,6 +39,8 @@ from densead.segmenter import (
     train_segmenter,
 )
 from densead.train import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def camvid(root: Path, n: int = 2) -> Path:

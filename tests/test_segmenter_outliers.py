@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_dense import _one_thread  # noqa: F401 - autouse fixture
 from test_dense_checks import camvid, segmenter_config
 
 import densead.segmenter as seg
@@ -25,6 +24,8 @@ from densead.segmenter import (
     segmentation_loss,
     train_segmenter,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 
