@@ -8,9 +8,11 @@ Stages, each reused when finished and resumed when interrupted:
    ``in_dist`` with the outlier loss on general samples (reference: frozen
    ``general``); ``general_outlier`` finetunes ``general`` with in-distribution
    samples as its outliers (reference: frozen ``in_dist``).
-4. Scoring of every test set with every model → ``scores.csv`` (with each image's PNG and WebP
-   code lengths for ``complexity`` and ``complexity_webp``, Serrà et al.'s ratio to a lossless
-   coder, which needs no stage).
+4. Scoring of every test set with every model → ``scores.csv`` (with each image's PNG, WebP and
+   LOCO code lengths for ``complexity``, ``complexity_webp`` and ``complexity_loco``, Serrà et
+   al.'s ratio to a lossless coder, which needs no stage; typicality's reference bits/dim of
+   the in-distribution model on its training images, kept in ``in_dist/typical_bpd.yaml`` for
+   reruns with the same checkpoint).
 5. Evaluation recomputed from ``scores.csv`` → ``report.md``, ``metrics.csv``,
    ROC curves, score histograms, each scale's share of log p, heatmaps.
 
@@ -48,9 +50,10 @@ from densead.config import (
     TrainConfig,
     TrainRunConfig,
     save_config,
+    to_dict,
 )
 from densead.data.images import ImageSet, load_image_set
-from densead.detectors.complexity import CODERS, CodedImages
+from densead.detectors.complexity import CODER_NAMES, CodedImages
 from densead.detectors.glow import DETECTORS
 from densead.evaluation import (
     MIN_RESAMPLES,
@@ -96,6 +99,8 @@ RESERVED_SET_NAMES = (IN_SET, GENERAL_SET)
 
 # Beside a stage's checkpoint: the checkpoints it started from (see the module docstring).
 PARENTS_NAME = "parents.yaml"
+# Beside the in-distribution checkpoint: typicality's reference bits/dim, and what it is of.
+TYPICAL_NAME = "typical_bpd.yaml"
 # The training sections of ExperimentConfig, one per kind of stage.
 TRAIN_KEYS = ("general_train", "in_dist_train", "outlier_train")
 
@@ -107,6 +112,7 @@ DISPLAY_NAMES = {
     "ratio_outlier": "Diff†",
     "complexity": "complexity (PNG)",
     "complexity_webp": "complexity (WebP)",
+    "complexity_loco": "complexity (LOCO)",
     "typicality": "typicality",
 }
 
@@ -398,7 +404,7 @@ def _score_sets(
     the in-distribution model's mean bits/dim on its training images (``typicality``)."""
     cols: dict[str, list] = {"set": [], "index": [], "label": []}
     n_scales = cfg.model.n_scales
-    for m in [*models, *CODERS]:  # log_prob_png, _webp: the coders' (complexity's general distribution)
+    for m in [*models, *CODER_NAMES]:  # log_prob_png, _webp, _loco: complexity's general distributions
         cols[f"log_prob_{m}"] = []
     for i in range(1, n_scales + 1):
         cols[f"scale{i}_in_dist"] = []
@@ -423,7 +429,7 @@ def _score_sets(
             levels = CodedImages(images.images[sl])  # each coder codes the batch once
             for m in models:
                 cols[f"log_prob_{m}"] += o[m].log_prob().double().tolist()
-            for coder in CODERS:
+            for coder in CODER_NAMES:
                 cols[f"log_prob_{coder}"] += levels.log_prob(coder).tolist()
             for i, v in enumerate(o["in_dist"].scale_log_probs().double().T, start=1):
                 cols[f"scale{i}_in_dist"] += v.tolist()
@@ -433,6 +439,7 @@ def _score_sets(
                 "ratio": (ratio, o["in_dist"], o["general"]),
                 "complexity": (DETECTORS["complexity"], o["in_dist"], None),
                 "complexity_webp": (DETECTORS["complexity_webp"], o["in_dist"], None),
+                "complexity_loco": (DETECTORS["complexity_loco"], o["in_dist"], None),
                 "typicality": (DETECTORS["typicality"], o["in_dist"], None),
             }
             if "in_dist_outlier" in o:
@@ -440,8 +447,8 @@ def _score_sets(
             take = max(0, min(cfg.n_heatmaps - n_maps, sl.stop - sl.start))
             for col, (det, oi, og) in pairs.items():
                 cols[col] += det.score_from(oi, og, levels, typical_bpd).double().tolist()
-                if take and det.per_pixel:  # complexity's map: raw's, shifted per image
-                    heat[set_name][col].append(det.map_from(oi, og, None, typical_bpd)[:take].cpu())
+                if take and det.per_pixel:  # not a file coder's map: raw's, shifted per image
+                    heat[set_name][col].append(det.map_from(oi, og, levels, typical_bpd)[:take].cpu())
             n_maps += take
         heat[set_name] = {d: torch.cat(v) for d, v in heat[set_name].items() if v}
     return cols, heat
@@ -481,14 +488,15 @@ def _report(
         ]
     lines += ["## Bits per dimension (noise-free evaluation)", ""]
     lines += ["| model | " + " | ".join(set_names) + " |", "|---|" + "---:|" * len(set_names)]
-    for m in [*models, *CODERS]:  # png, webp: whole files (complexity's general distributions)
+    for m in [*models, *CODER_NAMES]:  # png, webp, loco: complexity's general distributions
         lines.append(f"| {m} | " + " | ".join(f"{bpd(m, s):.3f}" for s in set_names) + " |")
     lines += [
         "",
         "png, webp: each image's PNG or lossless WebP file, the general distributions of complexity "
         "(PNG) and complexity (WebP); their bits include the files' headers (PNG: 63 bytes whatever the "
         "image, 7.9 bits/dim of an 8×8 greyscale image, 0.16 of a 32×32×3 one), which shift every image "
-        "of a size alike.",
+        "of a size alike. loco: the ideal code length of a per-pixel coder (LOCO-I's predictor, adaptive "
+        "contexts; no header), whose pixel map is complexity (LOCO)'s.",
         "",
         f"typicality: |bits/dim of the in-distribution model − {typical_bpd:.3f}|, its mean on its own "
         "training images (Nalisnick et al. 2019, one image at a time).",
@@ -540,6 +548,29 @@ def _report(
     return "\n".join(lines)
 
 
+def _typical_bpd(cfg: ExperimentConfig, model: Glow, ckpt: Path, device, progress: bool) -> float:
+    """Typicality's ``b̄``: ``model``'s mean bits/dim on the ``in_dist`` images
+    (:func:`~densead.scoring.typical_bits_per_dim`). Kept in ``in_dist/typical_bpd.yaml`` with the
+    checkpoint's SHA-256, the data config and ``n_bins``, and read from there while all three
+    are unchanged: a rerun that reuses the checkpoint does not score the training set again."""
+    key = {"checkpoint_sha256": _digest(ckpt), "data": to_dict(cfg.in_dist), "n_bins": cfg.model.n_bins}
+    key = yaml.safe_load(yaml.safe_dump(key))  # as it reads back (tuples become lists)
+    path = ckpt.parent / TYPICAL_NAME
+    try:
+        record = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        record = None  # unreadable: computed again and rewritten
+    if isinstance(record, dict) and all(record.get(k) == v for k, v in key.items()):
+        value = record.get("typical_bpd")
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+    images = load_image_set(cfg.in_dist, cfg.model.n_bins, "in_dist")
+    value = typical_bits_per_dim(model, images, cfg.eval_batch_size, device, progress)
+    record = {**key, "images": len(images), "typical_bpd": value}
+    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
+    return value
+
+
 def _replace_heatmaps(
     out_dir: Path, heat: Mapping[str, Mapping[str, Tensor]], sets: Mapping[str, ImageSet], n_bins: int
 ) -> None:
@@ -581,8 +612,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> Path:
     t1 = time.time()
     device = devices["in_dist_train"]  # scoring runs where the in-distribution model trained
     models = {name: load_glow(path, device)[0] for name, path in ckpts.items()}
-    train_images = load_image_set(cfg.in_dist, cfg.model.n_bins, "in_dist")
-    typical = typical_bits_per_dim(models["in_dist"], train_images, cfg.eval_batch_size, device, progress)
+    typical = _typical_bpd(cfg, models["in_dist"], Path(ckpts["in_dist"]), device, progress)
     cols, heat = _score_sets(cfg, models, sets, device, progress, typical)
     # report.md is written last: while the outputs below are being replaced, none is left
     # beside them from an earlier run.

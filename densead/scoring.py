@@ -90,8 +90,8 @@ def score_image_set(
 
     With ``heatmap_dir``, also writes one overlay PNG per image and detector
     (the detector's pixel map, from the same forward pass as the score) for the
-    first ``n_heatmaps`` images (0: every image); not for ``complexity``, whose map is
-    ``raw``'s shifted by a constant per image.
+    first ``n_heatmaps`` images (0: every image); not for ``complexity`` and ``complexity_webp``,
+    whose map is ``raw``'s shifted by a constant per image (``complexity_loco``'s is per pixel).
     Under torchrun, every rank scores its shard and writes its images' PNGs;
     every rank returns all scores in input order.
     """
@@ -111,7 +111,7 @@ def score_image_set(
     if heatmap_dir is not None:  # made here, before the work; later writes never make it again
         Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
     parts: dict[str, list[np.ndarray]] = {d.name: [np.zeros(0)] for d in detectors}
-    per_pixel = {d.name for d in detectors if d.per_pixel}  # heat maps; not complexity: raw's, shifted
+    per_pixel = {d.name for d in detectors if d.per_pixel}  # heat maps; not a file coder's: raw's, shifted
     batches = iter_model_batches(images, n_bins, batch_size, device, progress, f"score {images.name}", dtype)
     for sl, x in batches:
         keep = min(sl.stop, n_maps) - sl.start  # images of this batch that get heat maps

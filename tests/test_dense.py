@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -64,13 +63,7 @@ TINY = ModelConfig(in_channels=3, n_scales=2, n_steps=1, hidden=8)
 ALL_DETECTORS = [get_detector(n) for n in ("raw", "ratio", "scale1", "scale2", "last_scale")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads; on a shared 2-core machine extra threads only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_glow(seed: int, n_scales: int = 2) -> Glow:
@@ -199,6 +192,20 @@ def test_frame_maps_sum_to_log_p() -> None:
     assert raw2.sum(dtype=np.float64) == pytest.approx(-lp_small, rel=1e-4)
     # A frame that is no multiple of 2^L comes back in its own shape.
     assert frame_maps(scorer, [frame[:30, :45]], ALL_DETECTORS[:1])["raw"].shape == (1, 30, 45)
+
+    # complexity_loco's code length is per pixel: a road-frame map that sums to its score, at any shrink.
+    from densead.detectors.complexity import code_length
+
+    loco = get_detector("complexity_loco")
+    smooth = np.repeat(np.repeat(frame[::8, ::8], 8, axis=0), 8, axis=1)  # cheaper for the coder: blocks
+    for image, downscale in ((frame, 1), (smooth, 1), (frame, 2)):
+        levels = torch.from_numpy(shrink(image, downscale)).permute(2, 0, 1)[None].contiguous()
+        with torch.no_grad():
+            lp = model(to_model_input(levels, 256, dequantize=False)).log_prob(discrete=True).item()
+        expected = -float(code_length(levels, "loco")) * math.log(2) - lp
+        got = frame_maps(scorer, [image], [loco], downscale=downscale)["complexity_loco"]
+        assert got.shape == (1, 32, 48)
+        assert got.sum(dtype=np.float64) == pytest.approx(expected, rel=1e-4, abs=1e-2)
 
 
 @pytest.mark.parametrize("downscale", [1, 2, 3])

@@ -142,7 +142,7 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
     report = run_experiment(cfg, progress=False).read_text()
     assert torch.is_grad_enabled()  # scoring leaves autograd as it found it (training may follow)
     model, _ = load_glow(out / "in_dist" / "checkpoint.pt")
-    expected, png_bits, complexity, typicality = {}, {}, {}, {}
+    expected, png_bits, loco_bits, complexity, complexity_loco, typicality = {}, {}, {}, {}, {}, {}
     with torch.no_grad():  # typicality's reference: mean bits/dim on the in-distribution training images
         train = load_image_set(cfg.in_dist, 17).images
         typical = float(model(to_model_input(train, 17, dequantize=False)).bits_per_dim().double().mean())
@@ -165,22 +165,64 @@ def test_report_uses_each_sets_own_dimensions(tmp_path: Path) -> None:
         png_bits[name] = float(code_length(images.images).mean()) / o.n_dims
         # complexity = log p_png − log p_in, from the PNG files' lengths and the model's log p
         complexity[name] = (-code_length(images.images) * math.log(2) - o.log_prob().double()).numpy()
+        loco = code_length(images.images, "loco")  # the per-pixel coder's: its map's sum
+        loco_bits[name] = float(loco.mean()) / o.n_dims
+        complexity_loco[name] = (-loco * math.log(2) - o.log_prob().double()).numpy()
         typicality[name] = (o.bits_per_dim().double() - typical).abs().numpy()
     assert expected["digit_0"][0] < 2 * expected["in_dist_test"][0]  # same order: per dimension
     header = re.search(r"^\| model \| (.*) \|$", report, re.M).group(1).split(" | ")
-    rows = {m: re.search(rf"^\| {m} \| (.*) \|$", report, re.M).group(1) for m in ("in_dist", "png")}
-    bpd, bpd_png = (dict(zip(header, map(float, rows[m].split(" | ")), strict=True)) for m in rows)
+    rows = {m: re.search(rf"^\| {m} \| (.*) \|$", report, re.M).group(1) for m in ("in_dist", "png", "loco")}
+    bpd, bpd_png, bpd_loco = (dict(zip(header, map(float, rows[m].split(" | ")), strict=True)) for m in rows)
     cols = read_scores_csv(out / "scores.csv")
     for name, (bits, scales) in expected.items():
         assert bpd[name] == pytest.approx(bits, abs=1e-3), name
         assert bpd_png[name] == pytest.approx(png_bits[name], abs=1e-3), name
+        assert bpd_loco[name] == pytest.approx(loco_bits[name], abs=1e-3), name
         np.testing.assert_allclose(cols["complexity"][cols["set"] == name], complexity[name], rtol=1e-5)
+        got = cols["complexity_loco"][cols["set"] == name]
+        np.testing.assert_allclose(got, complexity_loco[name], rtol=1e-5, atol=1e-4)  # float32 scores
         np.testing.assert_allclose(cols["typicality"][cols["set"] == name], typicality[name], atol=1e-5)
         row = re.search(rf"^\| {name} \| (.*) \|$", report.split("share of")[1], re.M).group(1)
         cells = row.split(" | ")
         assert [float(c.split(" ")[0]) for c in cells[:-1]] == pytest.approx(scales, abs=1e-3), name
         assert float(cells[-1]) == pytest.approx(bits, abs=2e-3), name
         assert "nan" not in row and "inf" not in row
+
+
+def test_typicality_reference_is_kept_beside_the_checkpoint_and_recomputed_when_it_changes(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun that reuses the in-distribution checkpoint reads b̄ from in_dist/typical_bpd.yaml
+    (no scoring of the training set); a record of another checkpoint, data or n_bins, or an
+    unreadable one, is computed again, to the same value, and rewritten."""
+    out = copy_of(finished, tmp_path)
+    cfg = config(tiny(out))
+    path = out / "in_dist" / experiment.TYPICAL_NAME
+    record = yaml.safe_load(path.read_text())
+    model, _ = load_glow(out / "in_dist" / "checkpoint.pt")
+    with torch.no_grad():
+        images = load_image_set(cfg.in_dist, 17).images
+        typical = float(model(to_model_input(images, 17, dequantize=False)).bits_per_dim().double().mean())
+    assert record["typical_bpd"] == pytest.approx(typical, abs=1e-6)
+    assert record["images"] == len(images) and record["n_bins"] == 17
+    calls = []
+    real = experiment.typical_bits_per_dim
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "typical_bits_per_dim", counting)
+    first = (out / "scores.csv").read_bytes()
+    run_experiment(cfg, progress=False)
+    assert not calls and (out / "scores.csv").read_bytes() == first  # read, not recomputed
+    for change in ({"checkpoint_sha256": "0" * 64}, {"n_bins": 256}, {"data": {"source": "npz"}}, None):
+        path.write_text(yaml.safe_dump({**record, **change}) if change else "typical_bpd: [")
+        run_experiment(cfg, progress=False)
+        assert len(calls) == 1, change
+        assert yaml.safe_load(path.read_text()) == record  # rewritten, the same value
+        assert (out / "scores.csv").read_bytes() == first
+        calls.clear()
 
 
 def test_outputs_replaced_without_a_report_from_an_earlier_run(

@@ -321,26 +321,36 @@ def test_score_images_and_evaluate(trained: dict[str, Path], tmp_path: Path) -> 
             "tools/score_images.py",
             "--checkpoint", str(trained["in"]),
             "--general", str(trained["general"]),
-            "--detector", "raw,ratio,last_scale,complexity",
+            "--detector", "raw,ratio,last_scale,complexity,complexity_loco",
             "--input", str(tmp_path / f"{name}.npz"),
             "--out", str(tmp_path / f"{name}.csv"),
             "--heatmaps", str(heat),
             "--n-heatmaps", shown,
             "--no-progress",
         )  # fmt: skip
-        pngs = sorted(heat.glob("*.png"))  # complexity has no heat map (raw's, shifted)
-        assert len(pngs) == (20 if shown == "0" else int(shown)) * 3, name
+        pngs = sorted(heat.glob("*.png"))  # complexity has no heat map (raw's, shifted); loco has
+        assert len(pngs) == (20 if shown == "0" else int(shown)) * 4, name
     with (tmp_path / "ones.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20 and {"raw", "ratio", "last_scale", "set", "name"} <= set(rows[0])
     assert all(np.isfinite(float(r["ratio"])) for r in rows)
     # complexity = log p_png − log p_in: below raw (−log p_in) by the PNG file's length in nats
     assert all(8 * 60 * math.log(2) < float(r["raw"]) - float(r["complexity"]) for r in rows)
+    # complexity_loco = log p_loco − log p_in: below raw by the per-pixel coder's length in nats,
+    # of the images as the model saw them (an npz is 8-bit: quantized to the model's 17 levels)
+    from densead.config import DataConfig
+    from densead.data.images import load_image_set
+    from densead.detectors.complexity import code_length
+
+    ones = load_image_set(DataConfig(source="npz", path=str(tmp_path / "ones.npz"), channels=1, size=8), 17)
+    loco_nats = (code_length(ones.images, "loco") * math.log(2)).tolist()
+    gaps = [float(r["raw"]) - float(r["complexity_loco"]) for r in rows]
+    assert gaps == pytest.approx(loco_nats, rel=1e-5, abs=1e-3)
     # The second run replaced the first's folder whole: its 7 images' maps and its record only.
     assert sorted(p.name for p in heat.iterdir()) == sorted(["heatmaps.json", *(p.name for p in pngs)])
     record = json.loads((heat / "heatmaps.json").read_text())
     assert (record["set"], record["images"], record["images_shown"]) == ("zeros", 20, 7)
-    assert record["detectors"] == ["raw", "ratio", "last_scale"]
+    assert record["detectors"] == ["raw", "ratio", "last_scale", "complexity_loco"]
     assert cv2.imread(str(pngs[0])) is not None
     assert not [p for p in (tmp_path / "new").iterdir() if p.name != "heat"]  # no staging folder left
     # A folder of other files is refused before any scoring: nothing in it is mixed or removed.
@@ -421,8 +431,10 @@ def test_run_experiment_report_and_resume(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0, name
     for stage in ("general", "in_dist", "in_dist_outlier", "general_outlier"):
         assert (out / stage / "checkpoint.pt").is_file(), stage
-    # 2 images × raw, last scale, Diff, Diff† and typicality (complexity: raw's map, shifted)
-    assert len(list((out / "heatmaps" / "digit_0").glob("*.png"))) == 2 * 5
+    # 2 images × raw, last scale, Diff, Diff†, complexity (LOCO) and typicality (the file coders'
+    # complexity: raw's map, shifted)
+    assert len(list((out / "heatmaps" / "digit_0").glob("*.png"))) == 2 * 6
+    assert len(list((out / "heatmaps" / "digit_0").glob("*_complexity_loco.png"))) == 2
 
     # The report's numbers, intervals and paired differences are recomputed from scores.csv by
     # tools/evaluate.py exactly (the report's command line says how).

@@ -9,7 +9,8 @@ torchvision set (``--dataset svhn --root data/ --split test [--download]``).
 Scores: higher = more anomalous. Detectors: raw, ratio (Diff), last_scale (4x4),
 scale<i>, ratio_scale<i>, ratio_last_scale, complexity and complexity_webp (a PNG or lossless
 WebP coder as the general distribution, Serrà et al. 2020: no --general, image scores only, no
-heatmap), typicality (|bits/dim − their mean on the model's training images|, Nalisnick et al.
+heatmap), complexity_loco (the same with a per-pixel coder, LOCO-I's predictor: heatmaps and road
+maps too), typicality (|bits/dim − their mean on the model's training images|, Nalisnick et al.
 2019: --typical-set or --typical-bpd; image scores only). --heatmaps DIR: <image
 name>_<detector>.png per image (the first --n-heatmaps) and heatmaps.json saying how they were
 made; DIR is new, empty, or one an earlier --heatmaps run wrote, replaced whole once the scores
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "general": str(Path(args.general).resolve()) if args.general else None,
             "input": str(path.resolve()),
             "set": set_name,
-            "detectors": [d.name for d in detectors if d.per_pixel],  # complexity: no heat map
+            "detectors": [d.name for d in detectors if d.per_pixel],  # a file coder's: no heat map
             "images": len(images),
             "images_shown": min(len(images), args.n_heatmaps or len(images)),
             "typical_bpd": scorer.typical_bpd,
