@@ -50,7 +50,6 @@ from densead.config import (
     TrainConfig,
     TrainRunConfig,
     save_config,
-    to_dict,
 )
 from densead.data.images import ImageSet, load_image_set
 from densead.detectors.complexity import CODER_NAMES, CodedImages
@@ -551,10 +550,16 @@ def _report(
 def _typical_bpd(cfg: ExperimentConfig, model: Glow, ckpt: Path, device, progress: bool) -> float:
     """Typicality's ``b̄``: ``model``'s mean bits/dim on the ``in_dist`` images
     (:func:`~densead.scoring.typical_bits_per_dim`). Kept in ``in_dist/typical_bpd.yaml`` with the
-    checkpoint's SHA-256, the data config and ``n_bins``, and read from there while all three
-    are unchanged: a rerun that reuses the checkpoint does not score the training set again."""
-    key = {"checkpoint_sha256": _digest(ckpt), "data": to_dict(cfg.in_dist), "n_bins": cfg.model.n_bins}
-    key = yaml.safe_load(yaml.safe_dump(key))  # as it reads back (tuples become lists)
+    SHA-256 of the checkpoint and of the images (as loaded: a data file rewritten in place is
+    new images) and ``n_bins``, and read from there while all three are unchanged: a rerun that
+    reuses the checkpoint loads the training set but does not score it again."""
+    images = load_image_set(cfg.in_dist, cfg.model.n_bins, "in_dist")
+    key = {
+        "checkpoint_sha256": _digest(ckpt),
+        "images_sha256": hashlib.sha256(images.images.numpy().tobytes()).hexdigest(),
+        "images_shape": list(images.images.shape),
+        "n_bins": cfg.model.n_bins,
+    }
     path = ckpt.parent / TYPICAL_NAME
     try:
         record = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -564,9 +569,8 @@ def _typical_bpd(cfg: ExperimentConfig, model: Glow, ckpt: Path, device, progres
         value = record.get("typical_bpd")
         if isinstance(value, float) and math.isfinite(value):
             return value
-    images = load_image_set(cfg.in_dist, cfg.model.n_bins, "in_dist")
     value = typical_bits_per_dim(model, images, cfg.eval_batch_size, device, progress)
-    record = {**key, "images": len(images), "typical_bpd": value}
+    record = {**key, "typical_bpd": value}
     atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
     return value
 

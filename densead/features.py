@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from densead.io import check_archive, not_a_file
+from densead.io import check_archive, load_error, not_a_file
 
 __all__ = ["FrozenFeatureExtractor", "load_state_dict_file", "load_weights"]
 
@@ -48,12 +48,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(not_a_file(path, "checkpoint"))
+        raise FileNotFoundError(not_a_file(path, "weights file"))
     check_archive(path, "weights file", fix="restore it")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path}: not a readable weights file ({err})") from None
+        raise ValueError(f"{path}: not a readable weights file ({load_error(err)})") from None
     if isinstance(data, Mapping):
         for key in _STATE_DICT_KEYS:
             if isinstance(data.get(key), Mapping):

@@ -33,6 +33,7 @@ __all__ = [
     "check_heatmap_folder",
     "check_output_dir",
     "check_overwrite",
+    "load_error",
     "missing_folders",
     "not_a_file",
     "read_checkpoint",
@@ -108,6 +109,16 @@ def _tensor_record(name: str) -> bool:
     return len(parts) == 3 and parts[1] == "data"
 
 
+def load_error(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line for a message naming the file:
+    the first line of torch's message, or, when the file holds pickled objects, that densead does
+    not unpickle them (torch's own message goes on to advise ``weights_only=False``)."""
+    text = str(err).strip()
+    if "weights_only" in text or "Weights only" in text:
+        return "it holds objects other than tensors and plain data, which densead does not unpickle"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def check_archive(
     path: str | os.PathLike[str],
     what: str = "file",
@@ -118,9 +129,10 @@ def check_archive(
     ``torch.save`` writes (torch ≥ 1.6), which ``torch.load`` does not, so a flipped bit is an
     error naming the file and the member instead of silently wrong weights.
 
-    Members are read in 1 MiB chunks, never whole. Anything but a zip archive with a readable
-    directory (the pickle format, a truncated file) is left to ``torch.load`` and its errors, as
-    are members without a CRC (0: ``torch.serialization.set_crc32_options(False)``).
+    Members are read in 1 MiB chunks, never whole. A file that starts as a zip archive but has no
+    readable directory (truncated) is an error too. Anything else (the pickle format) is left to
+    ``torch.load`` and its errors, as are members without a CRC (0:
+    ``torch.serialization.set_crc32_options(False)``).
 
     Args:
         path: the file.
@@ -130,16 +142,19 @@ def check_archive(
             a mapped read that does not touch the weights (:func:`read_checkpoint`).
 
     Raises:
-        ValueError: a member's bytes do not match its CRC, or its header is damaged; the
-            message names the file and the member.
+        ValueError: a member's bytes do not match its CRC, or its header is damaged (the message
+            names the file and the member), or the archive has no readable directory.
     """
     path = Path(path)
     if _torch_format(path) != "zip":
         return
     try:
         archive = zipfile.ZipFile(path)
-    except Exception:  # noqa: BLE001 - no readable directory (a truncated file): torch.load says why
-        return
+    except Exception as err:  # noqa: BLE001 - BadZipFile, OSError, ...: no readable directory
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: corrupt {what} (truncated or damaged: no readable zip directory, {reason}); {fix}"
+        ) from None
     with archive:
         for info in archive.infolist():
             if info.external_attr & 0x10 and not info.is_dir():  # MS-DOS folder bit on a file
@@ -334,11 +349,9 @@ def read_checkpoint(
     try:
         ckpt = torch.load(path, map_location="cpu" if mmap else device, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Weights only" in str(err):
-            # torch's message goes on to advise weights_only=False; densead never unpickles code
-            reason = "it holds objects other than tensors and plain data, which densead does not unpickle"
-        raise ValueError(f"{path}: not a readable {kind or 'densead'} checkpoint ({reason})") from None
+        raise ValueError(
+            f"{path}: not a readable {kind or 'densead'} checkpoint ({load_error(err)})"
+        ) from None
     for key in keys:
         if not isinstance(ckpt, dict) or key not in ckpt:
             raise ValueError(f"{path}: not a densead {label} (missing {key!r})")

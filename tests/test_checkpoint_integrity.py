@@ -111,12 +111,32 @@ def test_an_intact_checkpoint_loads_equal_to_what_was_saved(tmp_path: Path) -> N
         }
 
 
-def test_a_mapped_read_checks_the_records_it_reads(tmp_path: Path) -> None:
+def test_a_mapped_read_checks_the_records_it_reads_and_not_the_weights(tmp_path: Path) -> None:
+    """A mapped read (step, config, history) does not read the tensors' bytes, so it neither pays
+    for their CRCs nor fails on them; a whole read of the same file does."""
     path = tmp_path / "checkpoint.pt"
+    original = write_checkpoint(path)
+    name = flip_byte(path)  # a tensor's bytes
+    mapped = load_checkpoint(path, mmap=True)
+    assert (mapped["step"], mapped["history"]) == (original["step"], original["history"])
+    del mapped  # its tensors keep the file mapped
+    with pytest.raises(ValueError, match=corrupt_error(path, "checkpoint", name, "re-train or restore it")):
+        load_checkpoint(path)
+
     write_checkpoint(path)
     name = flip_byte(path, PICKLE)
     with pytest.raises(ValueError, match=corrupt_error(path, "checkpoint", name, "re-train or restore it")):
         load_checkpoint(path, mmap=True)
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    write_checkpoint(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 9 // 10])
+    for mmap in (False, True):
+        with pytest.raises(ValueError, match=r"checkpoint\.pt: corrupt checkpoint \(truncated") as err:
+            load_checkpoint(path, mmap=mmap)
+        assert "\n" not in str(err.value)
 
 
 def test_the_features_reader_refuses_a_corrupt_weights_file(tmp_path: Path) -> None:
@@ -128,6 +148,13 @@ def test_the_features_reader_refuses_a_corrupt_weights_file(tmp_path: Path) -> N
 
     name = flip_byte(path)
     with pytest.raises(ValueError, match=corrupt_error(path, "weights file", name, "restore it")) as err:
+        load_state_dict_file(path)
+    assert "\n" not in str(err.value)
+    # a whole model pickled, not a state_dict: one line too (torch's message runs to six)
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(
+        ValueError, match=r"backbone\.pt: not a readable weights file \(it holds objects"
+    ) as err:
         load_state_dict_file(path)
     assert "\n" not in str(err.value)
 

@@ -325,6 +325,21 @@ def test_loco_pixel_bits_are_its_sequential_decoders_code_lengths() -> None:
         assert got[1].sum() < got[0].sum() / 2  # edges MED predicts cost far less than noise
 
 
+def test_loco_codes_each_image_alone_in_chunks_of_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    import densead.detectors.complexity as complexity
+
+    levels = torch.randint(
+        0, 256, (5, 3, 6, 4), generator=torch.Generator().manual_seed(5), dtype=torch.uint8
+    )
+    whole = complexity.pixel_code_lengths(levels)
+    monkeypatch.setattr(complexity, "_LOCO_CHUNK_VALUES", 2 * 3 * 6 * 4)  # two images at a time
+    torch.testing.assert_close(complexity.pixel_code_lengths(levels), whole, rtol=0, atol=0)
+    torch.testing.assert_close(complexity.pixel_code_lengths(levels[3:4])[0], whole[3], rtol=0, atol=0)
+    empty = levels[:0]
+    assert complexity.pixel_code_lengths(empty).shape == (0, 6, 4)
+    assert complexity.code_length(empty, "loco").shape == (0,)
+
+
 def test_loco_codes_real_photos_and_digits_shorter_than_png_and_webp(shared_data) -> None:
     """On 64 CIFAR-10 photos and 64 MNIST digits (real data), the loco code is shorter on average
     than the lossless WebP and PNG files, and shorter than PNG's for almost every image."""

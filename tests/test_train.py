@@ -308,9 +308,14 @@ def test_small_entries_read_mapped_equal_a_whole_read_in_any_checkpoint_format(t
 
     (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:1000])
     torch.save({"model": Path("x"), "model_config": {}}, tmp_path / "objects.pt")
-    for name, reason in (("cut.pt", ""), ("objects.pt", "objects other than tensors")):
-        with pytest.raises(ValueError, match=rf"{name}: not a readable densead checkpoint \(.*{reason}"):
-            load_checkpoint(tmp_path / name, mmap=True)
+    with pytest.raises(
+        ValueError, match=r"cut\.pt: corrupt checkpoint \(truncated or damaged: no readable zip"
+    ):
+        load_checkpoint(tmp_path / "cut.pt", mmap=True)
+    with pytest.raises(
+        ValueError, match=r"objects\.pt: not a readable densead checkpoint \(.*objects other than"
+    ):
+        load_checkpoint(tmp_path / "objects.pt", mmap=True)
 
 
 def test_a_resume_from_another_folder_compares_the_data_files_not_their_spelling(
