@@ -19,19 +19,14 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from densead.data.road import CamVid
 from densead.data.transforms import to_model_input
 from densead.dense import pad_to_multiple, shrink, trained_downscale
 from densead.detectors.complexity import pixel_code_lengths
+from densead.detectors.glow import block_mean
 from densead.metrics import PixelMetrics
 from densead.train import load_glow
-
-
-def block_mean(m: torch.Tensor, k: int) -> torch.Tensor:
-    """``(H, W)`` averaged over ``k × k`` blocks, each block's mean at its pixels."""
-    return F.interpolate(F.avg_pool2d(m[None, None], k), scale_factor=k, mode="nearest")[0, 0]
 
 
 def main() -> None:
@@ -61,7 +56,7 @@ def main() -> None:
         length = pixel_code_lengths(levels)[0] * math.log(2)  # the coder's nats per model pixel
         maps = {"raw": raw, "loco length": length}
         for b in blocks:
-            maps[f"complexity per {b}×{b} block"] = block_mean(raw - length, b)
+            maps[f"complexity per {b}×{b} block"] = block_mean((raw - length)[None], b)[0]  # the detector's
         for name, m in maps.items():
             native = m.repeat_interleave(downscale, 0).repeat_interleave(downscale, 1)[:h, :w]
             metrics[name].update(native.float().numpy(), label)

@@ -272,15 +272,20 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_parents(stage_dir: Path) -> dict | None:
-    path = stage_dir / PARENTS_NAME
+def _read_record(path: Path) -> dict | None:
+    """A YAML record the experiment keeps beside a checkpoint: None when there is none, ``{}``
+    when it cannot be read (it then matches nothing: stale, or computed again)."""
     if not path.is_file():
         return None
     try:
         record = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return {}  # unreadable: matches nothing, so the stage counts as stale
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
     return record if isinstance(record, dict) else {}
+
+
+def _read_parents(stage_dir: Path) -> dict | None:
+    return _read_record(stage_dir / PARENTS_NAME)
 
 
 def _check_reuse(cfg: ExperimentConfig, stages: list[_Stage]) -> None:
@@ -411,7 +416,6 @@ def _score_sets(
         if d != "ratio_outlier" or "in_dist_outlier" in models:
             cols[d] = []
     heat: dict[str, dict[str, list]] = {}
-    raw, last, ratio = DETECTORS["raw"], DETECTORS["last_scale"], DETECTORS["ratio"]
     for set_name, images in sets.items():
         outs = {
             m: glow_outputs(model, images, cfg.eval_batch_size, device, progress)
@@ -432,17 +436,10 @@ def _score_sets(
                 cols[f"log_prob_{coder}"] += levels.log_prob(coder).tolist()
             for i, v in enumerate(o["in_dist"].scale_log_probs().double().T, start=1):
                 cols[f"scale{i}_in_dist"] += v.tolist()
-            pairs = {
-                "raw": (raw, o["in_dist"], None),
-                "last_scale": (last, o["in_dist"], None),
-                "ratio": (ratio, o["in_dist"], o["general"]),
-                "complexity": (DETECTORS["complexity"], o["in_dist"], None),
-                "complexity_webp": (DETECTORS["complexity_webp"], o["in_dist"], None),
-                "complexity_loco": (DETECTORS["complexity_loco"], o["in_dist"], None),
-                "typicality": (DETECTORS["typicality"], o["in_dist"], None),
-            }
+            # every column a registered detector names; Diff†: the ratio of the outlier-trained pair
+            pairs = {d: (DETECTORS[d], o["in_dist"], o["general"]) for d in DISPLAY_NAMES if d in DETECTORS}
             if "in_dist_outlier" in o:
-                pairs["ratio_outlier"] = (ratio, o["in_dist_outlier"], o["general_outlier"])
+                pairs["ratio_outlier"] = (DETECTORS["ratio"], o["in_dist_outlier"], o["general_outlier"])
             take = max(0, min(cfg.n_heatmaps - n_maps, sl.stop - sl.start))
             for col, (det, oi, og) in pairs.items():
                 cols[col] += det.score_from(oi, og, levels, typical_bpd).double().tolist()
@@ -561,11 +558,8 @@ def _typical_bpd(cfg: ExperimentConfig, model: Glow, ckpt: Path, device, progres
         "n_bins": cfg.model.n_bins,
     }
     path = ckpt.parent / TYPICAL_NAME
-    try:
-        record = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        record = None  # unreadable: computed again and rewritten
-    if isinstance(record, dict) and all(record.get(k) == v for k, v in key.items()):
+    record = _read_record(path) or {}  # none, or unreadable: computed again and (re)written
+    if all(record.get(k) == v for k, v in key.items()):
         value = record.get("typical_bpd")
         if isinstance(value, float) and math.isfinite(value):
             return value

@@ -33,6 +33,7 @@ __all__ = [
     "check_heatmap_folder",
     "check_output_dir",
     "check_overwrite",
+    "error_line",
     "load_error",
     "missing_folders",
     "not_a_file",
@@ -109,14 +110,20 @@ def _tensor_record(name: str) -> bool:
     return len(parts) == 3 and parts[1] == "data"
 
 
+def error_line(err: BaseException) -> str:
+    """An exception's message on one line for a message of ours: its first line, or its type's
+    name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_error(err: BaseException) -> str:
     """Why ``torch.load(..., weights_only=True)`` failed, in one line for a message naming the file:
     the first line of torch's message, or, when the file holds pickled objects, that densead does
     not unpickle them (torch's own message goes on to advise ``weights_only=False``)."""
-    text = str(err).strip()
-    if "weights_only" in text or "Weights only" in text:
+    if "weights_only" in str(err) or "Weights only" in str(err):
         return "it holds objects other than tensors and plain data, which densead does not unpickle"
-    return text.splitlines()[0] if text else type(err).__name__
+    return error_line(err)
 
 
 def check_archive(
@@ -151,10 +158,8 @@ def check_archive(
     try:
         archive = zipfile.ZipFile(path)
     except Exception as err:  # noqa: BLE001 - BadZipFile, OSError, ...: no readable directory
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"{path}: corrupt {what} (truncated or damaged: no readable zip directory, {reason}); {fix}"
-        ) from None
+        reason = f"truncated or damaged: no readable zip directory, {error_line(err)}"
+        raise ValueError(f"{path}: corrupt {what} ({reason}); {fix}") from None
     with archive:
         for info in archive.infolist():
             if info.external_attr & 0x10 and not info.is_dir():  # MS-DOS folder bit on a file
@@ -167,7 +172,7 @@ def check_archive(
                     while member.read(_CRC_CHUNK):
                         pass
             except Exception as err:  # noqa: BLE001 - a damaged header (BadZipFile, EOFError, ...) too
-                text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                text = error_line(err)
                 reason = (
                     f"CRC mismatch in member {info.filename!r}"
                     if isinstance(err, zipfile.BadZipFile) and "CRC" in text

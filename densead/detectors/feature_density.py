@@ -97,6 +97,7 @@ from densead.io import (
     atomic_write_text,
     check_heatmap_folder,
     check_overwrite,
+    error_line,
     read_checkpoint,
     require_file,
     staged_heatmaps,
@@ -656,7 +657,8 @@ class FeatureDensity(nn.Module):
     def normalized_scores(
         self, log_probs: Mapping[str, Tensor], normalization: str = "mean"
     ) -> dict[str, Tensor]:
-        """``{tap: s_l}`` with ``s_l = (μ_l − log p_l) / |μ_l|`` (``mean``) or ``/ σ_l`` (``zscore``)."""
+        """``{tap: s_l}`` with ``s_l = (μ_l − log p_l) / |μ_l|`` (``mean``) or ``/ σ_l`` (``zscore``);
+        a position without a finite log p keeps its sentinel, ``−MIN_LOG_PROB``, not divided."""
         _check_choice(normalization, NORMALIZATIONS, "normalization")
         if not self.is_normalized:
             raise ValueError("the normalization constants are not fitted (see fit_normalization)")
@@ -668,7 +670,8 @@ class FeatureDensity(nn.Module):
                 raise ValueError(
                     f"tap {name!r}: normalization divisor is {scale}; try normalization='zscore'"
                 )
-            out[name] = (mu - log_probs[name].double()) / scale
+            lp = log_probs[name].double()
+            out[name] = torch.where(lp <= -SENTINEL_LIMIT, -MIN_LOG_PROB, (mu - lp) / scale)
         return out
 
 
@@ -824,13 +827,8 @@ class DenseFeatureDetector:
         feats = self.extractor(x)
         size = x.shape[-2:]
         logits = frame_logits(feats[LOGITS_TAP], size)
-        log_probs = self.density.log_prob_maps(feats)
-        scores = self.density.normalized_scores(log_probs, self.normalization)
-        layer_maps = {}
-        for n, s in scores.items():
-            lp = log_probs[n]  # a non-finite one's sentinel stays one, not divided by |μ|
-            s = torch.where(lp <= -SENTINEL_LIMIT, -MIN_LOG_PROB, s)
-            layer_maps[f"density_{n}"] = upsample_map(s, size)
+        scores = self.density.normalized_scores(self.density.log_prob_maps(feats), self.normalization)
+        layer_maps = {f"density_{n}": upsample_map(s, size) for n, s in scores.items()}
         stacked = torch.stack(list(layer_maps.values()))
         out = dict(layer_maps)
         out["density_mean"] = with_sentinels(stacked.mean(dim=0), stacked)
@@ -881,9 +879,8 @@ def _tap_segmenter(
             try:
                 FrozenFeatureExtractor.from_module(segmenter, {tap: node})
             except Exception as err:  # noqa: BLE001
-                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ValueError(
-                    f"{key}: {node!r} is not a feature map of segmenter {cfg.segmenter}: {detail}"
+                    f"{key}: {node!r} is not a feature map of segmenter {cfg.segmenter}: {error_line(err)}"
                 ) from None
         raise
     k = getattr(segmenter, "num_classes", None)

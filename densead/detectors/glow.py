@@ -60,6 +60,7 @@ __all__ = [
     "SENTINEL_LIMIT",
     "GlowDetector",
     "GlowScorer",
+    "block_mean",
     "get_detector",
     "upsample_map",
     "with_sentinels",
@@ -103,7 +104,7 @@ def upsample_map(m: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.where(marks != 0, marks, smooth)
 
 
-def _block_mean(m: Tensor, k: int) -> Tensor:
+def block_mean(m: Tensor, k: int) -> Tensor:
     """``(B, H, W)`` maps averaged over ``k × k`` blocks (``H``, ``W`` multiples of ``k``), each
     block's mean at its pixels: block sums kept. A block holding a sentinel is that sentinel
     (:func:`with_sentinels`)."""
@@ -236,7 +237,7 @@ class GlowDetector:
             return bits * bits.sum(dim=(-2, -1)).sign()[:, None, None]
         if coded is not None and self.compressor in PIXEL_CODERS:  # per block of the coarsest grid
             ratio = coded.log_prob_map(self.compressor).to(m_in) - m_in
-            return _block_mean(ratio, 2 ** len(out_in.contributions))
+            return block_mean(ratio, 2 ** len(out_in.contributions))
         if coded is not None:  # one code length per image: spread evenly
             return (coded.log_prob(self.compressor).to(m_in) / (h * w))[:, None, None] - m_in
         if not self.needs_general:
