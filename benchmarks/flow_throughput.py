@@ -14,7 +14,8 @@ the others are modes of ``TrainConfig.fast`` (densead/flows/fast.py):
 in the backward pass: less memory, more compute), ``cudagraphs`` (the whole
 training step replayed from CUDA graphs, ``densead.train.GraphedTrainingStep``,
 and the evaluation forward from one, ``GraphedCall``; CUDA only, its rows are
-skipped elsewhere); ``all`` is ``fast=on`` plus bf16, ``all+X`` adds lever X.
+skipped elsewhere); ``all`` is ``fast=on`` plus bf16, ``all+X`` adds lever X,
+``all-compile+cudagraphs`` is ``all`` without compile, graphed.
 Every row trains with the library's ``training_step`` (gradient norm and its
 finiteness check included), as ``train_glow`` does.
 
@@ -76,6 +77,8 @@ LEVERS = {
     "all": ("on", True),
     "all+recompute": ("on,recompute", True),
     "all+cudagraphs": ("on,cudagraphs", True),
+    # all levers but compile, graphed: the fallback if compiled steps do not capture
+    "all-compile+cudagraphs": ("fused,channels_last,cudagraphs", True),
 }
 # Dense (no sparsity) peak FLOP/s as (bf16, tf32), from NVIDIA's data sheets, by device-name substring;
 # the first match wins, so the PCIe entry comes before the generic H100 (SXM, "H100 80GB HBM3").

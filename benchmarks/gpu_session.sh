@@ -17,30 +17,34 @@
 # written as rows finish, so a run cut short still returns what it measured; stderr to stderr.log
 # (6 files in all: at most 8 come back from the device; names without '+', which do not come back).
 #
-# Parts, in order, each with a timeout (seconds of SESSION_BUDGET_S, default 570, the whole call):
+# Parts, in order, each with a timeout (seconds of SESSION_BUDGET_S, default 570, the whole call); the
+# order is by what issue 4 needs most, so a cut loses the least:
 #   checks      benchmarks/cuda_graph_check.py --small: graphed training steps and forwards against the
-#               eager path (cudagraphs, all+cudagraphs; capture, replays, fallbacks), ≤ 60 s
-#   throughput  batch 256, levers plain all+cudagraphs cudagraphs all bf16 channels_last fused compile
-#               recompute (the rows that matter most first: a cut loses the last); timing only, ≤ 300 s
-#   dense       1×3×1024×2048 Glow pixel map and a 256-d feature flow at stride 8, plain then the fast
-#               path (fused, channels_last, bf16), ≤ 40 s each
-#   large       batch 1024, all+cudagraphs and all, ≤ 75 s
-#   profile     benchmarks/profile_step.py: wall vs GPU-kernel time per step, plain / all / all+cudagraphs,
-#               batch 256, ≤ 45 s (appended to checks.md)
+#               eager path (cudagraphs, all+cudagraphs; capture, replays, fallbacks), ≤ 40 s
+#   throughput  batch 256, levers plain all+cudagraphs all-compile+cudagraphs cudagraphs all fused bf16
+#               channels_last compile recompute (the rows that matter most first: a cut loses the
+#               last); timing only, ≤ 230 s
 #   bpd         bits/dim trajectories at batch 64, test bits/dim every 250 steps, as processes side by
-#               side on the GPU (their img/s are then not clean: take speeds from the throughput table):
-#               all+cudagraphs 2000 steps, cudagraphs 2000 steps (fp32, the plain path's kernels
-#               replayed: the reference at 2000 steps), cudagraphs 2000 steps with seed 1 (the
-#               yardstick: how far another seed lands) and plain 500 steps (eager; shows that the
-#               graphed fp32 run is the plain path), the rest of the budget, all into bpd.md.
-#               Read them as docs/results_gpu_speed.md says: one checkpoint of the test bits/dim moves
-#               by up to 0.02 from float rounding alone (measured on CPU, session 9), so compare the
-#               mean over the checkpoints 1250-2000 against the seed-1 run's distance.
+#               side on the GPU (their img/s are then not clean: take speeds from the throughput table),
+#               ≤ BPD_LIMIT s (default 190): FAST 2000 steps, cudagraphs 2000 steps (fp32, the plain
+#               path's kernels replayed: the reference at 2000 steps) and cudagraphs 2000 steps with
+#               seed 1 (the yardstick: how far another seed lands), all into bpd.md. FAST is
+#               all+cudagraphs, or all-compile+cudagraphs when the throughput table has no number for
+#               all+cudagraphs (compiled steps failed to capture). Read them as
+#               docs/results_gpu_speed.md says: one checkpoint of the test bits/dim moves by up to 0.02
+#               from float rounding alone (measured on CPU, session 9), so compare the mean over the
+#               checkpoints 1250-2000 against the seed-1 run's distance.
+#   large       batch 1024, all+cudagraphs and all, ≤ 45 s
+#   dense       1×3×1024×2048 Glow pixel map and a 256-d feature flow at stride 8, plain then the fast
+#               path (fused, channels_last, bf16), ≤ 25 s each
+#   profile     benchmarks/profile_step.py: wall vs GPU-kernel time per step, plain / all / all+cudagraphs,
+#               batch 256, the rest (appended to checks.md)
 # Session 6 (H200) measured the first version: eager steps are host-bound (plain batch 256: 232 ms
 # wall, 141 ms of GPU kernels; bf16+fused+channels_last: 276 ms wall, 77 ms of kernels), hence the
 # whole-step CUDA graphs (densead.train.GraphedTrainingStep) behind the cudagraphs rows.
-# ONLY=bpd runs the trajectories alone; ONLY=large the batch-1024 rows; LEVERS, BPD_RUNS
-# ("lever:steps lever:steps:seed ..."; seed 0 when left out), BPD_EVERY, BPD_BATCH override.
+# ONLY=bpd runs the trajectories alone (in all the time left); ONLY=large the batch-1024 rows; LEVERS,
+# BPD_RUNS ("lever:steps lever:steps:seed ..."; seed 0 when left out; FAST as above), BPD_LIMIT,
+# BPD_EVERY, BPD_BATCH override.
 # EXTRA_ARGS="--small --iters 1" is the CPU smoke test of this script (with
 # EXTRA_PROFILE_ARGS="--small --batch 8 --steps 1"; about 6 min on 2 cores): run it before spending
 # GPU time (session 9's run caught an inductor failure of the all lever that way).
@@ -50,8 +54,9 @@ cd "$(dirname "$0")/.."
 CIFAR="${1:-${DENSEAD_CIFAR:-runs/gpu_data/cifar10_test.npz}}"
 OUT_DIR="${OUT:-runs/gpu_session}"
 BUDGET="${SESSION_BUDGET_S:-570}"
-LEVERS="${LEVERS:-plain all+cudagraphs cudagraphs all bf16 channels_last fused compile recompute}"
-BPD_RUNS="${BPD_RUNS:-all+cudagraphs:2000 cudagraphs:2000 cudagraphs:2000:1 plain:500}"
+LEVERS="${LEVERS:-plain all+cudagraphs all-compile+cudagraphs cudagraphs all fused bf16 channels_last compile recompute}"
+BPD_RUNS="${BPD_RUNS:-FAST:2000 cudagraphs:2000 cudagraphs:2000:1}"
+BPD_LIMIT="${BPD_LIMIT:-190}"
 BPD_EVERY="${BPD_EVERY:-250}"
 BPD_BATCH="${BPD_BATCH:-64}"
 ONLY="${ONLY:-}"
@@ -94,16 +99,28 @@ part() {  # part NAME SECONDS COMMAND...: run with a timeout (at most the time l
     fi
 }
 
-bpd() {  # the trajectories of BPD_RUNS ("lever:steps" or "lever:steps:seed"), side by side, into bpd.md
-    local limit=$(($(left) - 15)) run lever steps seed parts i n=0
+fast_lever() {  # all+cudagraphs, unless this session's throughput table has no number for it
+    if [[ -f "$OUT_DIR/throughput_b256.md" ]] && ! grep -qE '^\| all\+cudagraphs \|[^|]*\| [0-9]+ \| [0-9.]+ \|' \
+        "$OUT_DIR/throughput_b256.md"; then
+        echo all-compile+cudagraphs
+    else
+        echo all+cudagraphs
+    fi
+}
+
+bpd() {  # the trajectories of BPD_RUNS ("lever:steps" or "lever:steps:seed"; FAST: fast_lever) side by side
+    local limit=$1 run lever steps seed parts i n=0 fast
+    fast=$(fast_lever)
+    ((limit > $(left) - 10)) && limit=$(($(left) - 10))
     if ((limit < 20)); then
         echo "skipped bpd: ${limit}s left"
         return
     fi
-    echo "== bpd (timeout ${limit}s): $BPD_RUNS; batch $BPD_BATCH"
+    echo "== bpd (timeout ${limit}s): ${BPD_RUNS//FAST/$fast}; batch $BPD_BATCH"
     parts=$(mktemp -d)  # one file per run while they run; one bpd.md in $OUT_DIR (8 files come back)
     for run in $BPD_RUNS; do
         IFS=: read -r lever steps seed <<<"$run"
+        [[ $lever == FAST ]] && lever=$fast
         n=$((n + 1))
         # Own compile caches: runs compiling the same kernels at once raced on the shared one
         # (InductorError: "<kernel>.so: file too short", seen on CPU with two compiling runs).
@@ -130,18 +147,18 @@ large() {
 }
 
 case "$ONLY" in
-bpd) bpd ;;
+bpd) bpd $(($(left) - 10)) ;;
 large) large $(($(left) - 5)) ;;
 "")
-    part checks 60 $PY benchmarks/cuda_graph_check.py --small
-    part throughput_b256 300 $PY "${BENCH[@]}" --batch-sizes 256 --levers $LEVERS --iters 20 --no-dense \
+    part checks 40 $PY benchmarks/cuda_graph_check.py --small
+    part throughput_b256 230 $PY "${BENCH[@]}" --batch-sizes 256 --levers $LEVERS --iters 20 --no-dense \
         "${EXTRA[@]}"
-    part dense 40 $PY "${BENCH[@]}" --batch-sizes --iters 10 --dense-fast off "${EXTRA[@]}"
-    part dense 40 $PY "${BENCH[@]}" --batch-sizes --iters 10 --dense-fast auto --dense-bf16 "${EXTRA[@]}"
-    large 75
-    part checks 45 $PY benchmarks/profile_step.py --levers plain all all+cudagraphs --batch 256 \
+    bpd "$BPD_LIMIT"
+    large 45
+    part dense 25 $PY "${BENCH[@]}" --batch-sizes --iters 10 --dense-fast off "${EXTRA[@]}"
+    part dense 25 $PY "${BENCH[@]}" --batch-sizes --iters 10 --dense-fast auto --dense-bf16 "${EXTRA[@]}"
+    part checks $(($(left) - 5)) $PY benchmarks/profile_step.py --levers plain all all+cudagraphs --batch 256 \
         "${EXTRA_PROFILE[@]}"
-    bpd
     ;;
 *) echo "ONLY: unknown value $ONLY (bpd, large or empty)" >&2 && exit 2 ;;
 esac
