@@ -42,6 +42,10 @@
 # Session 6 (H200) measured the first version: eager steps are host-bound (plain batch 256: 232 ms
 # wall, 141 ms of GPU kernels; bf16+fused+channels_last: 276 ms wall, 77 ms of kernels), hence the
 # whole-step CUDA graphs (densead.train.GraphedTrainingStep) behind the cudagraphs rows.
+# Session 20 (H200) measured every part but the trajectories to 2,000 steps (cut at 500-1,000) and
+# the all+cudagraphs case of the checks (cut by its 40 s while importing inductor): the next GPU
+# session runs ONLY=verify, those two in one call (checks ≤ 90 s, then the trajectories: at session
+# 20's rates, about 360 s for the three runs side by side; docs/results_gpu_speed.md).
 # ONLY=bpd runs the trajectories alone (in all the time left); ONLY=large the batch-1024 rows; LEVERS,
 # BPD_RUNS ("lever:steps lever:steps:seed ..."; seed 0 when left out; FAST as above), BPD_LIMIT,
 # BPD_EVERY, BPD_BATCH override.
@@ -148,6 +152,10 @@ large() {
 
 case "$ONLY" in
 bpd) bpd $(($(left) - 10)) ;;
+verify)
+    part checks 90 $PY benchmarks/cuda_graph_check.py --small
+    bpd $(($(left) - 10))
+    ;;
 large) large $(($(left) - 5)) ;;
 "")
     part checks 40 $PY benchmarks/cuda_graph_check.py --small
@@ -160,6 +168,6 @@ large) large $(($(left) - 5)) ;;
     part checks $(($(left) - 5)) $PY benchmarks/profile_step.py --levers plain all all+cudagraphs --batch 256 \
         "${EXTRA_PROFILE[@]}"
     ;;
-*) echo "ONLY: unknown value $ONLY (bpd, large or empty)" >&2 && exit 2 ;;
+*) echo "ONLY: unknown value $ONLY (verify, bpd, large or empty)" >&2 && exit 2 ;;
 esac
 echo "total $((SECONDS - START))s; tables in $OUT_DIR"

@@ -192,14 +192,17 @@ class TrainConfig:
 
     ``fast`` selects the speed levers of :mod:`densead.flows.fast`, all of which
     give the plain path's results up to float rounding: ``fused`` (ActNorm + 1×1
-    conv as one convolution), ``channels_last`` (NHWC memory format) and
-    ``compile`` (``torch.compile`` of the model). ``auto`` (default) pulls all
-    three on CUDA (``compile`` only with Triton) and none on CPU, so CPU runs
-    are the plain fp32 path; ``on`` / ``off`` force all or none; a
+    conv as one convolution), ``channels_last`` (NHWC memory format),
+    ``compile`` (``torch.compile`` of the model) and ``cudagraphs`` (whole
+    training steps replayed from CUDA graphs: ``densead.train.GraphedTrainingStep``).
+    ``auto`` (default) pulls the first three on CUDA (``compile`` only with
+    Triton), and ``cudagraphs`` too where the image Glow's trainer can replay
+    its steps (one process, Adam or Adamax; eager steps after a warning if the
+    capture fails), and none on CPU, so CPU runs are the plain fp32 path;
+    ``on`` / ``off`` force fused, channels_last and compile, or none; a
     comma-separated list picks levers (``fused,channels_last``, or
     ``auto,recompute`` to add activation recomputation for batches that do not
-    fit otherwise; ``cudagraphs`` replays whole training steps from CUDA graphs,
-    CUDA only, image Glow, one process: ``densead.train.GraphedTrainingStep``).
+    fit otherwise; ``cudagraphs`` by name fails if the capture does).
     Checkpoints are the same with any value. Both training loops read it
     (images: ``densead.train``; road scenes: ``densead.dense``, without
     ``cudagraphs``).

@@ -502,6 +502,12 @@ def test_lever_lists_combine_with_auto_and_cudagraphs_need_cuda() -> None:
     assert str(graphs) == "fused,cudagraphs"
     with pytest.raises(ValueError, match=r"train\.fast: cudagraphs needs a CUDA device.*cpu"):
         resolve_fast_path("cudagraphs", "cpu", where="train.fast")
+    # auto adds whole-step graphs only where the caller can replay them, and only on CUDA
+    assert resolve_fast_path("auto", "cuda", allow_cudagraphs=True).cudagraphs
+    assert resolve_fast_path("auto,recompute", "cuda", allow_cudagraphs=True).cudagraphs
+    assert resolve_fast_path("auto", "cpu", allow_cudagraphs=True) == FastPath(), "CPU stays the plain path"
+    assert not resolve_fast_path("on", "cuda", allow_cudagraphs=True).cudagraphs
+    assert not resolve_fast_path("fused", "cuda", allow_cudagraphs=True).cudagraphs
     for bad in ("auto,on", "off,fused", "auto,recompte", ""):
         with pytest.raises(ValueError, match="train.fast: unknown value"):
             resolve_fast_path(bad, "cpu", where="train.fast")
@@ -605,6 +611,82 @@ def test_a_failed_capture_says_what_failed_and_what_to_do() -> None:
         RuntimeError, match=r"cudagraphs could not capture .* shape \(4, 1, 8, 8\) \(operation not"
     ):
         graphed(torch.rand(4, 1, 8, 8) - 0.5)
+
+
+def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, stand_in: type) -> list[bool]:
+    """train_glow as on CUDA: its ``auto`` gets whole-step graphs where train_glow allows them (the
+    CUDA check of resolve_fast_path aside), with the stand-in for GraphedTrainingStep's mechanics.
+    Returns the allow_cudagraphs that train_glow passed, one per run."""
+    import densead.train as train_module
+
+    allowed = []
+
+    def resolve(mode, device, allow_compile=True, where="fast", allow_cudagraphs=False):  # noqa: ANN001, ANN202
+        allowed.append(allow_cudagraphs)
+        if "cudagraphs" in mode:
+            return FastPath(cudagraphs=True)
+        return replace(resolve_fast_path(mode, device, allow_compile, where), cudagraphs=allow_cudagraphs)
+
+    monkeypatch.setattr(train_module, "resolve_fast_path", resolve)
+    monkeypatch.setattr(train_module, "GraphedTrainingStep", stand_in)
+    return allowed
+
+
+def test_auto_trains_with_whole_step_graphs_and_falls_back_when_a_capture_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.fast: auto`` runs train_glow's steps through GraphedTrainingStep where it can (Adamax,
+    one process) and gives the eager run's model; if the capture fails it warns and trains on
+    eagerly to the same model; asked for by name, a failed capture stops the run; with SGD auto
+    takes no graphs."""
+    mcfg = ModelConfig(in_channels=1, n_scales=2, n_steps=1, hidden=8, n_bins=17)
+    data = DataConfig(source="sklearn_digits", channels=1, size=8, stop=64)
+
+    def run(name: str, **train: object) -> dict[str, torch.Tensor]:
+        tcfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, log_every=1, warmup_steps=2, **train)
+        return load_checkpoint(train_glow(TrainRunConfig(str(tmp_path / name), data, mcfg, tcfg), False))[
+            "model"
+        ]
+
+    eager = run("eager", fast="off")
+    graphed = EagerGraphs.subclass()
+    allowed = graphs_on_cpu(monkeypatch, graphed)
+    auto = run("auto")
+    assert graphed.recorded == ["_forward_backward", "step"], "auto captured the step once"
+    for key in eager:
+        torch.testing.assert_close(auto[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
+
+    class Refusing(EagerGraphs.subclass()):
+        def _record(self, body, pool):  # noqa: ANN001, ANN202
+            self.recorded.append(body.__name__)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs_on_cpu(monkeypatch, Refusing)
+    with pytest.warns(
+        UserWarning, match=r"auto: CUDA graphs could not capture .*\(16, 1, 8, 8\).* eager steps"
+    ):
+        fell_back = run("fallback")
+    assert Refusing.recorded == ["_forward_backward"], "one failed capture, not one per step"
+    for key in eager:
+        torch.testing.assert_close(fell_back[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
+    with pytest.raises(RuntimeError, match="cudagraphs could not capture .* train without cudagraphs"):
+        run("by_name", fast="cudagraphs")
+    assert allowed == [True], "the first graphs_on_cpu's run"
+    sgd_allowed = graphs_on_cpu(monkeypatch, Refusing)
+    run("sgd", optimizer="sgd")
+    assert sgd_allowed == [False]
+
+
+def test_auto_takes_graphs_only_in_one_process_with_a_capturable_optimizer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import densead.distributed
+    from densead.train import graphs_supported
+
+    assert graphs_supported(TrainConfig()) and graphs_supported(TrainConfig(optimizer="adam"))
+    assert not graphs_supported(TrainConfig(optimizer="sgd"))
+    monkeypatch.setattr(densead.distributed, "is_distributed", lambda: True)
+    assert not graphs_supported(TrainConfig()), "under torchrun"
 
 
 def test_a_graphed_runs_optimizer_state_resumes_without_graphs(tmp_path: Path) -> None:

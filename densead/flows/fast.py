@@ -13,24 +13,30 @@ stays its own switch (``TrainConfig.amp``, ``GlowScorer(amp=...)``).
 
 A mode string selects levers: ``auto`` pulls every speed lever the device supports
 (``fused``, ``channels_last`` and ``compile`` on CUDA, ``compile`` only where Triton
-is installed; none on CPU, so a CPU run is exactly the plain fp32 path), ``on``
-those three on any device, ``off`` none, or a comma-separated list of levers and
-at most one of ``auto``/``on``, such as ``fused,channels_last`` or ``auto,recompute``.
+is installed; none on CPU, so a CPU run is exactly the plain fp32 path), plus
+``cudagraphs`` where the caller can replay whole steps (the image Glow's trainer
+in one process with Adam or Adamax), ``on`` fused, channels_last and compile on
+any device, ``off`` none, or a comma-separated list of levers and at most one of
+``auto``/``on``, such as ``fused,channels_last`` or ``auto,recompute``.
 ``recompute`` trades compute for memory (for batches that do not fit otherwise)
-and ``cudagraphs`` removes the host's per-kernel launch overhead at a fixed batch
-shape (:class:`densead.train.GraphedTrainingStep`: forward, backward and optimizer
-step captured once, replayed every step, in the image Glow's trainer;
-:class:`GraphedCall` for :class:`~densead.detectors.glow.GlowScorer`'s forwards;
-the road Glow's trainer refuses it); neither is part of ``auto`` or ``on``: ask for
-them by name. Why whole steps: on an H200 the paper-size Glow's eager training
-step at batch 256 issues about 10,000 kernels and its host time exceeds its GPU
-time (232 ms wall vs 141 ms of kernels in fp32; 276 vs 77 ms with bf16, fused and
-channels_last), and compiling each flow step with ``mode="reduce-overhead"`` fails
-outright: all 96 steps share one compiled graph, so each replay overwrites the
-outputs of the previous step that the backward pass still needs. None of them
-changes parameters or ``state_dict`` keys: checkpoints written with and without
-the fast path are interchangeable, and the plain path stays the reference the
-tests compare against.
+and is asked for by name. ``cudagraphs`` removes the host's per-kernel launch
+overhead at a fixed batch shape (:class:`densead.train.GraphedTrainingStep`:
+forward, backward and optimizer step captured once, replayed every step, in the
+image Glow's trainer; :class:`GraphedCall` for
+:class:`~densead.detectors.glow.GlowScorer`'s forwards, by name; the road Glow's
+trainer refuses it). Why whole steps: on an H200 the paper-size Glow's eager
+training step at batch 256 issues about 10,000 kernels and its host time exceeds
+its GPU time (session 6: 232 ms wall vs 141 ms of kernels in fp32; 276 vs 77 ms
+with bf16, fused and channels_last), and compiling each flow step with
+``mode="reduce-overhead"`` fails outright: all 96 steps share one compiled graph,
+so each replay overwrites the outputs of the previous step that the backward
+pass still needs. Replayed whole, the step is bound by the GPU (session 20, H200,
+batch 256, bf16 + fused + channels_last + compile: 62 ms wall, 56 ms of kernels;
+4,535 training images/s against 1,024 eager, plain fp32 933;
+docs/results_gpu_speed.md). None of the levers changes parameters or
+``state_dict`` keys: checkpoints written with and without the fast path are
+interchangeable, and the plain path stays the reference the tests compare
+against.
 
 ``compile`` is regional: each :class:`~densead.flows.glow.FlowStep` is compiled
 in place (``nn.Module.compile``), not the whole model. All 3·K steps share one
@@ -102,7 +108,11 @@ def compile_supported(device: torch.device) -> bool:
 
 
 def resolve_fast_path(
-    mode: str, device: torch.device | str, allow_compile: bool = True, where: str = "fast"
+    mode: str,
+    device: torch.device | str,
+    allow_compile: bool = True,
+    where: str = "fast",
+    allow_cudagraphs: bool = False,
 ) -> FastPath:
     """The levers a mode string asks for on ``device``.
 
@@ -115,6 +125,9 @@ def resolve_fast_path(
             runs over many input shapes, where compiling costs more than it
             saves); an explicit ``on`` or ``compile`` still compiles.
         where: the config key, for error messages.
+        allow_cudagraphs: ``True`` makes ``auto`` add ``cudagraphs`` on CUDA, for a
+            caller that can replay whole steps (the image Glow's trainer in one
+            process with Adam or Adamax: :func:`densead.train.graphs_supported`).
 
     Raises:
         ValueError: an unknown name, or ``cudagraphs`` on a device other than CUDA.
@@ -135,6 +148,8 @@ def resolve_fast_path(
         levers.update({"fused", "channels_last"})
         if allow_compile and compile_supported(device):
             levers.add("compile")
+        if allow_cudagraphs:
+            levers.add("cudagraphs")
     if "cudagraphs" in levers and device.type != "cuda":
         raise ValueError(f"{where}: cudagraphs needs a CUDA device, the model runs on {device}")
     return FastPath(*(lever in levers for lever in FAST_LEVERS))
