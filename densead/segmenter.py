@@ -75,6 +75,7 @@ __all__ = [
     "batch_tensors",
     "build_segmenter",
     "check_output_dir",
+    "check_pad_divisor",
     "confusion_matrix",
     "epoch_batches",
     "evaluate_segmenter",
@@ -111,8 +112,9 @@ class SceneDataConfig:
         hflip: random horizontal flips in training.
         color_jitter: brightness/contrast/saturation jitter strength (0: off).
         scale_jitter: random rescale by a factor in ``[1 − s, 1 + s]`` before cropping (0: off).
-        pad_divisor: evaluation frames are padded bottom/right to multiples of this
-            (the backbone's largest stride).
+        pad_divisor: evaluation frames are padded bottom/right to multiples of this: a
+            multiple of the segmenter's largest stride (checked when a segmenter or flows
+            train: :func:`check_pad_divisor`).
         protocol: which frames the roles ``train`` / ``val`` / ``test`` name
             (:data:`SCENE_PROTOCOLS`): ``splits``, CamVid's own split files; or
             ``sequences``, whole drives held out — train on 0006R0 + 0016E5 (406
@@ -574,6 +576,23 @@ class Segmenter(nn.Module):
         logits = self.classifier(self.fuse(merged))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
+    @property
+    def stride(self) -> int:
+        """The largest output stride of the backbone levels the head reads."""
+        return max(self.backbone.feature_info.reduction())
+
+
+def check_pad_divisor(pad_divisor: int, segmenter: nn.Module, what: str) -> None:
+    """Refuse evaluation padding that is not a multiple of ``segmenter``'s largest stride: the
+    deepest level then covers a frame larger than the padded one (its convolutions round up), and
+    the head's upsampling shifts every level against the pixels. ``what`` names the segmenter."""
+    stride = getattr(segmenter, "stride", None)
+    if isinstance(stride, int) and pad_divisor % stride:
+        raise ValueError(
+            f"data.pad_divisor: {pad_divisor} is not a multiple of the largest stride of {what} "
+            f"({stride}): the feature maps would not line up with the pixels; use a multiple of {stride}"
+        )
+
 
 def _backbone_levels(backbone: str) -> int:
     """How many feature levels timm's ``features_only`` ``backbone`` has (read off a meta-device build)."""
@@ -743,6 +762,11 @@ def train_segmenter(
     # Model and both splits before training: a bad level, frame or split costs nothing.
     classes = in_distribution_classes(cfg.data.held_out, cfg.data.void)
     model = build_segmenter(cfg.model, len(classes))
+    check_pad_divisor(
+        cfg.data.pad_divisor,
+        model,
+        f"model.backbone {cfg.model.backbone} at out_indices {list(cfg.model.out_indices)}",
+    )
     if tcfg.init_from:
         _init_weights(model, tcfg.init_from, classes)
     model = model.to(device)

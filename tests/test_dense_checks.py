@@ -270,6 +270,42 @@ def test_segmenter_training_checks_split_output_and_frames_first(
         train_segmenter(segmenter_config(tmp_path, root), progress=False)
 
 
+def test_padding_that_is_not_a_multiple_of_the_segmenters_stride_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames padded to a multiple of the deepest level's stride map it onto whole cells; any other
+    padding is refused, naming the key, the stride and the segmenter, when a segmenter or flows
+    train (evaluation then refuses padding other than the training one)."""
+    for out_indices, stride in (((1, 2, 3, 4), 32), ((1, 2, 3), 16)):
+        model = build_segmenter(SegmenterConfig(out_indices=out_indices, decoder_channels=8), 9)
+        assert model.stride == stride
+        deepest = model.backbone(torch.zeros(1, 3, 3 * stride, 2 * stride))[-1]
+        assert deepest.shape[-2:] == (3, 2), "the stride the check uses is the deepest level's"
+        seg.check_pad_divisor(stride, model, "m")
+        seg.check_pad_divisor(3 * stride, model, "m")
+        with pytest.raises(
+            ValueError, match=rf"data\.pad_divisor: {stride // 2} is not a multiple of .* m \({stride}\)"
+        ):
+            seg.check_pad_divisor(stride // 2, model, "m")
+
+    root = camvid(tmp_path / "camvid")
+    no_training(monkeypatch, seg, "epoch_batches")
+    cfg = segmenter_config(tmp_path, root)
+    with pytest.raises(
+        ValueError,
+        match=r"data\.pad_divisor: 16 is not a multiple of the largest stride of model\.backbone resnet18 at "
+        r"out_indices \[1, 2, 3, 4\] \(32\)",
+    ):
+        train_segmenter(replace(cfg, data=replace(cfg.data, pad_divisor=16)), progress=False)
+    segmenter = save_segmenter(tmp_path / "s" / "checkpoint.pt", root, seed=1)
+    flows = flows_config(tmp_path, root, segmenter)
+    no_training(monkeypatch, fd, "segmenter_fingerprint")
+    with pytest.raises(
+        ValueError, match=r"data\.pad_divisor: 48 is not a multiple of .*segmenter .*checkpoint\.pt \(32\)"
+    ):
+        train_feature_flows(replace(flows, data=replace(flows.data, pad_divisor=48)), progress=False)
+
+
 def test_segmenter_checkpoint_is_written_before_the_evaluation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,6 +111,7 @@ from densead.segmenter import (
     augmented_batch,
     batch_tensors,
     check_output_dir,
+    check_pad_divisor,
     confusion_matrix,
     epoch_batches,
     iter_eval_batches,
@@ -1055,6 +1056,7 @@ def train_feature_flows(cfg: FeatureFlowsRunConfig, progress: bool = True, overw
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
     segmenter = _load_checked_segmenter(cfg, device)
+    check_pad_divisor(cfg.data.pad_divisor, segmenter, f"segmenter {cfg.segmenter}")
     fingerprint = segmenter_fingerprint(segmenter)
     # The logits node is what scoring taps besides the flows': a bad one fails here, not after training.
     with_logits = _tap_segmenter(cfg, segmenter, with_logits=True)
