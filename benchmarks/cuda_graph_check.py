@@ -90,7 +90,9 @@ def check_case(lever: str, args: argparse.Namespace, device: torch.device) -> tu
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--levers", nargs="+", default=["cudagraphs", "all+cudagraphs"], choices=list(LEVERS))
+    p.add_argument(  # on+cudagraphs: train.fast: auto on CUDA (fp32)
+        "--levers", nargs="+", default=["cudagraphs", "on+cudagraphs", "all+cudagraphs"], choices=list(LEVERS)
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=6, help="full batches per case (one has a NaN sample)")
     p.add_argument("--small", action="store_true", help="K=4, 64 hidden instead of the paper's K=32, 512")

@@ -15,7 +15,8 @@ in the backward pass: less memory, more compute), ``cudagraphs`` (the whole
 training step replayed from CUDA graphs, ``densead.train.GraphedTrainingStep``,
 and the evaluation forward from one, ``GraphedCall``; CUDA only, its rows are
 skipped elsewhere); ``all`` is ``fast=on`` plus bf16, ``all+X`` adds lever X,
-``all-compile+cudagraphs`` is ``all`` without compile, graphed.
+``all-compile+cudagraphs`` is ``all`` without compile, graphed, and ``on+cudagraphs`` is
+``train.fast: auto`` on CUDA for the image Glow (fp32 with every speed lever and graphs).
 Every row trains with the library's ``training_step`` (gradient norm and its
 finiteness check included), as ``train_glow`` does.
 
@@ -78,6 +79,9 @@ LEVERS = {
     "all": ("on", True),
     "all+recompute": ("on,recompute", True),
     "all+cudagraphs": ("on,cudagraphs", True),
+    # what train.fast: auto gives the image trainer on CUDA (amp off): fp32, fused, channels_last,
+    # compile, graphs
+    "on+cudagraphs": ("on,cudagraphs", False),
     # all levers but compile, graphed: the fallback if compiled steps do not capture
     "all-compile+cudagraphs": ("fused,channels_last,cudagraphs", True),
 }

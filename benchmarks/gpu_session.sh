@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session of issue 4: the fast-path table of benchmarks/flow_throughput.py on a paper-size
-# Glow (K=32, L=3, 512 hidden) at batch 256, dense frames/s plain and fast, the batch-1024 rows, then
-# the bits/dim trajectory of the fast path against the fp32 path (batch 64, same seed).
+# One GPU session of issue 4: graphed-vs-eager checks, the fast-path table of
+# benchmarks/flow_throughput.py on a paper-size Glow (K=32, L=3, 512 hidden) at batch 256, the bits/dim
+# trajectories of the fast path against the fp32 path (batch 64, same seed, and another seed), the
+# batch-1024 rows, dense frames/s plain and fast, and a profile of the step.
 #
 #   bash benchmarks/gpu_session.sh [CIFAR_NPZ]      # or DENSEAD_CIFAR=... bash benchmarks/gpu_session.sh
 #
@@ -20,7 +21,8 @@
 # Parts, in order, each with a timeout (seconds of SESSION_BUDGET_S, default 570, the whole call); the
 # order is by what issue 4 needs most, so a cut loses the least:
 #   checks      benchmarks/cuda_graph_check.py --small: graphed training steps and forwards against the
-#               eager path (cudagraphs, all+cudagraphs; capture, replays, fallbacks), ≤ 40 s
+#               eager path (cudagraphs, on+cudagraphs = train.fast: auto on CUDA, all+cudagraphs;
+#               capture, replays, fallbacks), ≤ 40 s (ONLY=verify: ≤ 120 s)
 #   throughput  batch 256, levers plain all+cudagraphs all-compile+cudagraphs cudagraphs all fused bf16
 #               channels_last compile recompute (the rows that matter most first: a cut loses the
 #               last); timing only, ≤ 230 s
@@ -43,9 +45,10 @@
 # wall, 141 ms of GPU kernels; bf16+fused+channels_last: 276 ms wall, 77 ms of kernels), hence the
 # whole-step CUDA graphs (densead.train.GraphedTrainingStep) behind the cudagraphs rows.
 # Session 20 (H200) measured every part but the trajectories to 2,000 steps (cut at 500-1,000) and
-# the all+cudagraphs case of the checks (cut by its 40 s while importing inductor): the next GPU
-# session runs ONLY=verify, those two in one call (checks ≤ 90 s, then the trajectories: at session
-# 20's rates, about 360 s for the three runs side by side; docs/results_gpu_speed.md).
+# the compiled cases of the checks (all+cudagraphs was cut by its 40 s while importing inductor;
+# on+cudagraphs, auto's training path on CUDA since session 20, came after): the next GPU session
+# runs ONLY=verify, those two in one call (checks ≤ 120 s, then the trajectories: at session 20's
+# rates, at least 360 s for the three runs side by side; docs/results_gpu_speed.md).
 # ONLY=bpd runs the trajectories alone (in all the time left); ONLY=large the batch-1024 rows; LEVERS,
 # BPD_RUNS ("lever:steps lever:steps:seed ..."; seed 0 when left out; FAST as above), BPD_LIMIT,
 # BPD_EVERY, BPD_BATCH override.
@@ -153,7 +156,7 @@ large() {
 case "$ONLY" in
 bpd) bpd $(($(left) - 10)) ;;
 verify)
-    part checks 90 $PY benchmarks/cuda_graph_check.py --small
+    part checks 120 $PY benchmarks/cuda_graph_check.py --small
     bpd $(($(left) - 10))
     ;;
 large) large $(($(left) - 5)) ;;

@@ -67,6 +67,7 @@ from densead.io import (
     atomic_torch_save,
     check_output_dir,
     check_overwrite,
+    error_line,
     read_checkpoint,
     require_file,
     state_dict_error,
@@ -534,10 +535,17 @@ class GraphedTrainingStep:
         return on_side_stream(fn)
 
     def _record(self, body: Callable[[], None], pool: object) -> Callable[[], None]:
-        """Capture ``body`` (its kernels are recorded, not run) and return the replay."""
+        """Capture ``body`` (its kernels are recorded, not run) and return the replay. A failed
+        capture leaves the caller's stream current again (``torch.cuda.graph`` leaves its capture
+        stream current when ending the capture raises)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            body()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                body()
+        except BaseException:
+            torch.cuda.set_stream(stream)
+            raise
         return graph.replay
 
     def _new_pool(self) -> object:
@@ -587,13 +595,18 @@ class GraphedTrainingStep:
                     self._record(self._forward_backward, pool),
                     self._record(self.optimizer.step, pool),
                 )
-            except RuntimeError as err:
-                what = f"could not capture the training step of a batch of shape {tuple(x.shape)} ({err})"
+            except Exception as err:  # noqa: BLE001 - auto's fallback takes any failure; by name: RuntimeError
+                if not self.fallback and not isinstance(err, RuntimeError):
+                    raise
+                first = err.__context__  # ending a broken capture raises anew: the cause came first
+                cause = f"{error_line(first)}; then {error_line(err)}" if first else error_line(err)
+                what = f"could not capture the training step of a batch of shape {tuple(x.shape)} ({cause})"
                 if not self.fallback:
                     raise RuntimeError(f"train.fast: cudagraphs {what}; train without cudagraphs") from err
                 warnings.warn(f"train.fast: auto: CUDA graphs {what}; eager steps from now on", stacklevel=2)
+                # Nothing of the failed capture is kept (the eager step sets the gradients anew).
                 self.eager_only, self.replays, self.shapes = True, None, None
-                self.optimizer.zero_grad(set_to_none=True)  # nothing of the failed capture is kept
+                self.static_x = self.static_x_out = self.norm = self.nll = self.outlier = None
                 return self._eager(x, x_out)
         if shapes != self.shapes:
             return self._restoring_grads(x, x_out)

@@ -659,11 +659,16 @@ def test_auto_trains_with_whole_step_graphs_and_falls_back_when_a_capture_fails(
     class Refusing(EagerGraphs.subclass()):
         def _record(self, body, pool):  # noqa: ANN001, ANN202
             self.recorded.append(body.__name__)
-            raise RuntimeError("operation not permitted when stream is capturing")
+            try:  # a capture broken inside the step; ending it raises anew
+                raise RuntimeError("operation not permitted when stream is capturing")
+            except RuntimeError:
+                raise RuntimeError("CUDA error: operation failed due to a previous error") from None
 
     graphs_on_cpu(monkeypatch, Refusing)
     with pytest.warns(
-        UserWarning, match=r"auto: CUDA graphs could not capture .*\(16, 1, 8, 8\).* eager steps"
+        UserWarning,
+        match=r"auto: CUDA graphs could not capture .*\(16, 1, 8, 8\) \(operation not permitted when stream "
+        r"is capturing; then CUDA error: operation failed .*\); eager steps",
     ):
         fell_back = run("fallback")
     assert Refusing.recorded == ["_forward_backward"], "one failed capture, not one per step"
@@ -671,6 +676,16 @@ def test_auto_trains_with_whole_step_graphs_and_falls_back_when_a_capture_fails(
         torch.testing.assert_close(fell_back[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
     with pytest.raises(RuntimeError, match="cudagraphs could not capture .* train without cudagraphs"):
         run("by_name", fast="cudagraphs")
+
+    class Failing(Refusing):  # not a RuntimeError (say, a compiler's): auto falls back all the same
+        def _record(self, body, pool):  # noqa: ANN001, ANN202
+            raise AssertionError("a compiler's internal check")
+
+    graphs_on_cpu(monkeypatch, Failing)
+    with pytest.warns(UserWarning, match=r"\(a compiler's internal check\); eager steps"):
+        run("fallback2")
+    with pytest.raises(AssertionError, match="a compiler's internal check"):
+        run("by_name2", fast="cudagraphs")
     assert allowed == [True], "the first graphs_on_cpu's run"
     sgd_allowed = graphs_on_cpu(monkeypatch, Refusing)
     run("sgd", optimizer="sgd")

@@ -73,7 +73,7 @@ __all__ = [
 
 FAST_LEVERS = ("fused", "channels_last", "compile", "recompute", "cudagraphs")
 FAST_MODES = ("auto", "on", "off")
-# What ``on`` (on any device) and ``auto`` (where supported) pull.
+# What ``on`` (on any device) and ``auto`` (where supported; with ``cudagraphs`` where allowed) pull.
 SPEED_LEVERS = ("fused", "channels_last", "compile")
 
 # torch.compile backend of the compile lever; tests on CPU swap in "aot_eager"
