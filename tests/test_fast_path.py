@@ -491,6 +491,37 @@ def test_recompute_under_compile_matches_eager_gradients() -> None:
         assert torch.linalg.norm(p.grad - eager[name]) <= 1e-5 * torch.linalg.norm(eager[name]) + 1e-12, name
 
 
+def test_compiled_outlier_training_stays_within_dynamos_recompile_limit(
+    compile_spy, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All flow steps share one compiled code object, so every scale's shape and every grad mode is
+    a variant of it: plain training (a variant per scale, and one for the first step, whose input
+    needs no gradient), then outlier training, whose frozen reference runs the steps without
+    gradients: 2L + 1 variants, 9 for a 4-scale Glow, one more than dynamo's default limit. Past
+    the limit the steps run eagerly with only a log warning; compile_flow_steps raises the limit
+    to what the model needs."""
+    from densead.config import OutlierConfig
+    from densead.flows import FastTraining
+    from densead.train import training_step
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever ran before
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16) - 0.5
+    ocfg = OutlierConfig(data=DataConfig(source="sklearn_digits"), reference="r.pt")
+    reference = perturbed(Glow(3, n_scales=4, n_steps=2, hidden=8), x).requires_grad_(False).eval()
+    apply_fast_path(reference, FastPath(True, True, True))
+    for outliers in (False, True):  # an experiment's stages, one process
+        model = Glow(3, n_scales=4, n_steps=2, hidden=8)
+        prepared = FastTraining(model, FastPath(True, True, True))
+        opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            prepared.before_step()
+            x_out = torch.rand(4, 3, 16, 16) - 0.5 if outliers else None
+            training_step(model, opt, x, x_out, reference if outliers else None, ocfg if outliers else None)
+    assert compiled_graphs() >= 9, "a variant per scale and grad mode, and the first step's"
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
 def test_lever_lists_combine_with_auto_and_cudagraphs_need_cuda() -> None:
     assert resolve_fast_path("auto,recompute", "cpu") == FastPath(recompute=True)
     cuda = resolve_fast_path("auto, recompute", "cuda")

@@ -40,7 +40,8 @@ against.
 
 ``compile`` is regional: each :class:`~densead.flows.glow.FlowStep` is compiled
 in place (``nn.Module.compile``), not the whole model. All 3·K steps share one
-compiled code object (a few variants: scale shapes, train/eval), so a paper-size
+compiled code object (a few variants: scale shapes, grad modes, train/eval; dynamo's
+recompile limit is raised to cover them), so a paper-size
 Glow compiles in about the time of one step instead of 96 unrolled ones, the
 module keeps its plain ``state_dict`` (no ``_orig_mod.`` prefix), and
 DistributedDataParallel wraps it unchanged. The steps hold >99% of the FLOPs;
@@ -168,9 +169,24 @@ def compile_flow_steps(module: nn.Module, backend: str | None = None) -> int:
     compiled again once initialized.
     """
     steps = [m for m in module.modules() if isinstance(m, FlowStep)]
+    _raise_recompile_limit(len({step.layers[0].bias.numel() for step in steps}))
     for step in steps:
         step.compile(backend=backend or COMPILE_BACKEND)
     return len(steps)
+
+
+def _raise_recompile_limit(widths: int) -> None:
+    """Let dynamo compile every variant of the flow step a model with ``widths`` step widths needs.
+
+    All flow steps share one code object, and each input shape in each grad mode and train/eval
+    state is a variant of it: a 4-scale Glow's outlier training alone needs 9 (a variant per scale
+    with gradients, one for the first step, whose input needs none, and one per scale for the
+    frozen reference), one more than dynamo's default limit of 8, past which steps run eagerly
+    with only a log warning. The limit is process-wide: it is raised here, never lowered.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 4 * widths + 4))
 
 
 def apply_fast_path(model: Glow, fast: FastPath) -> Glow:
