@@ -49,7 +49,10 @@
 # on+cudagraphs, auto's training path on CUDA since session 20, came after): the next GPU session
 # runs ONLY=verify, those two in one call (checks ≤ 120 s, then the trajectories: at session 20's
 # rates, at least 360 s for the three runs side by side; docs/results_gpu_speed.md).
-# ONLY=bpd runs the trajectories alone (in all the time left); ONLY=large the batch-1024 rows; LEVERS,
+# If device time is left after it (a warm machine: about 200 s), the table of auto's training path,
+# which session 20 did not measure: LEVERS="plain on+cudagraphs" ONLY=table SESSION_BUDGET_S=200.
+# ONLY=bpd runs the trajectories alone (in all the time left); ONLY=table the batch-256 table of
+# LEVERS; ONLY=large the batch-1024 rows; LEVERS,
 # BPD_RUNS ("lever:steps lever:steps:seed ..."; seed 0 when left out; FAST as above), BPD_LIMIT,
 # BPD_EVERY, BPD_BATCH override.
 # EXTRA_ARGS="--small --iters 1" is the CPU smoke test of this script (with
@@ -159,6 +162,10 @@ verify)
     part checks 120 $PY benchmarks/cuda_graph_check.py --small
     bpd $(($(left) - 10))
     ;;
+table)
+    part throughput_b256 $(($(left) - 5)) $PY "${BENCH[@]}" --batch-sizes 256 --levers $LEVERS --iters 20 \
+        --no-dense "${EXTRA[@]}"
+    ;;
 large) large $(($(left) - 5)) ;;
 "")
     part checks 40 $PY benchmarks/cuda_graph_check.py --small
@@ -171,6 +178,6 @@ large) large $(($(left) - 5)) ;;
     part checks $(($(left) - 5)) $PY benchmarks/profile_step.py --levers plain all all+cudagraphs --batch 256 \
         "${EXTRA_PROFILE[@]}"
     ;;
-*) echo "ONLY: unknown value $ONLY (verify, bpd, large or empty)" >&2 && exit 2 ;;
+*) echo "ONLY: unknown value $ONLY (verify, bpd, table, large or empty)" >&2 && exit 2 ;;
 esac
 echo "total $((SECONDS - START))s; tables in $OUT_DIR"
