@@ -11,6 +11,8 @@
   is 143, as for a process killed by the signal; Ctrl-C's is 130, with one line
   ``<prog>: interrupted`` instead of a traceback. The handler is the tool's only while its
   work runs.
+* Ctrl-C while a tool still imports (torch takes seconds) ends it the same way:
+  :func:`quiet_interrupt` around the imports.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["USAGE_ERRORS", "error_message", "stop_on_sigterm", "tool_errors", "training_args"]
+__all__ = [
+    "USAGE_ERRORS",
+    "error_message",
+    "quiet_interrupt",
+    "stop_on_sigterm",
+    "tool_errors",
+    "training_args",
+]
 
 USAGE_ERRORS: tuple[type[Exception], ...] = (ValueError, KeyError, OSError)
 
@@ -39,6 +49,18 @@ def stop_on_sigterm() -> Any:
     if threading.current_thread() is threading.main_thread():
         return signal.signal(signal.SIGTERM, _terminate)
     return None
+
+
+@contextlib.contextmanager
+def quiet_interrupt() -> Iterator[None]:
+    """Ctrl-C inside the block ends the program with ``<prog>: interrupted`` and exit status 130, as
+    :func:`tool_errors` does, instead of a traceback: for a tool's module-level imports, which run
+    before its parser exists (``<prog>`` is the script's file name, argparse's default)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: interrupted\n")
+        raise SystemExit(130) from None
 
 
 def error_message(err: BaseException) -> str:

@@ -201,6 +201,52 @@ def test_ctrl_c_is_one_line_and_the_sigterm_handler_is_the_tools_only_while_it_w
     assert proc.stdout == "done\n" and proc.stderr == ""
 
 
+def test_ctrl_c_while_a_tool_imports_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C during a tool's imports (torch takes seconds): ``<tool>.py: interrupted``, status 130,
+    no traceback. Sent once torch's libraries are being mapped, i.e. inside the imports."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "tools/train_flow.py", "--help"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the tool ended before torch loaded"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "train_flow.py: interrupted\n" and out == "", err
+
+
+HEAVY = ("torch", "numpy", "cv2", "timm", "torchvision")
+
+
+def test_every_tool_imports_torch_under_quiet_interrupt() -> None:
+    """Only densead.cli (standard library only) is imported before ``with quiet_interrupt():``."""
+    import ast
+
+    for tool in sorted((REPO / "tools").glob("*.py")):
+        tree = ast.parse(tool.read_text())
+        outside = [
+            node.module
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("densead")
+        ]
+        assert outside == ["densead.cli"], (tool.name, outside)
+        guarded = [
+            node
+            for node in tree.body
+            if isinstance(node, ast.With) and ast.unparse(node.items[0].context_expr) == "quiet_interrupt()"
+        ]
+        assert len(guarded) == 1 and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in guarded[0].body)
+        heavy = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names if a.name in HEAVY]
+        assert not heavy, (tool.name, heavy)
+
+
 def test_signals_that_come_during_a_cleanup_act_after_it(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"

@@ -51,26 +51,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from densead.cli import error_message, tool_errors
-from densead.dense_scoring import (
-    component_metrics_markdown,
-    evaluate_dense,
-    false_positives_markdown,
-    pixel_metrics_markdown,
-    run_detectors,
-    write_component_metrics,
-    write_false_positives,
-    write_pixel_metrics,
-)
-from densead.evaluation import (
-    MIN_RESAMPLES,
-    Bootstrap,
-    differences_markdown,
-    markdown_tables,
-    write_evaluation,
-)
-from densead.experiment import DISPLAY_NAMES
-from densead.scoring import read_scores_csv
+from densead.cli import error_message, quiet_interrupt, tool_errors
+
+with quiet_interrupt():  # Ctrl-C while torch loads: one line, no traceback
+    from densead.dense_scoring import (
+        component_metrics_markdown,
+        evaluate_dense,
+        false_positives_markdown,
+        pixel_metrics_markdown,
+        run_detectors,
+        write_component_metrics,
+        write_false_positives,
+        write_pixel_metrics,
+    )
+    from densead.evaluation import (
+        MIN_RESAMPLES,
+        Bootstrap,
+        differences_markdown,
+        markdown_tables,
+        write_evaluation,
+    )
+    from densead.experiment import DISPLAY_NAMES
+    from densead.scoring import read_scores_csv
 
 # Columns of score CSVs that are not detector scores (an experiment's scores.csv
 # also holds each model's log p and the in-distribution model's per-scale terms).

@@ -18,14 +18,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from densead.cli import tool_errors
-from densead.config import load_config
-from densead.detectors.feature_density import (
-    CHECKPOINT_NAME,
-    FeatureFlowsRunConfig,
-    evaluate_run,
-    markdown_table,
-)
+from densead.cli import quiet_interrupt, tool_errors
+
+with quiet_interrupt():  # Ctrl-C while torch loads: one line, no traceback
+    from densead.config import load_config
+    from densead.detectors.feature_density import (
+        CHECKPOINT_NAME,
+        FeatureFlowsRunConfig,
+        evaluate_run,
+        markdown_table,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

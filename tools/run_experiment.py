@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from densead.cli import tool_errors
-from densead.config import ConfigError, ExperimentConfig, load_config
-from densead.experiment import run_experiment
+from densead.cli import quiet_interrupt, tool_errors
+
+with quiet_interrupt():  # Ctrl-C while torch loads: one line, no traceback
+    from densead.config import ConfigError, ExperimentConfig, load_config
+    from densead.experiment import run_experiment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,17 +57,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from densead import distributed as dist
-from densead.cli import tool_errors
-from densead.config import DataConfig
-from densead.data.images import load_image_set
-from densead.data.road import ROAD_DATASETS
-from densead.dense import RoadSource
-from densead.dense_scoring import MapRescale, score_road_dataset
-from densead.detectors import GlowScorer, get_detector
-from densead.io import check_heatmap_folder, check_output_dir, staged_heatmaps
-from densead.scoring import image_names, score_image_set, typical_bits_per_dim, write_scores_csv
-from densead.train import load_glow, resolve_device
+from densead.cli import quiet_interrupt, tool_errors
+
+with quiet_interrupt():  # Ctrl-C while torch loads: one line, no traceback
+    from densead import distributed as dist
+    from densead.config import DataConfig
+    from densead.data.images import load_image_set
+    from densead.data.road import ROAD_DATASETS
+    from densead.dense import RoadSource
+    from densead.dense_scoring import MapRescale, score_road_dataset
+    from densead.detectors import GlowScorer, get_detector
+    from densead.io import check_heatmap_folder, check_output_dir, staged_heatmaps
+    from densead.scoring import image_names, score_image_set, typical_bits_per_dim, write_scores_csv
+    from densead.train import load_glow, resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:

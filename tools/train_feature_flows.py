@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import sys
 
-from densead.cli import tool_errors, training_args
-from densead.config import load_config
-from densead.detectors.feature_density import FeatureFlowsRunConfig, train_feature_flows
+from densead.cli import quiet_interrupt, tool_errors, training_args
+
+with quiet_interrupt():  # Ctrl-C while torch loads: one line, no traceback
+    from densead.config import load_config
+    from densead.detectors.feature_density import FeatureFlowsRunConfig, train_feature_flows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from densead.cli import tool_errors, training_args
-from densead.config import TrainRunConfig, load_config
-from densead.distributed import finish, is_main
-from densead.train import load_checkpoint, train_glow
+from densead.cli import quiet_interrupt, tool_errors, training_args
+
+with quiet_interrupt():  # Ctrl-C while torch loads: one line, no traceback
+    from densead.config import TrainRunConfig, load_config
+    from densead.distributed import finish, is_main
+    from densead.train import load_checkpoint, train_glow
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import sys
 
-from densead.cli import tool_errors, training_args
-from densead.config import load_config
-from densead.dense import RoadTrainConfig, train_road_glow
+from densead.cli import quiet_interrupt, tool_errors, training_args
+
+with quiet_interrupt():  # Ctrl-C while torch loads: one line, no traceback
+    from densead.config import load_config
+    from densead.dense import RoadTrainConfig, train_road_glow
 
 
 def main(argv: list[str] | None = None) -> int:
