@@ -203,7 +203,9 @@ def test_ctrl_c_is_one_line_and_the_sigterm_handler_is_the_tools_only_while_it_w
 
 def test_ctrl_c_while_a_tool_imports_is_one_line(tmp_path: Path) -> None:
     """Ctrl-C during a tool's imports (torch takes seconds): ``<tool>.py: interrupted``, status 130,
-    no traceback. Sent once torch's libraries are being mapped, i.e. inside the imports."""
+    no traceback. Sent once torch's libraries are being mapped, i.e. inside the imports. The tool
+    starts with SIGINT's default action: a test run in the background inherits it ignored, and
+    Python then leaves it ignored."""
     import signal
 
     proc = subprocess.Popen(
@@ -212,6 +214,7 @@ def test_ctrl_c_while_a_tool_imports_is_one_line(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
