@@ -179,14 +179,15 @@ def _raise_recompile_limit(widths: int) -> None:
     """Let dynamo compile every variant of the flow step a model with ``widths`` step widths needs.
 
     All flow steps share one code object, and each input shape in each grad mode and train/eval
-    state is a variant of it: a 4-scale Glow's outlier training alone needs 9 (a variant per scale
-    with gradients, one for the first step, whose input needs none, and one per scale for the
-    frozen reference), one more than dynamo's default limit of 8, past which steps run eagerly
-    with only a log warning. The limit is process-wide: it is raised here, never lowered.
+    state is a variant of it: a 4-scale Glow's training, then outlier training (its frozen
+    reference runs the steps without gradients), needs 9 to 11 (counted on CPU), more than
+    dynamo's default limit of 8, past which steps run eagerly with only a log warning; compiled
+    scoring in the same process adds more (a batch of one is a shape of its own). The limit is
+    process-wide: it is raised here, never lowered.
     """
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), 4 * widths + 4))
+    setattr(config, name, max(getattr(config, name), 8 * widths + 8))
 
 
 def apply_fast_path(model: Glow, fast: FastPath) -> Glow:
