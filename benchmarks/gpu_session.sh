@@ -151,6 +151,11 @@ git rev-parse HEAD 2>/dev/null
 $PY -c "import sys, torch, densead.flows; print(sys.executable, 'torch', torch.__version__, 'cuda', \
 torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1
 
+table() {
+    part throughput_b256 "$1" $PY "${BENCH[@]}" --batch-sizes 256 --levers $LEVERS --iters 20 --no-dense \
+        "${EXTRA[@]}"
+}
+
 large() {
     part throughput_b1024 "$1" $PY "${BENCH[@]}" --batch-sizes 1024 --levers all+cudagraphs all --iters 10 \
         --no-dense "${EXTRA[@]}"
@@ -162,15 +167,11 @@ verify)
     part checks 120 $PY benchmarks/cuda_graph_check.py --small
     bpd $(($(left) - 10))
     ;;
-table)
-    part throughput_b256 $(($(left) - 5)) $PY "${BENCH[@]}" --batch-sizes 256 --levers $LEVERS --iters 20 \
-        --no-dense "${EXTRA[@]}"
-    ;;
+table) table $(($(left) - 5)) ;;
 large) large $(($(left) - 5)) ;;
 "")
     part checks 40 $PY benchmarks/cuda_graph_check.py --small
-    part throughput_b256 230 $PY "${BENCH[@]}" --batch-sizes 256 --levers $LEVERS --iters 20 --no-dense \
-        "${EXTRA[@]}"
+    table 230
     bpd "$BPD_LIMIT"
     large 45
     part dense 25 $PY "${BENCH[@]}" --batch-sizes --iters 10 --dense-fast off "${EXTRA[@]}"

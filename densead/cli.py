@@ -52,14 +52,17 @@ def stop_on_sigterm() -> Any:
 
 
 @contextlib.contextmanager
-def quiet_interrupt() -> Iterator[None]:
-    """Ctrl-C inside the block ends the program with ``<prog>: interrupted`` and exit status 130, as
-    :func:`tool_errors` does, instead of a traceback: for a tool's module-level imports, which run
-    before its parser exists (``<prog>`` is the script's file name, argparse's default)."""
+def quiet_interrupt(prog: str | None = None, traceback: bool = False) -> Iterator[None]:
+    """Ctrl-C inside the block ends the program with ``<prog>: interrupted`` and exit status 130
+    instead of a traceback (``traceback``: the traceback all the same). Around a tool's module-level
+    imports, which run before its parser exists, ``<prog>`` is the script's file name (argparse's
+    default); :func:`tool_errors` passes its parser's."""
     try:
         yield
     except KeyboardInterrupt:
-        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: interrupted\n")
+        if traceback:
+            raise
+        sys.stderr.write(f"{prog or os.path.basename(sys.argv[0])}: interrupted\n")
         raise SystemExit(130) from None
 
 
@@ -78,15 +81,12 @@ def tool_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     previous = stop_on_sigterm()
     traceback = os.environ.get("DENSEAD_TRACEBACK", "0") not in ("", "0")
     try:
-        yield
+        with quiet_interrupt(parser.prog, traceback):
+            yield
     except USAGE_ERRORS as err:
         if traceback:
             raise
         parser.exit(2, f"{parser.prog}: error: {error_message(err)}\n")
-    except KeyboardInterrupt:
-        if traceback:
-            raise
-        parser.exit(130, f"{parser.prog}: interrupted\n")
     finally:
         if previous is not None:  # a SIGTERM after the work (or in shutdown) acts as it did before
             signal.signal(signal.SIGTERM, previous)

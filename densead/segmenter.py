@@ -582,12 +582,12 @@ class Segmenter(nn.Module):
         return max(self.backbone.feature_info.reduction())
 
 
-def check_pad_divisor(pad_divisor: int, segmenter: nn.Module, what: str) -> None:
+def check_pad_divisor(pad_divisor: int, segmenter: Segmenter, what: str) -> None:
     """Refuse evaluation padding that is not a multiple of ``segmenter``'s largest stride: the
     deepest level then covers a frame larger than the padded one (its convolutions round up), and
     the head's upsampling shifts every level against the pixels. ``what`` names the segmenter."""
-    stride = getattr(segmenter, "stride", None)
-    if isinstance(stride, int) and pad_divisor % stride:
+    stride = segmenter.stride
+    if pad_divisor % stride:
         raise ValueError(
             f"data.pad_divisor: {pad_divisor} is not a multiple of the largest stride of {what} "
             f"({stride}): the feature maps would not line up with the pixels; use a multiple of {stride}"

@@ -108,6 +108,7 @@ from densead.segmenter import (
     SCENE_SPLITS,
     SceneArrays,
     SceneDataConfig,
+    Segmenter,
     augmented_batch,
     batch_tensors,
     check_output_dir,
@@ -843,7 +844,7 @@ class DenseFeatureDetector:
 # --------------------------------------------------------------------------- training run
 
 
-def _load_checked_segmenter(cfg: FeatureFlowsRunConfig, device: torch.device) -> nn.Module:
+def _load_checked_segmenter(cfg: FeatureFlowsRunConfig, device: torch.device) -> Segmenter:
     """The segmenter of ``cfg``, its held-out and void classes and its protocol checked against
     ``cfg.data``."""
     segmenter, seg_cfg = load_segmenter(cfg.segmenter, device)
